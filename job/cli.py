@@ -1,0 +1,189 @@
+"""The command line: reads options once into frozen config and hands them down.
+
+Every option also reads an environment variable `BULKJOB_<OPTION>` (for example
+`BULKJOB_WORKERS`), which suits Kubernetes manifests and Airflow's env_vars.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .config import (AIRFLOW_XCOM_PATH, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_DRAIN_TIMEOUT,
+                     DEFAULT_MANIFEST, DEFAULT_METRICS_PORT, DEFAULT_PREFETCH, DEFAULT_PROGRESS_INTERVAL,
+                     RunConfig, WorkerSettings, cgroup_cpu_limit, default_workers, visible_cpus)
+from .errors import EXIT_USAGE, BulkjobError
+from .items import MAX_LINE_BYTES
+from .retry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF, RetryPolicy
+
+log = logging.getLogger("bulkjob")
+
+
+def option(*decls: str, **kwargs):
+    """A click option that also reads BULKJOB_<NAME> (plus any extra env vars given)."""
+    name = max((d for d in decls if d.startswith("--")), key=len)[2:].replace("-", "_").upper()
+    extra = kwargs.pop("extra_envvars", [])
+    kwargs.setdefault("show_envvar", True)
+    return click.option(*decls, envvar=[f"BULKJOB_{name}", *extra], **kwargs)
+
+
+def new_run_id() -> str:
+    """A fresh run id: UTC time to the second plus 6 random hex digits (sortable, unique)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _fail(error: BulkjobError | Exception, code: int, *, run_id=None, shard=None, xcom_path=None) -> None:
+    click.echo(f"bulkjob: error: {error}", err=True)
+    if run_id is not None:
+        from .engine import write_summary
+
+        write_summary({"run_id": run_id, "shard": shard, "status": "error", "exit_code": code,
+                       "error": str(error).splitlines()[0]}, stdout=sys.stdout, xcom_path=xcom_path)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="bulkjob")
+def main() -> None:
+    """Run thousands of work items in one process tree: a worker pool, retries, and a resumable
+    progress manifest (local directory or S3)."""
+
+
+@main.command()
+@option("--items", required=True, metavar="SOURCE",
+        help="JSON Lines of {\"id\": ..., \"payload\": {...}}: a path, s3://bucket/key, or - for stdin.")
+@option("--handler", required=True, metavar="MODULE:FUNCTION",
+        help="Code run for each item: handle(item, ctx) -> dict | None; or sql:PATH for a steps file.")
+@option("--manifest", default=DEFAULT_MANIFEST, show_default=True, metavar="URL",
+        help="Where progress is kept: s3://bucket/prefix or a local directory.")
+@option("--run-id", metavar="ID", help="Run id; the same id and manifest resume a run. Default: a new id.")
+@option("--shard-index", type=click.IntRange(min=0), extra_envvars=["JOB_COMPLETION_INDEX"],
+        help="This process's shard (default: $JOB_COMPLETION_INDEX, else 0).")
+@option("--shard-count", type=click.IntRange(min=1, max=99999), default=1, show_default=True)
+@option("--workers", type=click.IntRange(min=1, max=1024),
+        help="Worker processes (default: the cgroup CPU limit rounded up, else the usable CPUs).")
+@option("--max-attempts", type=click.IntRange(min=1, max=100), default=DEFAULT_MAX_ATTEMPTS, show_default=True)
+@option("--backoff", type=click.FloatRange(min=0), default=DEFAULT_BACKOFF, show_default=True,
+        help="Base of the exponential backoff between attempts, seconds (full jitter).")
+@option("--max-backoff", type=click.FloatRange(min=0), default=DEFAULT_MAX_BACKOFF, show_default=True)
+@option("--item-timeout", type=click.FloatRange(min=0, min_open=True),
+        help="Seconds one attempt may run before its worker is killed (a retryable timeout).")
+@option("--max-failures", type=click.IntRange(min=0), default=0, show_default=True,
+        help="Permanently failed items tolerated before the exit code says failure.")
+@option("--checkpoint-interval", type=click.FloatRange(min=0.05), default=DEFAULT_CHECKPOINT_INTERVAL,
+        show_default=True, help="Seconds between manifest writes.")
+@option("--drain-timeout", type=click.FloatRange(min=0), default=DEFAULT_DRAIN_TIMEOUT, show_default=True,
+        help="Seconds running items may finish after SIGTERM/SIGINT.")
+@option("--retry-failed", is_flag=True, help="On a resumed run, try permanently failed items again.")
+@option("--retry-on", multiple=True, metavar="NAME|CODE",
+        help="Exception class name or error-code prefix to treat as retryable (repeatable).")
+@option("--skip-invalid", is_flag=True, help="Record invalid input lines as failed items and run the rest.")
+@option("--dry-run", is_flag=True, help="Validate and print what would run; touch nothing.")
+@option("--xcom-path", type=click.Path(dir_okay=False, path_type=Path),
+        help=f"Also write the summary here (default: {AIRFLOW_XCOM_PATH} when its directory exists).")
+@option("--s3-endpoint-url", metavar="URL", extra_envvars=["AWS_ENDPOINT_URL"],
+        help="S3-compatible endpoint (MinIO, a test server).")
+@option("--progress-interval", type=click.FloatRange(min=0), default=DEFAULT_PROGRESS_INTERVAL,
+        show_default=True, help="Seconds between progress lines when stderr is not a terminal (0: none).")
+@option("--prefetch", type=click.IntRange(min=1, max=64), default=DEFAULT_PREFETCH, show_default=True,
+        help="Items queued per worker, the running one included.")
+@option("--max-item-bytes", type=click.IntRange(min=64), default=MAX_LINE_BYTES, show_default=True,
+        help="Longest accepted input line.")
+@option("--metrics-port", type=click.IntRange(min=0, max=65535), default=DEFAULT_METRICS_PORT,
+        show_default=True, help="Port for Prometheus /metrics (0: off).")
+@option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+        default="INFO", show_default=True)
+@option("--log-file", type=click.Path(dir_okay=False), help="Also write a rotating log file here.")
+def run(**opts) -> None:
+    """Run the items of one shard to completion; resumable with the same --run-id."""
+    from .logs import setup_logging
+
+    run_id = opts["run_id"] or new_run_id()
+    shard_index = opts["shard_index"] if opts["shard_index"] is not None else 0
+    xcom_path = opts["xcom_path"]
+    if xcom_path is None and AIRFLOW_XCOM_PATH.parent.is_dir():
+        xcom_path = AIRFLOW_XCOM_PATH
+    setup_logging(opts["log_format"], opts["log_level"], opts["log_file"], run_id=run_id, shard=shard_index)
+    if shard_index >= opts["shard_count"]:
+        _fail(f"--shard-index {shard_index} is not below --shard-count {opts['shard_count']}", EXIT_USAGE,
+              run_id=run_id, shard=shard_index, xcom_path=xcom_path)
+    if not opts["run_id"]:
+        log.info("run id: %s (pass --run-id %s to resume this run)", run_id, run_id)
+    workers = opts["workers"] or default_workers(cgroup_cpu_limit(), visible_cpus())
+    worker_settings = WorkerSettings(
+        handler=opts["handler"], run_id=run_id, shard_index=shard_index, shard_count=opts["shard_count"],
+        retry_on=tuple(opts["retry_on"]), log_format=opts["log_format"], log_level=opts["log_level"].upper(),
+        log_file=opts["log_file"])
+    config = RunConfig(
+        items=opts["items"], handler=opts["handler"], manifest=opts["manifest"], run_id=run_id,
+        shard_index=shard_index, shard_count=opts["shard_count"], workers=workers,
+        policy=RetryPolicy(opts["max_attempts"], opts["backoff"], max(opts["max_backoff"], opts["backoff"])),
+        item_timeout=opts["item_timeout"], max_failures=opts["max_failures"],
+        checkpoint_interval=opts["checkpoint_interval"], drain_timeout=opts["drain_timeout"],
+        retry_failed=opts["retry_failed"], dry_run=opts["dry_run"], skip_invalid=opts["skip_invalid"],
+        retry_on=tuple(opts["retry_on"]), xcom_path=xcom_path, s3_endpoint_url=opts["s3_endpoint_url"],
+        progress_interval=opts["progress_interval"], prefetch=opts["prefetch"],
+        max_item_bytes=opts["max_item_bytes"], worker=worker_settings)
+    from .engine import Run, write_summary
+
+    try:
+        summary, code = Run(config).execute()
+    except BulkjobError as e:
+        _fail(e, e.exit_code, run_id=run_id, shard=shard_index, xcom_path=None if config.dry_run else xcom_path)
+    if config.dry_run:
+        click.echo(json.dumps(summary, indent=1))
+        sys.exit(0)
+    write_summary(summary, stdout=sys.stdout, xcom_path=xcom_path)
+    sys.exit(code)
+
+
+def _store_of(manifest: str, endpoint_url: str | None):
+    from .store import open_store
+
+    return open_store(manifest, endpoint_url=endpoint_url)
+
+
+@main.command()
+@option("--manifest", default=DEFAULT_MANIFEST, show_default=True, metavar="URL")
+@option("--run-id", required=True, metavar="ID")
+@option("--s3-endpoint-url", metavar="URL", extra_envvars=["AWS_ENDPOINT_URL"])
+@option("--json", "as_json", is_flag=True, help="One JSON object: total, done, failed, pending, shards.")
+def status(manifest: str, run_id: str, s3_endpoint_url: str | None, as_json: bool) -> None:
+    """Progress of a run, per shard and in total."""
+    from .report import render_status, run_status
+
+    try:
+        store, prefix = _store_of(manifest, s3_endpoint_url)
+        result = run_status(store, prefix, run_id)
+    except BulkjobError as e:
+        _fail(e, e.exit_code)
+    click.echo(json.dumps(result, indent=1) if as_json else render_status(result))
+
+
+@main.command()
+@option("--manifest", default=DEFAULT_MANIFEST, show_default=True, metavar="URL")
+@option("--run-id", required=True, metavar="ID")
+@option("--s3-endpoint-url", metavar="URL", extra_envvars=["AWS_ENDPOINT_URL"])
+@option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+def report(manifest: str, run_id: str, s3_endpoint_url: str | None, fmt: str) -> None:
+    """One row per failed item: id, attempts, error class, code and message, last attempt time."""
+    from .report import failed_rows, render_report
+
+    try:
+        store, prefix = _store_of(manifest, s3_endpoint_url)
+        rows = failed_rows(store, prefix, run_id)
+    except BulkjobError as e:
+        _fail(e, e.exit_code)
+    click.echo(render_report(rows, fmt), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,105 @@
+"""Configuration, read once by the CLI into frozen values that are passed down."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .retry import RetryPolicy
+
+#: Default seconds between manifest checkpoints: at most this much progress is repeated after
+#: a crash, and one object is written per interval.
+DEFAULT_CHECKPOINT_INTERVAL = 5.0
+#: Default seconds to let running items finish after SIGTERM; Kubernetes' default grace period is
+#: 30 s and the pod must still flush the manifest after the drain.
+DEFAULT_DRAIN_TIMEOUT = 20.0
+#: Default port for /metrics: outside the 9100-9999 range Prometheus allocates to exporters.
+DEFAULT_METRICS_PORT = 8799
+#: Default manifest location: a local directory, for ad hoc runs.
+DEFAULT_MANIFEST = "./bulkjob-state"
+#: Seconds between progress lines when stderr is not a terminal (pod logs).
+DEFAULT_PROGRESS_INTERVAL = 30.0
+#: Items handed to a worker ahead of the one it runs: hides the pipe round trip for short items.
+DEFAULT_PREFETCH = 2
+#: Where Airflow's KubernetesPodOperator reads a task's XCom value from.
+AIRFLOW_XCOM_PATH = Path("/airflow/xcom/return.json")
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup quota (v2 `cpu.max`, else v1 cfs files), None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def default_workers(limit: float | None, visible_cpus: int) -> int:
+    """Workers when --workers is not given: the CPU limit rounded up, else the CPUs this process
+    may run on; at least 1. The host's CPU count is never used: a pod limited to 2 CPUs on a
+    64-core node must not start 64 workers."""
+    if limit is not None:
+        return max(1, math.ceil(limit))
+    return max(1, visible_cpus)
+
+
+def visible_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """What every worker process needs; pickled once per worker start."""
+
+    handler: str
+    run_id: str
+    shard_index: int
+    shard_count: int
+    retry_on: tuple[str, ...] = ()
+    log_format: str = "text"
+    log_level: str = "INFO"
+    log_file: str | None = None
+    redact: tuple[str, ...] = ()
+    #: Database settings (a `job.db.DbSettings`) when --db is given.
+    db: object | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Everything `bulkjob run` was asked to do."""
+
+    items: str
+    handler: str
+    manifest: str
+    run_id: str
+    shard_index: int
+    shard_count: int
+    workers: int
+    policy: RetryPolicy
+    item_timeout: float | None
+    max_failures: int
+    checkpoint_interval: float
+    drain_timeout: float
+    retry_failed: bool
+    dry_run: bool
+    skip_invalid: bool
+    retry_on: tuple[str, ...]
+    xcom_path: Path | None
+    s3_endpoint_url: str | None
+    progress_interval: float
+    prefetch: int = DEFAULT_PREFETCH
+    max_item_bytes: int = 1024 * 1024
+    worker: WorkerSettings = field(default=None)  # type: ignore[assignment]

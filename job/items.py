@@ -1,0 +1,151 @@
+"""Work items: parsing and validating JSON Lines, and reading the shard's items in two passes.
+
+The first pass (`scan`) reads every line once, so that bad input stops the run before any item
+runs; the second (`iter_items`) streams the shard's items again, so that a million items are
+never held in memory at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .shard import shard_of
+
+#: Longest item line accepted: an item travels through a pipe to a worker and its result into
+#: the manifest; bulk data belongs in S3 or the database, with its key in the payload.
+MAX_LINE_BYTES = 1024 * 1024
+#: Longest id accepted: ids appear in logs, reports and manifest records.
+MAX_ID_CHARS = 512
+#: How many problems an input error lists before it says "and N more".
+SHOWN_PROBLEMS = 10
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One unit of work: `id` is unique within a run, `payload` is what the handler reads."""
+
+    id: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A line that is not a valid item; `id` is the item's id if it had a usable one."""
+
+    line: int
+    reason: str
+    id: str | None = None
+
+    @property
+    def record_id(self) -> str:
+        """The id under which the line is recorded as failed with --skip-invalid."""
+        return self.id if self.id is not None else f"#line-{self.line}"
+
+
+def parse_line(raw: bytes, line: int, *, max_bytes: int = MAX_LINE_BYTES) -> Item | Invalid | None:
+    """Parse one JSONL line; None for a blank line, Invalid with the reason for a bad one."""
+    if len(raw) > max_bytes:
+        return Invalid(line, f"line is {len(raw)} bytes, more than the limit of {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Invalid(line, f"not UTF-8 (byte {e.start})")
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return Invalid(line, f"bad JSON: {e}")
+    if not isinstance(obj, dict):
+        return Invalid(line, f"expected a JSON object, got {type(obj).__name__}")
+    if "id" not in obj:
+        return Invalid(line, 'missing "id"')
+    item_id = obj["id"]
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+        return Invalid(line, f'"id" must be a string or an integer, got {type(item_id).__name__}')
+    item_id = str(item_id)
+    if not item_id:
+        return Invalid(line, '"id" is empty')
+    if len(item_id) > MAX_ID_CHARS:
+        return Invalid(line, f'"id" is longer than {MAX_ID_CHARS} characters')
+    if _CONTROL.search(item_id):
+        return Invalid(line, '"id" contains control characters')
+    payload = obj.get("payload", {})
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        return Invalid(line, f'"payload" must be an object, got {type(payload).__name__}', item_id)
+    return Item(item_id, payload)
+
+
+@dataclass(slots=True)
+class Scan:
+    """What the first pass learned about the input, for one shard."""
+
+    lines: int = 0
+    valid: int = 0
+    shard_items: int = 0
+    invalid: list[Invalid] = field(default_factory=list)
+    #: Line numbers the second pass must skip: invalid lines and repeated ids.
+    skip_lines: set[int] = field(default_factory=set)
+
+    def shard_invalid(self, shard_index: int, shard_count: int) -> list[Invalid]:
+        """Invalid lines recorded by this shard (each invalid line belongs to exactly one shard)."""
+        return [i for i in self.invalid if shard_of(i.record_id, shard_count) == shard_index]
+
+
+def scan(lines: Iterator[bytes], *, shard_index: int, shard_count: int,
+         max_bytes: int = MAX_LINE_BYTES) -> Scan:
+    """First pass: validate every line and count this shard's items.
+
+    Repeated ids are found within this shard only, which is enough: equal ids hash to the
+    same shard, so every shard reports a repeat of its own ids and none misses one.
+    """
+    result = Scan()
+    first_seen: dict[str, int] = {}
+    for number, raw in enumerate(lines, start=1):
+        result.lines = number
+        parsed = parse_line(raw.rstrip(b"\r\n"), number, max_bytes=max_bytes)
+        if parsed is None:
+            result.skip_lines.add(number)
+            continue
+        if isinstance(parsed, Invalid):
+            result.invalid.append(parsed)
+            result.skip_lines.add(number)
+            continue
+        if shard_of(parsed.id, shard_count) != shard_index:
+            result.valid += 1
+            continue
+        earlier = first_seen.setdefault(parsed.id, number)
+        if earlier != number:
+            result.invalid.append(Invalid(number, f"duplicate id {parsed.id!r} (first on line {earlier})"))
+            result.skip_lines.add(number)
+            continue
+        result.valid += 1
+        result.shard_items += 1
+    return result
+
+
+def iter_items(lines: Iterator[bytes], *, shard_index: int, shard_count: int,
+               skip_lines: set[int]) -> Iterator[Item]:
+    """Second pass: yield this shard's valid items in file order."""
+    for number, raw in enumerate(lines, start=1):
+        if number in skip_lines:
+            continue
+        parsed = parse_line(raw.rstrip(b"\r\n"), number, max_bytes=1 << 62)
+        if isinstance(parsed, Item) and shard_of(parsed.id, shard_count) == shard_index:
+            yield parsed
+
+
+def input_error(source: str, invalid: list[Invalid]) -> "InputError":
+    """The error that stops a run on bad input: the first problems, and how many more."""
+    from .errors import InputError
+
+    shown = [f"line {i.line}: {i.reason}" for i in invalid[:SHOWN_PROBLEMS]]
+    return InputError(source, shown, more=max(0, len(invalid) - SHOWN_PROBLEMS))

@@ -1,0 +1,48 @@
+"""What the run loop reports as it goes: the seam where metrics plug in."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .outcome import Failure
+
+
+class Observer(Protocol):
+    """Receives the run's events in the parent process; must not block."""
+
+    def run_started(self, *, total: int, pending: int, workers: int) -> None: ...
+    def item_finished(self, state: str, seconds: float, failure: Failure | None) -> None: ...
+    def attempt_failed(self, failure: Failure, seconds: float) -> None: ...
+    def retry_scheduled(self, failure: Failure) -> None: ...
+    def worker_restarted(self, cause: str) -> None: ...
+    def checkpoint(self, seconds: float, ok: bool, size: int) -> None: ...
+    def progress(self, *, done: int, failed: int, pending: int, in_flight: int, workers: int) -> None: ...
+    def run_finished(self, summary: dict[str, Any]) -> None: ...
+
+
+class NullObserver:
+    """Observes nothing."""
+
+    def run_started(self, *, total: int, pending: int, workers: int) -> None:
+        pass
+
+    def item_finished(self, state: str, seconds: float, failure: Failure | None) -> None:
+        pass
+
+    def attempt_failed(self, failure: Failure, seconds: float) -> None:
+        pass
+
+    def retry_scheduled(self, failure: Failure) -> None:
+        pass
+
+    def worker_restarted(self, cause: str) -> None:
+        pass
+
+    def checkpoint(self, seconds: float, ok: bool, size: int) -> None:
+        pass
+
+    def progress(self, *, done: int, failed: int, pending: int, in_flight: int, workers: int) -> None:
+        pass
+
+    def run_finished(self, summary: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,107 @@
+"""`bulkjob status` and `bulkjob report`: reading a run's manifest back for people and tools."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from .errors import UsageError
+from .manifest import DONE, FAILED, ShardManifest, list_shards
+from .store import Store
+
+#: Characters that make a spreadsheet read a CSV cell as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def shard_status(meta: dict[str, Any] | None, latest: dict[str, dict[str, Any]],
+                 updated_at: float | None) -> dict[str, Any]:
+    """Counts for one shard from its meta and the last record of each item."""
+    done = sum(1 for r in latest.values() if r["state"] == DONE)
+    failed = sum(1 for r in latest.values() if r["state"] == FAILED)
+    total = int((meta or {}).get("total", done + failed))
+    times = [r.get("at") for r in latest.values() if r.get("at")]
+    return {
+        "total": total, "done": done, "failed": failed, "pending": max(0, total - done - failed),
+        "attempts": sum(int(r.get("attempts", 0)) for r in latest.values()),
+        "started_at": (meta or {}).get("created_at"),
+        "updated_at": max([t for t in (updated_at, *times) if t is not None], default=None),
+    }
+
+
+def run_status(store: Store, prefix: str, run_id: str) -> dict[str, Any]:
+    shards = list_shards(store, prefix, run_id)
+    if not shards:
+        raise UsageError(f"no manifest for run {run_id!r} in {store.url}")
+    result: dict[str, Any] = {"run_id": run_id, "shards": []}
+    for index, count in shards:
+        loaded = ShardManifest(store, prefix, run_id, index, count).load()
+        row = shard_status(loaded.meta, loaded.latest(), loaded.updated_at)
+        result["shards"].append({"shard": index, "shard_count": count, **row})
+    for key in ("total", "done", "failed", "pending", "attempts"):
+        result[key] = sum(s[key] for s in result["shards"])
+    starts = [s["started_at"] for s in result["shards"] if s["started_at"]]
+    updates = [s["updated_at"] for s in result["shards"] if s["updated_at"]]
+    result["started_at"] = min(starts, default=None)
+    result["updated_at"] = max(updates, default=None)
+    return result
+
+
+def failed_rows(store: Store, prefix: str, run_id: str) -> list[dict[str, Any]]:
+    """One row per failed item, in shard order: like an S3 Batch Operations completion report."""
+    shards = list_shards(store, prefix, run_id)
+    if not shards:
+        raise UsageError(f"no manifest for run {run_id!r} in {store.url}")
+    rows = []
+    for index, count in shards:
+        loaded = ShardManifest(store, prefix, run_id, index, count).load()
+        for record in loaded.latest().values():
+            if record["state"] != FAILED:
+                continue
+            error = record.get("error") or {}
+            rows.append({"id": record["id"], "shard": index, "attempts": record.get("attempts", 0),
+                         "error_kind": error.get("kind"), "error_class": error.get("class"),
+                         "error_code": error.get("code"), "error_message": error.get("message"),
+                         "last_attempt_at": record.get("at")})
+    return rows
+
+
+def csv_cell(value: Any) -> str:
+    """A CSV cell that a spreadsheet shows as text, never runs as a formula."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def render_report(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "jsonl":
+        return "".join(json.dumps(row) + "\n" for row in rows)
+    out = io.StringIO()
+    fields = ["id", "shard", "attempts", "error_kind", "error_class", "error_code", "error_message",
+              "last_attempt_at"]
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: csv_cell(row.get(k)) for k in fields})
+    return out.getvalue()
+
+
+def format_time(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z"
+
+
+def render_status(status: dict[str, Any]) -> str:
+    lines = [f"run {status['run_id']}"]
+    header = f"{'shard':>9} {'total':>9} {'done':>9} {'failed':>9} {'pending':>9} {'attempts':>9}  {'started':<20} {'updated':<20}"
+    lines.append(header)
+    for s in status["shards"]:
+        lines.append(f"{s['shard']:>4}/{s['shard_count']:<4} {s['total']:>9} {s['done']:>9} {s['failed']:>9} "
+                     f"{s['pending']:>9} {s['attempts']:>9}  {format_time(s['started_at']):<20} "
+                     f"{format_time(s['updated_at']):<20}")
+    lines.append(f"{'all':>9} {status['total']:>9} {status['done']:>9} {status['failed']:>9} "
+                 f"{status['pending']:>9} {status['attempts']:>9}")
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""S3 (and S3-compatible stores such as MinIO): the only module that imports boto3.
+
+It turns botocore's errors into ours: a 412 into PreconditionFailed, an outage (connection
+refused or timed out, 5xx, throttling) into StoreUnavailable, which callers may retry, and
+anything else (no such bucket, access denied) into ManifestError.
+"""
+
+from __future__ import annotations
+
+import os
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .errors import ManifestError, PreconditionFailed, StoreUnavailable, UsageError
+from .retry import classify_botocore
+
+#: Seconds to wait for a TCP connection; an unreachable endpoint must not stall a checkpoint long.
+CONNECT_TIMEOUT = 5
+#: Seconds to wait for a response: bounds a server that accepts and then hangs.
+READ_TIMEOUT = 15
+#: botocore's own attempts per request; the checkpoint writer retries on top with its backoff.
+CLIENT_ATTEMPTS = 2
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
+    rest = url[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if len(bucket) < 3:
+        raise UsageError(f"{url!r}: expected s3://bucket/key with a bucket name")
+    return bucket, key.strip("/")
+
+
+def make_client(endpoint_url: str | None = None):
+    """A boto3 S3 client with bounded timeouts; credentials and region the usual boto3 way."""
+    config = Config(
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
+        retries={"mode": "standard", "total_max_attempts": CLIENT_ATTEMPTS},
+    )
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+def _translate(exc: Exception, what: str) -> Exception:
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = exc.response.get("Error", {}).get("Code")
+        if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return PreconditionFailed(f"{what}: {code}")
+    failure = classify_botocore(exc)
+    if failure is not None and failure.retryable:
+        return StoreUnavailable(f"{what}: {failure.error_class}: {failure.message}")
+    if isinstance(exc, BotoCoreError) and not isinstance(exc, ClientError):
+        return StoreUnavailable(f"{what}: {exc}")
+    return ManifestError(f"{what}: {exc}")
+
+
+class S3Store:
+    """Objects in one S3 bucket."""
+
+    def __init__(self, bucket: str, *, endpoint_url: str | None = None) -> None:
+        self.bucket = bucket
+        self.url = f"s3://{bucket}"
+        self._endpoint_url = endpoint_url
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_client(self._endpoint_url)
+        return self._client
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            return response["Body"].read(), response["ETag"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise _translate(e, f"reading s3://{self.bucket}/{key}") from e
+        except BotoCoreError as e:
+            raise _translate(e, f"reading s3://{self.bucket}/{key}") from e
+
+    def download(self, key: str, path: str) -> None:
+        """Copy an object to a local file (items files can be larger than memory wants)."""
+        try:
+            self.client.download_file(self.bucket, key, path)
+        except (ClientError, BotoCoreError) as e:
+            raise _translate(e, f"reading s3://{self.bucket}/{key}") from e
+
+    def _put(self, key: str, data: bytes, **conditions: str) -> str:
+        try:
+            response = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **conditions)
+            return response["ETag"]
+        except ClientError as e:
+            if conditions and e.response.get("Error", {}).get("Code") == "NoSuchKey":
+                raise PreconditionFailed(f"s3://{self.bucket}/{key} is gone") from e
+            raise _translate(e, f"writing s3://{self.bucket}/{key}") from e
+        except BotoCoreError as e:
+            raise _translate(e, f"writing s3://{self.bucket}/{key}") from e
+
+    def put(self, key: str, data: bytes) -> str:
+        return self._put(key, data)
+
+    def put_new(self, key: str, data: bytes) -> str:
+        return self._put(key, data, IfNoneMatch="*")
+
+    def put_replacing(self, key: str, data: bytes, etag: str) -> str:
+        return self._put(key, data, IfMatch=etag)
+
+    def list(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(obj["Key"] for obj in page.get("Contents", ()))
+        except (ClientError, BotoCoreError) as e:
+            raise _translate(e, f"listing s3://{self.bucket}/{prefix}") from e
+        return sorted(keys)
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            try:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            except (ClientError, BotoCoreError) as e:
+                raise _translate(e, f"deleting in s3://{self.bucket}") from e

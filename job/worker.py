@@ -1,0 +1,203 @@
+"""The worker process: runs one attempt of one item at a time and sends back its Outcome.
+
+A worker decides nothing: it does not retry, sleep on a backoff or write the manifest. It
+keeps what is worth keeping between items (the handler, a database session) and sends back
+plain values only; no exception object crosses the process boundary.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import UsageError
+from .items import Item
+from .outcome import PERMANENT, Failure, Outcome
+from .retry import classify
+
+#: Largest result a handler may return: results live in the manifest, bulk output belongs in S3.
+MAX_RESULT_BYTES = 64 * 1024
+
+#: Message tags on the worker's pipe.
+READY = "ready"
+
+Handler = Callable[[Item, "Context"], "dict[str, Any] | None"]
+
+
+def load_handler(spec: str) -> Handler:
+    """Import `module:function`, or build the SQL steps handler for `sql:PATH`."""
+    if spec.startswith("sql:"):
+        from .db.steps import steps_handler
+
+        return steps_handler(spec[4:])
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"--handler {spec!r}: expected MODULE:FUNCTION or sql:PATH")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"--handler {spec!r}: cannot import {module_name!r}: {e}") from None
+    try:
+        handler = getattr(module, attr)
+    except AttributeError:
+        raise UsageError(f"--handler {spec!r}: {module_name} has no attribute {attr!r}") from None
+    if not callable(handler):
+        raise UsageError(f"--handler {spec!r}: {attr!r} is not callable")
+    return handler
+
+
+class Resources:
+    """What a worker keeps from item to item; the database session is opened on first use."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self._db = None
+
+    @property
+    def db(self):
+        if self._db is None:
+            if self.settings.db is None:
+                raise UsageError("this handler uses ctx.db, but no --db was given")
+            from .db import Database
+
+            self._db = Database(self.settings.db)
+        return self._db
+
+    def after_failure(self, failure: Failure) -> None:
+        """Drop a database session the failure left unusable; the next attempt reconnects."""
+        if self._db is not None:
+            self._db.after_failure(failure)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler gets besides the item."""
+
+    attempt: int
+    run_id: str
+    shard: int
+    log: logging.LoggerAdapter
+    resources: Resources
+    #: Progress an earlier failed attempt kept (such as the last committed SQL step); a handler
+    #: updates it as it goes, and it is saved with the failure if this attempt fails too.
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def db(self):
+        """The worker's database connection wrapper (opened lazily, reused across items)."""
+        return self.resources.db.connection()
+
+    def executemany(self, sql: str, rows, *, batch_size: int = 1000):
+        """Batch DML on the worker's connection; returns the rows that failed (see job.db)."""
+        return self.resources.db.executemany(sql, rows, batch_size=batch_size)
+
+
+def run_attempt(handler: Handler, task: tuple, *, settings: Any, resources: Resources,
+                logger: logging.Logger) -> Outcome:
+    """Run one attempt and turn whatever happens into an Outcome."""
+    item_id, payload, attempt, progress = task
+    ctx = Context(
+        attempt=attempt, run_id=settings.run_id, shard=settings.shard_index,
+        log=logging.LoggerAdapter(logger, {"item_id": item_id, "attempt": attempt}),
+        resources=resources, progress=dict(progress or {}),
+    )
+    started = time.monotonic()
+    try:
+        result = handler(Item(item_id, payload), ctx)
+    except Exception as exc:
+        failure = classify(exc, retry_on=settings.retry_on, classifiers=_classifiers(settings))
+    else:
+        problem = check_result(result)
+        if problem is None:
+            return Outcome(item_id, attempt, time.monotonic() - started, result=result)
+        failure = Failure(PERMANENT, "InvalidResult", problem)
+    resources.after_failure(failure)
+    ctx.log.debug("attempt %d failed (%s): %s: %s", attempt, failure.kind,
+                  failure.error_class, failure.message, exc_info=None)
+    return Outcome(item_id, attempt, time.monotonic() - started, failure=failure,
+                   progress=ctx.progress or None)
+
+
+def check_result(result: Any) -> str | None:
+    """Why a handler's return value cannot be kept in the manifest, or None if it can."""
+    if result is None:
+        return None
+    if not isinstance(result, dict):
+        return f"handler returned {type(result).__name__}, expected a dict or None"
+    try:
+        size = len(json.dumps(result))
+    except (TypeError, ValueError) as e:
+        return f"handler result is not JSON-serialisable: {e}"
+    if size > MAX_RESULT_BYTES:
+        return f"handler result is {size} bytes, more than {MAX_RESULT_BYTES}"
+    return None
+
+
+def _classifiers(settings: Any) -> tuple:
+    if settings.db is None:
+        return ()
+    from .db import classifiers
+
+    return classifiers(settings.db)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this worker when the process that started it exits."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def main(conn, settings: Any, stop_flag) -> None:
+    """Worker entry point: `conn` is this worker's end of its pipe to the parent.
+
+    Receives pickled task tuples (item id, payload, attempt, progress), or None to exit. Before
+    each item it checks `stop_flag`, set by the parent when it drains: an item handed over
+    ahead of time but not started is sent back unstarted (an Outcome with attempt 0).
+    """
+    # The parent handles SIGINT/SIGTERM and ends workers itself; a Ctrl-C on a terminal reaches
+    # the whole process group and must not kill items that the drain lets finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    from .logs import setup_logging
+
+    setup_logging(settings.log_format, settings.log_level, settings.log_file,
+                  run_id=settings.run_id, shard=settings.shard_index, redact=settings.redact)
+    logger = logging.getLogger("bulkjob.item")
+    handler = load_handler(settings.handler)
+    resources = Resources(settings)
+    conn.send((READY, os.getpid()))
+    try:
+        while True:
+            try:
+                task = conn.recv()
+            except EOFError:
+                break
+            if task is None:
+                break
+            if stop_flag.value:
+                conn.send(Outcome(task[0], 0, 0.0))
+                continue
+            conn.send(run_attempt(handler, task, settings=settings, resources=resources, logger=logger))
+    except (BrokenPipeError, EOFError):
+        pass  # the parent is gone; nothing left to report to
+    finally:
+        resources.close()
+        sys.stdout.flush()

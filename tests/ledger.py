@@ -1,0 +1,58 @@
+"""Test handlers that leave a ledger: one SQLite row per applied attempt.
+
+The ledger lives outside the job (path in $LEDGER_DB), so tests can check from it that every
+item was applied at least once and how often items were repeated, whatever the job recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+
+from job import Permanent, Retryable
+
+_conn = None
+
+
+def _ledger():
+    global _conn
+    if _conn is None:
+        _conn = sqlite3.connect(os.environ["LEDGER_DB"], timeout=60, isolation_level=None)
+        _conn.execute("PRAGMA journal_mode=WAL")
+        _conn.execute("CREATE TABLE IF NOT EXISTS applied (item_id TEXT, attempt INT, pid INT, at REAL)")
+    return _conn
+
+
+def applied(path) -> dict[str, int]:
+    """item id -> how many times it was applied."""
+    conn = sqlite3.connect(path, timeout=60)
+    try:
+        rows = conn.execute("SELECT item_id, COUNT(*) FROM applied GROUP BY item_id").fetchall()
+    except sqlite3.OperationalError:
+        rows = []
+    conn.close()
+    return dict(rows)
+
+
+def handle(item, ctx):
+    """Payload: seconds (sleep first), crash_on (attempts on which the worker SIGKILLs itself),
+    fail_until (raise Retryable before that attempt), permanent, hang, error (raise that builtin)."""
+    p = item.payload
+    if ctx.attempt in p.get("crash_on", ()):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if p.get("hang"):
+        while True:
+            time.sleep(1)
+    if p.get("seconds"):
+        time.sleep(p["seconds"])
+    if ctx.attempt < p.get("fail_until", 0):
+        raise Retryable(f"not yet (attempt {ctx.attempt})", code="T-RETRY")
+    if p.get("permanent"):
+        raise Permanent("bad item", code="T-PERM")
+    if p.get("error"):
+        raise {"TimeoutError": TimeoutError, "ConnectionError": ConnectionError,
+               "KeyError": KeyError}[p["error"]]("raised by the test handler")
+    _ledger().execute("INSERT INTO applied VALUES (?, ?, ?, ?)", (item.id, ctx.attempt, os.getpid(), time.time()))
+    return {"attempt": ctx.attempt}
