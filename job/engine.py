@@ -25,7 +25,7 @@ from .checkpoint import Checkpointer
 from .config import RunConfig
 from .errors import (EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE_HELD, EXIT_OK, BulkjobError,
                      StoreUnavailable, UsageError)
-from .manifest import DONE, FAILED, PARTIAL, ShardManifest
+from .manifest import DONE, FAILED, PARTIAL, ShardManifest, list_shards
 from .observe import NullObserver, Observer
 from .outcome import CRASHED, INVALID, TIMEOUT, Failure, Outcome
 from .pool import Died, Finished, Pool, Task
@@ -138,11 +138,13 @@ class Run:
         store, prefix = open_store(cfg.manifest, endpoint_url=cfg.s3_endpoint_url)
         manifest = ShardManifest(store, prefix, cfg.run_id, cfg.shard_index, cfg.shard_count)
         load_handler(cfg.handler)  # an unknown handler is a usage error before anything runs
-        loaded = _with_store_retries("reading the manifest", manifest.load)
-        if loaded.meta and loaded.meta.get("shard_count") not in (None, cfg.shard_count):
+        counts = {count for _, count in _with_store_retries("listing the manifest", list_shards,
+                                                            store, prefix, cfg.run_id)}
+        if counts - {cfg.shard_count}:
             raise UsageError(
-                f"run {cfg.run_id} was started with --shard-count {loaded.meta['shard_count']}; "
-                f"resume it with the same count")
+                f"run {cfg.run_id} was started with --shard-count {min(counts - {cfg.shard_count})}; "
+                f"resume it with the same count, or start a new run id")
+        loaded = _with_store_retries("reading the manifest", manifest.load)
         latest = loaded.latest()
         with open_source(cfg.items, endpoint_url=cfg.s3_endpoint_url) as (source_name, lines):
             with lines() as it:

@@ -35,6 +35,7 @@ _THROTTLING_CODES = frozenset({
 _BOTOCORE_CONNECTION = frozenset({
     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
     "ProxyConnectionError", "SSLError", "ResponseStreamingError", "IncompleteReadError",
+    "HTTPClientError",
 })
 
 #: A classifier looks at an exception and returns a Failure, or None when it does not know it.

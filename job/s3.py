@@ -54,8 +54,6 @@ def _translate(exc: Exception, what: str) -> Exception:
     failure = classify_botocore(exc)
     if failure is not None and failure.retryable:
         return StoreUnavailable(f"{what}: {failure.error_class}: {failure.message}")
-    if isinstance(exc, BotoCoreError) and not isinstance(exc, ClientError):
-        return StoreUnavailable(f"{what}: {exc}")
     return ManifestError(f"{what}: {exc}")
 
 

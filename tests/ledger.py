@@ -19,9 +19,15 @@ _conn = None
 def _ledger():
     global _conn
     if _conn is None:
-        _conn = sqlite3.connect(os.environ["LEDGER_DB"], timeout=60, isolation_level=None)
-        _conn.execute("PRAGMA journal_mode=WAL")
-        _conn.execute("CREATE TABLE IF NOT EXISTS applied (item_id TEXT, attempt INT, pid INT, at REAL)")
+        conn = sqlite3.connect(os.environ["LEDGER_DB"], timeout=60, isolation_level=None)
+        for _ in range(200):  # workers race to create the file; switching to WAL needs it alone
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("CREATE TABLE IF NOT EXISTS applied (item_id TEXT, attempt INT, pid INT, at REAL)")
+                break
+            except sqlite3.OperationalError:
+                time.sleep(0.05)
+        _conn = conn
     return _conn
 
 
