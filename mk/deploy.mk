@@ -1,0 +1,62 @@
+# Deployment: the container image, the Kubernetes manifests and the Airflow
+# DAG. Included by the top-level Makefile, which defines VENV, PY and `venv`.
+#
+#   make image            build $(IMAGE) (podman; a debootstrap base unless BASE_IMAGE is given)
+#   make test-deploy      the k8s, Airflow and container tests
+#   make airflow-venv     the separate virtualenv the Airflow DAG tests run in
+
+#: Built by scripts/base-image.sh where no registry can be reached.
+LOCAL_BASE_IMAGE ?= localhost/bulkjob-base:bookworm
+#: Any Debian bookworm image with python3 and venv, e.g. docker.io/library/python:3.11-slim-bookworm.
+BASE_IMAGE ?= $(LOCAL_BASE_IMAGE)
+IMAGE ?= bulkjob:dev
+#: chroot isolation and host networking build without a container network or
+#: user namespaces, which is what a root-only CI host offers.
+PODMAN_BUILD_FLAGS ?= --isolation chroot --network host
+#: The CAs pip trusts on this host, handed to the build as a secret so that
+#: a TLS-intercepting proxy works inside it too; empty to use the base's CAs.
+CA_BUNDLE ?= $(or $(PIP_CERT),$(wildcard /etc/ssl/certs/ca-certificates.crt))
+IMAGE_VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_REVISION = $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+
+#: Airflow lives in a virtualenv of its own: its pins must not constrain the job's.
+AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW_PYTHON ?= python3
+AIRFLOW_PACKAGES = apache-airflow==3.3.2 apache-airflow-providers-cncf-kubernetes==10.25.0 \
+	kubernetes-validate pytest pytest-timeout
+
+deploy_comma := ,
+
+.PHONY: image base-image system-deps test-deploy airflow-venv
+
+system-deps:
+	@scripts/install-system-deps.sh
+
+base-image:
+	@scripts/install-system-deps.sh podman runc debootstrap uidmap
+	@scripts/base-image.sh $(LOCAL_BASE_IMAGE)
+
+image:
+	@scripts/install-system-deps.sh podman runc debootstrap uidmap
+	@if [ "$(BASE_IMAGE)" = "$(LOCAL_BASE_IMAGE)" ]; then scripts/base-image.sh $(LOCAL_BASE_IMAGE); fi
+	podman build $(PODMAN_BUILD_FLAGS) \
+		--build-arg BASE_IMAGE=$(BASE_IMAGE) \
+		--build-arg VERSION=$(IMAGE_VERSION) \
+		--build-arg REVISION=$(IMAGE_REVISION) \
+		$(if $(CA_BUNDLE),--secret id=ca-bundle$(deploy_comma)src=$(CA_BUNDLE)) \
+		--tag $(IMAGE) .
+	@podman image inspect $(IMAGE) --format '$(IMAGE): {{.Size}} bytes'
+
+airflow-venv: $(AIRFLOW_VENV)/.installed
+
+# Rebuilt when this file (and so the pinned versions) changes. pip runs without
+# a constraints file: Airflow's is not always reachable, and these two pins
+# resolve to a working set on their own.
+$(AIRFLOW_VENV)/.installed: mk/deploy.mk
+	rm -rf $(AIRFLOW_VENV)
+	$(AIRFLOW_PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet $(AIRFLOW_PACKAGES)
+	touch $@
+
+test-deploy: venv
+	$(PY) -m pytest tests/test_k8s.py tests/test_airflow_dag.py tests/test_container.py
