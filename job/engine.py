@@ -176,7 +176,13 @@ class Run:
                 todo = self._todo(items_module.iter_items(
                     it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
                     skip_lines=scan.skip_lines), latest)
-                self._loop(todo)
+                try:
+                    self._loop(todo)
+                except Exception:
+                    # Save what is done so that a rerun resumes, and say it was cut short.
+                    log.exception("internal error; stopping. Progress so far is saved: rerun with "
+                                  "--run-id %s to resume", cfg.run_id)
+                    self.interrupted = True
             return self._finish(manifest)
 
     def _count_known(self, latest: dict[str, dict[str, Any]]) -> None:

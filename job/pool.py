@@ -54,6 +54,8 @@ class WorkerHandle:
     #: When the task at the head of `inflight` started (monotonic), for --item-timeout.
     head_started: float = 0.0
     items_run: int = 0
+    #: Its pipe is broken: the process is dead or dying, so nothing more is sent to it.
+    broken: bool = False
 
     @property
     def pid(self) -> int:
@@ -112,16 +114,23 @@ class Pool:
 
     def free(self) -> list[WorkerHandle]:
         """Workers that can take another task now."""
-        return [w for w in self.workers if len(w.inflight) < (self.prefetch if w.ready else 1)]
+        return [w for w in self.workers
+                if not w.broken and len(w.inflight) < (self.prefetch if w.ready else 1)]
 
     def submit(self, handle: WorkerHandle, task: Task) -> bool:
-        """Hand `task` to `handle`; False (nothing sent) if it is too big to send ahead of time."""
+        """Hand `task` to `handle`; False (nothing sent) if it is too big to send ahead of time
+        or the worker is gone."""
         data = task.wire()
         if handle.inflight and len(data) > PREFETCH_MAX_BYTES:
             return False
+        try:
+            handle.conn.send_bytes(data)
+        except OSError:
+            # The worker died and its death is not yet collected; wait() will report it.
+            handle.broken = True
+            return False
         if not handle.inflight:
             handle.head_started = time.monotonic()
-        handle.conn.send_bytes(data)
         handle.inflight.append(task)
         return True
 

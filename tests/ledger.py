@@ -24,6 +24,7 @@ def _ledger():
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("CREATE TABLE IF NOT EXISTS applied (item_id TEXT, attempt INT, pid INT, at REAL)")
+                conn.execute("CREATE TABLE IF NOT EXISTS tried (item_id TEXT, attempt INT, pid INT, at REAL)")
                 break
             except sqlite3.OperationalError:
                 time.sleep(0.05)
@@ -43,9 +44,11 @@ def applied(path) -> dict[str, int]:
 
 
 def handle(item, ctx):
-    """Payload: seconds (sleep first), crash_on (attempts on which the worker SIGKILLs itself),
+    """Payload: track (log every attempt's start in `tried`), seconds (sleep first), crash_on (attempts on which the worker SIGKILLs itself),
     fail_until (raise Retryable before that attempt), permanent, hang, error (raise that builtin)."""
     p = item.payload
+    if p.get("track"):
+        _ledger().execute("INSERT INTO tried VALUES (?, ?, ?, ?)", (item.id, ctx.attempt, os.getpid(), time.time()))
     if ctx.attempt in p.get("crash_on", ()):
         os.kill(os.getpid(), signal.SIGKILL)
     if p.get("hang"):
