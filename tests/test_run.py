@@ -4,11 +4,12 @@ import csv
 import io
 import json
 import re
+import time
 import sqlite3
 
 import pytest
 
-from conftest import run_bulkjob, status_of, summary_of, write_items
+from conftest import run_bulkjob, start_bulkjob, status_of, summary_of, write_items
 from ledger import applied
 
 
@@ -177,3 +178,25 @@ def test_handler_results_are_kept_in_the_manifest(tmp_path):
 def test_status_and_report_of_an_unknown_run(tmp_path):
     proc = run_bulkjob("status", "--manifest", str(tmp_path), "--run-id", "nope")
     assert proc.returncode == 2 and "no manifest for run 'nope'" in proc.stderr
+
+
+def test_run_rides_out_an_s3_outage(tmp_path, s3_server, s3_bucket):
+    from netproxy import TcpProxy
+
+    proxy = TcpProxy(s3_server.port)
+    env = {**s3_server.env, "AWS_ENDPOINT_URL": proxy.url, "LEDGER_DB": str(tmp_path / "ledger.db")}
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"seconds": 0.02}} for i in range(300)])
+
+    proc = start_bulkjob("run", "--items", str(tmp_path / "items.jsonl"), "--handler", "ledger:handle",
+                         "--manifest", f"s3://{s3_bucket}/m", "--run-id", "outage", "--metrics-port", "0",
+                         "--checkpoint-interval", "0.2", "--workers", "2", env=env)
+    time.sleep(1.5)
+    proxy.cut()
+    time.sleep(2.5)
+    proxy.restore()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "checkpoint" in err and "will retry" in err
+    assert json.loads(out.splitlines()[-1])["done"] == 300
+    status = status_of(f"s3://{s3_bucket}/m", "outage", env=s3_server.env)
+    assert status["done"] == 300
