@@ -209,6 +209,7 @@ class Run:
             "dry_run": True, "run_id": self.config.run_id, "shard": self.config.shard_index,
             "shard_count": self.config.shard_count, "items": source_name, "manifest": manifest.url,
             "lines": scan.lines, "valid_items": scan.valid, "invalid_lines": len(scan.invalid),
+            "items_per_shard": scan.per_shard,
             "total": self.counts.total, "already_done": self.counts.done,
             "already_failed": self.counts.failed, "to_run": self.counts.pending,
             "workers": self.config.workers, "handler": self.config.handler,
@@ -386,7 +387,7 @@ class Run:
             if start_failures > MAX_START_FAILURES_PER_SLOT * self.config.workers:
                 raise UsageError(f"workers keep dying before they start ({_exit_text(event.exitcode)}); "
                                  "check that the handler imports cleanly")
-        self.observer.worker_restarted(cause)
+        self.observer.worker_restarted(cause, pid)
         if not draining:
             pool.replace()
         return start_failures

@@ -92,6 +92,8 @@ class Scan:
     valid: int = 0
     shard_items: int = 0
     invalid: list[Invalid] = field(default_factory=list)
+    #: Valid lines per shard (repeats of another shard's ids included: only that shard sees them).
+    per_shard: list[int] = field(default_factory=list)
     #: Line numbers the second pass must skip: invalid lines and repeated ids.
     skip_lines: set[int] = field(default_factory=set)
 
@@ -107,7 +109,7 @@ def scan(lines: Iterator[bytes], *, shard_index: int, shard_count: int,
     Repeated ids are found within this shard only, which is enough: equal ids hash to the
     same shard, so every shard reports a repeat of its own ids and none misses one.
     """
-    result = Scan()
+    result = Scan(per_shard=[0] * shard_count)
     first_seen: dict[str, int] = {}
     for number, raw in enumerate(lines, start=1):
         result.lines = number
@@ -119,8 +121,10 @@ def scan(lines: Iterator[bytes], *, shard_index: int, shard_count: int,
             result.invalid.append(parsed)
             result.skip_lines.add(number)
             continue
-        if shard_of(parsed.id, shard_count) != shard_index:
+        shard = shard_of(parsed.id, shard_count)
+        if shard != shard_index:
             result.valid += 1
+            result.per_shard[shard] += 1
             continue
         earlier = first_seen.setdefault(parsed.id, number)
         if earlier != number:
@@ -129,6 +133,7 @@ def scan(lines: Iterator[bytes], *, shard_index: int, shard_count: int,
             continue
         result.valid += 1
         result.shard_items += 1
+        result.per_shard[shard] += 1
     return result
 
 

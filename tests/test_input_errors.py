@@ -107,6 +107,8 @@ def test_dry_run_touches_nothing(tmp_path, env):
     plan = json.loads(proc.stdout)
     assert plan["dry_run"] and plan["valid_items"] == 30 and 0 < plan["to_run"] < 30
     assert plan["already_done"] == 0
+    assert len(plan["items_per_shard"]) == 3 and sum(plan["items_per_shard"]) == 30
+    assert plan["items_per_shard"][1] == plan["to_run"]
     assert not (tmp_path / "state").exists()
     assert not os.path.exists(env["LEDGER_DB"])
 
@@ -115,3 +117,12 @@ def test_shard_count_cannot_change_within_a_run(tmp_path, env):
     assert run(tmp_path, env, [{"id": i} for i in range(5)], "--shard-count", "2", "--shard-index", "0").returncode == 0
     proc = run(tmp_path, env, [{"id": i} for i in range(5)], "--shard-count", "3", "--shard-index", "0")
     assert proc.returncode == 2 and "--shard-count 2" in proc.stderr
+
+
+def test_dry_run_of_a_started_run_counts_what_is_done(tmp_path, env):
+    assert run(tmp_path, env, [{"id": i} for i in range(20)]).returncode == 0
+    before = sorted(p.name for p in (tmp_path / "state" / "r1" / "shard-00000-of-00001").iterdir())
+    proc = run(tmp_path, env, [{"id": i} for i in range(25)], "--dry-run")
+    plan = json.loads(proc.stdout)
+    assert (plan["already_done"], plan["to_run"], plan["total"]) == (20, 5, 25)
+    assert sorted(p.name for p in (tmp_path / "state" / "r1" / "shard-00000-of-00001").iterdir()) == before
