@@ -1,0 +1,157 @@
+"""The container image, built by `make image` and run the way Kubernetes runs it.
+
+UID 1002 in group 0, a read-only root filesystem with a tmpfs /tmp, memory
+and CPU limits, against the S3 test server on the host: a full run, then a
+run stopped by SIGTERM to the container (tini forwards it) and finished by a
+second container with the same run id.
+"""
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from conftest import ROOT, free_port, need, run_bulkjob, status_of
+
+pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
+
+IMAGE = "bulkjob:dev"
+#: How the sandboxes this runs in allow containers: runc (crun cannot set up
+#: cgroups there), explicit ulimits (the defaults are refused) and the host's
+#: network (no container network; the S3 server listens on the host's loopback).
+PODMAN = ["podman", "--runtime", "runc"]
+SANDBOX = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "--network", "host"]
+#: What a pod of k8s/job.yaml gets, scaled down: UID 1002, read-only root, /tmp writable, limits.
+AS_IN_KUBERNETES = ["--user", "1002:0", "--read-only", "--tmpfs", "/tmp", "--memory", "512m", "--cpus", "1"]
+
+
+@pytest.fixture(scope="module")
+def image():
+    need(shutil.which("podman") is not None, "podman is not installed (make image installs it as root)")
+    proc = subprocess.run(["make", "image"], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+    need(proc.returncode == 0, f"`make image` failed:\n{tail}")
+    return IMAGE
+
+
+def podman_run(image, name, s3_server, *args, metrics_port=0, detach=False):
+    """`podman run` of the image with bulkjob `args`; returns the finished (or, detached, started) process."""
+    env = [f"--env={key}={value}" for key, value in s3_server.env.items()]
+    cmd = [*PODMAN, "run", "--rm", "--name", name, *SANDBOX, *AS_IN_KUBERNETES, *env, image,
+           *args, f"--metrics-port={metrics_port}"]
+    if detach:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def summary(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, "no JSON summary on stdout"
+    return json.loads(lines[-1])
+
+
+def upload_items(s3_server, bucket, count, payload) -> str:
+    body = "".join(json.dumps({"id": f"item-{n:05d}", "payload": payload}) + "\n" for n in range(count))
+    s3_server.client().put_object(Bucket=bucket, Key="items.jsonl", Body=body.encode())
+    return f"s3://{bucket}/items.jsonl"
+
+
+@pytest.fixture
+def container_name():
+    name = f"bulkjob-test-{uuid.uuid4().hex[:8]}"
+    yield name
+    subprocess.run(["podman", "rm", "--force", "--ignore", name], capture_output=True, timeout=60)
+
+
+def test_image_runs_tini_then_bulkjob_as_uid_1002(image):
+    proc = subprocess.run(["podman", "image", "inspect", image], capture_output=True, text=True, check=True)
+    (info,) = json.loads(proc.stdout)
+    config = info["Config"]
+    assert config["User"] == "1002:0"
+    assert config["Entrypoint"] == ["tini", "--", "bulkjob"]
+    assert {"PYTHONUNBUFFERED=1", "TMPDIR=/tmp"} <= set(config["Env"])
+    assert config["Labels"]["org.opencontainers.image.title"] == "bulkjob"
+    assert config["Labels"]["org.opencontainers.image.version"]
+
+
+def test_root_filesystem_stays_read_only_and_tmp_writable(image, container_name):
+    script = "id -u; id -g; touch /opt/venv/x 2>/dev/null && echo root-writable; touch /tmp/x && echo tmp-ok"
+    proc = subprocess.run([*PODMAN, "run", "--rm", "--name", container_name, *SANDBOX, *AS_IN_KUBERNETES,
+                           "--entrypoint", "sh", image, "-c", script],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["1002", "0", "tmp-ok"], proc.stderr
+    # No Oracle Client libraries: oracledb runs in thin mode.
+    proc = subprocess.run([*PODMAN, "run", "--rm", *SANDBOX, "--user", "0", "--entrypoint", "sh", image, "-c",
+                           "find / -xdev \\( -name 'libclntsh*' -o -name 'libocci*' \\) -print"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout
+
+
+def test_container_processes_items_from_s3_and_leaves_a_complete_manifest(image, s3_server, s3_bucket,
+                                                                         container_name):
+    items = upload_items(s3_server, s3_bucket, 300, {})
+    manifest = f"s3://{s3_bucket}/state"
+
+    proc = podman_run(image, container_name, s3_server, "run", f"--items={items}",
+                      "--handler=job.examples:noop", f"--manifest={manifest}", "--run-id=quick")
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = summary(proc.stdout)
+    assert (result["exit_code"], result["total"], result["done"], result["failed"]) == (0, 300, 300, 0)
+    status = status_of(manifest, "quick", env=s3_server.env)
+    assert (status["total"], status["done"], status["failed"], status["pending"]) == (300, 300, 0, 0)
+
+
+def _wait_for_progress(manifest, run_id, env, *, at_least, timeout=120.0) -> None:
+    """Poll `bulkjob status` on the host until the manifest counts `at_least` done items."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # Non-zero until the first checkpoint creates the manifest.
+        proc = run_bulkjob("status", "--manifest", manifest, "--run-id", run_id, "--json", env=env)
+        if proc.returncode == 0 and json.loads(proc.stdout)["done"] >= at_least:
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"run {run_id} did not reach {at_least} done items in {timeout} s")
+
+
+def test_sigterm_flushes_the_manifest_and_a_second_container_finishes_the_run(image, s3_server, s3_bucket,
+                                                                             container_name):
+    count = 400  # 0.05 s each on one CPU: about 20 s, so SIGTERM lands mid-run
+    items = upload_items(s3_server, s3_bucket, count, {"seconds": 0.05})
+    manifest = f"s3://{s3_bucket}/state"
+    run = ["run", f"--items={items}", "--handler=job.examples:sleep", f"--manifest={manifest}",
+           "--run-id=resumed", "--checkpoint-interval=0.5"]
+    metrics_port = free_port()
+
+    first = podman_run(image, container_name, s3_server, *run, metrics_port=metrics_port, detach=True)
+    try:
+        _wait_for_progress(manifest, "resumed", s3_server.env, at_least=20)
+        # Metrics work on a read-only root: the multiprocess files live in /tmp.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            assert response.status == 200
+            assert b"bulkjob_" in response.read()
+        subprocess.run(["podman", "kill", "--signal", "TERM", container_name], check=True, timeout=60)
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 3, err[-3000:]
+    stopped = summary(out)
+    assert stopped["exit_code"] == 3
+    assert 0 < stopped["done"] < count
+    # Flushed: the manifest holds every item the summary counts as done.
+    status = status_of(manifest, "resumed", env=s3_server.env)
+    assert status["done"] == stopped["done"]
+    assert status["pending"] == count - stopped["done"]
+
+    second = podman_run(image, container_name, s3_server, *run)
+
+    assert second.returncode == 0, second.stderr[-3000:]
+    finished = summary(second.stdout)
+    assert finished["skipped_already_done"] == stopped["done"]
+    status = status_of(manifest, "resumed", env=s3_server.env)
+    assert (status["total"], status["done"], status["failed"], status["pending"]) == (count, count, 0, 0)
