@@ -1,35 +1,73 @@
 """Logging for the parent and every worker: text for a terminal, JSON lines for collectors.
 
 Each record is written with one `os.write` of the whole line, so records from several worker
-processes sharing one stderr pipe never interleave mid-line.
+processes sharing one stderr pipe never interleave mid-line. Secret values (see job.redact) are
+replaced in every record's message, traceback and fields before it is written anywhere.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import select
 import sys
 import time
 from typing import Any
 
+from .redact import REDACTED, env_secrets, scrub_text, secrets_of
+
+__all__ = ["REDACTED", "setup_logging", "set_item", "secret_values"]
+
 #: Fields a record may carry about the item it concerns.
 _CONTEXT_FIELDS = ("item_id", "attempt")
-#: What a secret is replaced with wherever it would be logged.
-REDACTED = "[redacted]"
+#: Writes to a pipe up to this size are atomic; a longer line takes a lock on the stream first.
+PIPE_BUF = select.PIPE_BUF
+
+
+class _ItemContext:
+    """The item this process is running now: a worker runs one at a time. Records logged while
+    it runs (through any logger, not only ctx.log) carry its id and attempt, and its secret
+    payload values are redacted."""
+
+    item_id: str | None = None
+    attempt: int | None = None
+    secrets: tuple[str, ...] = ()
+
+
+_item = _ItemContext()
+
+
+def set_item(item_id: str | None, attempt: int | None = None, secrets: tuple[str, ...] = ()) -> None:
+    """Mark the start of an attempt in this process (None: no item is running)."""
+    _item.item_id, _item.attempt, _item.secrets = item_id, attempt, secrets
 
 
 class _Formatter(logging.Formatter):
-    def __init__(self, fmt: str, *, run_id: str | None, shard: int | None) -> None:
+    def __init__(self, fmt: str, *, run_id: str | None, shard: int | None,
+                 secrets: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.fmt = fmt
         self.run_id = run_id
         self.shard = shard
+        self.secrets = secrets
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            message += "\n" + self.formatStack(record.stack_info)
+        item_id = getattr(record, "item_id", None)
+        attempt = getattr(record, "attempt", None)
+        if item_id is None and _item.item_id is not None:
+            item_id, attempt = _item.item_id, _item.attempt
+        secrets = self.secrets + _item.secrets if _item.secrets else self.secrets
+        if secrets:
+            message = scrub_text(message, secrets)
+            if item_id is not None:
+                item_id = scrub_text(str(item_id), secrets)
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         if self.fmt == "json":
             doc: dict[str, Any] = {"ts": ts, "level": record.levelname, "logger": record.name,
@@ -37,17 +75,29 @@ class _Formatter(logging.Formatter):
             if self.run_id is not None:
                 doc["run_id"] = self.run_id
                 doc["shard"] = self.shard
-            for name in _CONTEXT_FIELDS:
-                if hasattr(record, name):
-                    doc[name] = getattr(record, name)
+            if item_id is not None:
+                doc["item_id"] = item_id
+                if attempt is not None:
+                    doc["attempt"] = attempt
             return json.dumps(doc, default=str)
-        context = "".join(f" {name}={getattr(record, name)}" for name in _CONTEXT_FIELDS
-                          if hasattr(record, name))
+        context = ""
+        if item_id is not None:
+            # A line about an item says which run and shard it belongs to, so that it can be
+            # found again from any log store; lines about the run itself stay short.
+            if self.run_id is not None:
+                context = f" run_id={self.run_id} shard={self.shard}"
+            context += f" item_id={item_id}" + (f" attempt={attempt}" if attempt is not None else "")
         return f"{ts} {record.levelname:<7} {record.name}{context}: {message}"
 
 
 class _WholeLineHandler(logging.Handler):
-    """Writes each record to a file descriptor in a single write."""
+    """Writes each record to a file descriptor in a single write.
+
+    A pipe (a pod's stderr) takes a write of up to PIPE_BUF bytes whole; a longer line (a
+    traceback) could be split by another process's write, so it is written under a POSIX lock
+    on the stream, which every process holds in turn (flock would not do: processes that
+    inherited the same descriptor share its flock).
+    """
 
     def __init__(self, fd: int) -> None:
         super().__init__()
@@ -56,55 +106,56 @@ class _WholeLineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             data = (self.format(record) + "\n").encode("utf-8", "replace")
-            while data:
-                written = os.write(self.fd, data)
-                data = data[written:]
+            if len(data) <= PIPE_BUF:
+                self._write(data)
+                return
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            except OSError:
+                self._write(data)  # a stream that cannot be locked (rare): write it anyway
+                return
+            try:
+                self._write(data)
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
         except Exception:
             self.handleError(record)
 
-
-class _Redact(logging.Filter):
-    """Replaces known secret values in a record's final message."""
-
-    def __init__(self, secrets: tuple[str, ...]) -> None:
-        super().__init__()
-        self.secrets = tuple(s for s in secrets if s and len(s) >= 4)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            if any(s in message for s in self.secrets):
-                for secret in self.secrets:
-                    message = message.replace(secret, REDACTED)
-                record.msg, record.args = message, None
-        return True
+    def _write(self, data: bytes) -> None:
+        while data:
+            written = os.write(self.fd, data)
+            data = data[written:]
 
 
 def secret_values() -> tuple[str, ...]:
     """Secret values this process knows of: the database password and the S3 secret key."""
-    names = ("BULKJOB_DB_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-    return tuple(v for n in names if (v := os.environ.get(n)))
+    return env_secrets()
 
 
 def setup_logging(fmt: str = "text", level: str = "INFO", log_file: str | None = None, *,
                   run_id: str | None = None, shard: int | None = None,
-                  redact: tuple[str, ...] = ()) -> None:
-    """Configure the root logger of this process (call once per process, after it starts)."""
+                  redact: tuple[str, ...] = (), log_file_max_bytes: int | None = None,
+                  log_file_backups: int | None = None) -> None:
+    """Configure the root logger of this process (call once per process, after it starts).
+
+    `redact` adds secret values to those of the environment. With `log_file`, records also go
+    to a size-rotated, gzipped file that several processes may share: each process opens its
+    own handler, and the handler's lock file serialises writes and rotations.
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    formatter = _Formatter(fmt, run_id=run_id, shard=shard)
-    redactor = _Redact(secret_values() + tuple(redact))
+    formatter = _Formatter(fmt, run_id=run_id, shard=shard, secrets=secrets_of(env_secrets() + tuple(redact)))
     stream = _WholeLineHandler(sys.stderr.fileno())
     handlers: list[logging.Handler] = [stream]
     if log_file:
         from concurrent_log_handler import ConcurrentRotatingFileHandler
 
         handlers.append(ConcurrentRotatingFileHandler(
-            log_file, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, use_gzip=True))
+            log_file, maxBytes=log_file_max_bytes or LOG_FILE_MAX_BYTES,
+            backupCount=LOG_FILE_BACKUPS if log_file_backups is None else log_file_backups, use_gzip=True))
     for handler in handlers:
         handler.setFormatter(formatter)
-        handler.addFilter(redactor)
         root.addHandler(handler)
     root.setLevel(level.upper())
     # boto3 logs request details at DEBUG; keep them out unless asked for explicitly.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TextIO
+
+log = logging.getLogger("bulkjob.progress")
 
 #: Seconds between redraws of the terminal bar.
 BAR_REFRESH = 0.2
@@ -63,7 +66,10 @@ class Progress:
         if self.tty:
             self.stream.write("\r" + progress_bar(**counts) + "\x1b[K")
         else:
-            self.stream.write(progress_line(**counts) + "\n")
+            # A log record, not a bare line: with --log-format json every line of the pod's log
+            # must be JSON for the collector.
+            log.info("%s", progress_line(**counts))
+            return
         self.stream.flush()
 
     def finish(self, *, done: int, failed: int, pending: int) -> None:
