@@ -21,6 +21,7 @@ from .config import (AIRFLOW_XCOM_PATH, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_DRA
                      RunConfig, WorkerSettings, cgroup_cpu_limit, default_workers, visible_cpus)
 from .errors import EXIT_USAGE, BulkjobError
 from .items import MAX_LINE_BYTES
+from .logs import LOG_FILE_BACKUPS, LOG_FILE_MAX_BYTES
 from .retry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF, RetryPolicy
 
 log = logging.getLogger("bulkjob")
@@ -40,12 +41,16 @@ def new_run_id() -> str:
 
 
 def _fail(error: BulkjobError | Exception, code: int, *, run_id=None, shard=None, xcom_path=None) -> None:
-    click.echo(f"bulkjob: error: {error}", err=True)
+    from .redact import env_secrets, scrub_text
+
+    # An error from a database driver or an S3 client may quote its connection settings.
+    text = scrub_text(str(error), env_secrets())
+    click.echo(f"bulkjob: error: {text}", err=True)
     if run_id is not None:
         from .engine import write_summary
 
         write_summary({"run_id": run_id, "shard": shard, "status": "error", "exit_code": code,
-                       "error": str(error).splitlines()[0]}, stdout=sys.stdout, xcom_path=xcom_path)
+                       "error": text.splitlines()[0] if text else ""}, stdout=sys.stdout, xcom_path=xcom_path)
     sys.exit(code)
 
 
@@ -104,6 +109,14 @@ def main() -> None:
 @option("--log-file", type=click.Path(dir_okay=False), help="Also write a rotating log file here.")
 def run(**opts) -> None:
     """Run the items of one shard to completion; resumable with the same --run-id."""
+@option("--log-file-max-bytes", type=click.IntRange(min=4096), default=LOG_FILE_MAX_BYTES, show_default=True,
+        help="Size at which --log-file is rotated (the old file is gzipped).")
+@option("--log-file-backups", type=click.IntRange(min=0), default=LOG_FILE_BACKUPS, show_default=True,
+        help="Rotated --log-file files kept.")
+@option("--pushgateway", metavar="URL",
+        help="Push the final metrics here when the run ends (grouped by job, run_id and shard).")
+@option("--redact", multiple=True, metavar="FIELD",
+        help="Payload field whose values must never appear in logs, results, errors or metrics (repeatable).")
     from .logs import setup_logging
 
     run_id = opts["run_id"] or new_run_id()
@@ -111,7 +124,8 @@ def run(**opts) -> None:
     xcom_path = opts["xcom_path"]
     if xcom_path is None and AIRFLOW_XCOM_PATH.parent.is_dir():
         xcom_path = AIRFLOW_XCOM_PATH
-    setup_logging(opts["log_format"], opts["log_level"], opts["log_file"], run_id=run_id, shard=shard_index)
+    setup_logging(opts["log_format"], opts["log_level"], opts["log_file"], run_id=run_id, shard=shard_index,
+                  log_file_max_bytes=opts["log_file_max_bytes"], log_file_backups=opts["log_file_backups"])
     if shard_index >= opts["shard_count"]:
         _fail(f"--shard-index {shard_index} is not below --shard-count {opts['shard_count']}", EXIT_USAGE,
               run_id=run_id, shard=shard_index, xcom_path=xcom_path)
@@ -120,8 +134,17 @@ def run(**opts) -> None:
     workers = opts["workers"] or default_workers(cgroup_cpu_limit(), visible_cpus())
     worker_settings = WorkerSettings(
         handler=opts["handler"], run_id=run_id, shard_index=shard_index, shard_count=opts["shard_count"],
+    observer = None
+    if not opts["dry_run"] and (opts["metrics_port"] or opts["pushgateway"]):
+        # Before the workers start: it sets up the metrics directory that they inherit.
+        from .metrics import PrometheusObserver
+
+        observer = PrometheusObserver(run_id=run_id, shard=shard_index, shard_count=opts["shard_count"],
+                                      port=opts["metrics_port"], pushgateway=opts["pushgateway"])
         retry_on=tuple(opts["retry_on"]), log_format=opts["log_format"], log_level=opts["log_level"].upper(),
-        log_file=opts["log_file"])
+        log_file=opts["log_file"], log_file_max_bytes=opts["log_file_max_bytes"],
+        log_file_backups=opts["log_file_backups"], redact_fields=tuple(opts["redact"]),
+        metrics_dir=observer.directory if observer is not None else None)
     config = RunConfig(
         items=opts["items"], handler=opts["handler"], manifest=opts["manifest"], run_id=run_id,
         shard_index=shard_index, shard_count=opts["shard_count"], workers=workers,
@@ -135,11 +158,16 @@ def run(**opts) -> None:
     from .engine import Run, write_summary
 
     try:
-        summary, code = Run(config).execute()
+        summary, code = Run(config, observer=observer).execute()
     except BulkjobError as e:
         _fail(e, e.exit_code, run_id=run_id, shard=shard_index, xcom_path=None if config.dry_run else xcom_path)
     if config.dry_run:
+        if observer is not None:
+            observer.close(e.exit_code)
         click.echo(json.dumps(summary, indent=1))
+    finally:
+        if observer is not None:
+            observer.close()
         sys.exit(0)
     write_summary(summary, stdout=sys.stdout, xcom_path=xcom_path)
     sys.exit(code)

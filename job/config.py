@@ -72,7 +72,15 @@ class WorkerSettings:
     log_format: str = "text"
     log_level: str = "INFO"
     log_file: str | None = None
+    #: --log-file rotates at this size (None: job.logs' default) and keeps this many old files.
+    log_file_max_bytes: int | None = None
+    log_file_backups: int | None = None
+    #: Secret values to keep out of logs, results and errors, besides the environment's.
     redact: tuple[str, ...] = ()
+    #: Payload fields (--redact) whose values are secret for the item that carries them.
+    redact_fields: tuple[str, ...] = ()
+    #: The multiprocess metrics directory when metrics are on: workers count items in flight there.
+    metrics_dir: str | None = None
     #: Database settings (a `job.db.DbSettings`) when --db is given.
     db: object | None = None
 

@@ -19,7 +19,9 @@ from typing import Any, Callable
 
 from .errors import UsageError
 from .items import Item
+from .logs import set_item
 from .outcome import PERMANENT, Failure, Outcome
+from .redact import env_secrets, field_values, scrub_outcome, secrets_of
 from .retry import classify
 
 #: Largest result a handler may return: results live in the manifest, bulk output belongs in S3.
@@ -129,6 +131,24 @@ def run_attempt(handler: Handler, task: tuple, *, settings: Any, resources: Reso
                    progress=ctx.progress or None)
 
 
+def _attempt(handler: Handler, task: tuple, *, settings: Any, resources: Resources,
+             logger: logging.Logger, secrets: tuple[str, ...], in_flight) -> Outcome:
+    """One attempt with its bookkeeping: every record logged meanwhile names the item, the
+    gauge of items in flight counts it, and no secret value (the environment's, or the item's
+    --redact fields) leaves the worker in the outcome."""
+    item_secrets = field_values(task[1], settings.redact_fields) if settings.redact_fields else ()
+    set_item(task[0], task[2], item_secrets)
+    if in_flight is not None:
+        in_flight.inc()
+    try:
+        outcome = run_attempt(handler, task, settings=settings, resources=resources, logger=logger)
+    finally:
+        if in_flight is not None:
+            in_flight.dec()
+        set_item(None)
+    return scrub_outcome(outcome, secrets_of(secrets + item_secrets) if item_secrets else secrets)
+
+
 def check_result(result: Any) -> str | None:
     """Why a handler's return value cannot be kept in the manifest, or None if it can."""
     if result is None:
@@ -179,9 +199,18 @@ def main(conn, settings: Any, stop_flag) -> None:
     from .logs import setup_logging
 
     setup_logging(settings.log_format, settings.log_level, settings.log_file,
-                  run_id=settings.run_id, shard=settings.shard_index, redact=settings.redact)
+                  run_id=settings.run_id, shard=settings.shard_index, redact=settings.redact,
+                  log_file_max_bytes=settings.log_file_max_bytes, log_file_backups=settings.log_file_backups)
     logger = logging.getLogger("bulkjob.item")
+    in_flight = None
+    if settings.metrics_dir:
+        # Before the handler is imported, so that metrics a handler defines with prometheus_client
+        # find the multiprocess directory too.
+        from .metrics import worker_in_flight
+
+        in_flight = worker_in_flight(settings.metrics_dir)
     handler = load_handler(settings.handler)
+    secrets = secrets_of(env_secrets() + tuple(settings.redact))
     resources = Resources(settings)
     conn.send((READY, os.getpid()))
     try:
@@ -195,7 +224,8 @@ def main(conn, settings: Any, stop_flag) -> None:
             if stop_flag.value:
                 conn.send(Outcome(task[0], 0, 0.0))
                 continue
-            conn.send(run_attempt(handler, task, settings=settings, resources=resources, logger=logger))
+            conn.send(_attempt(handler, task, settings=settings, resources=resources, logger=logger,
+                               secrets=secrets, in_flight=in_flight))
     except (BrokenPipeError, EOFError):
         pass  # the parent is gone; nothing left to report to
     finally:
