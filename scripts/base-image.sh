@@ -63,7 +63,7 @@ deb $mirror $suite-updates main
 SOURCES
 
 tar -C "$rootfs" --numeric-owner -c . \
-    | podman import \
+    | podman import --quiet \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' \
         --change 'CMD ["/bin/bash"]' \

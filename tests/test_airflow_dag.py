@@ -1,4 +1,4 @@
-"""The Airflow DAG tests (tests/airflow/), run in their own virtualenv.
+"""The Airflow DAG tests (tests/airflow/dag_checks.py), run in their own virtualenv.
 
 Airflow pins hundreds of packages; keeping it out of the job's test venv
 means those pins never decide the job's own versions. `make airflow-venv`
@@ -17,6 +17,7 @@ from conftest import ROOT, need, run_bulkjob, summary_of, write_items
 
 AIRFLOW_VENV = ROOT / ".venv-airflow"
 AIRFLOW_PYTHON = AIRFLOW_VENV / "bin" / "python"
+AIRFLOW_TESTS = ROOT / "tests" / "airflow" / "dag_checks.py"
 
 
 def _make_airflow_venv() -> None:
@@ -54,8 +55,8 @@ def test_airflow_dag_suite_passes_in_its_own_venv(tmp_path):
     env.update(BULKJOB_SUMMARIES_DIR=str(summaries), AIRFLOW_HOME=str(tmp_path / "airflow-home"))
     # --confcutdir keeps the job's tests/conftest.py (and its imports) out of the Airflow venv.
     proc = subprocess.run(
-        [str(AIRFLOW_PYTHON), "-m", "pytest", "tests/airflow", "-q", "-rs", "-p", "no:cacheprovider",
-         "--confcutdir", "tests/airflow"],
+        [str(AIRFLOW_PYTHON), "-m", "pytest", str(AIRFLOW_TESTS), "-q", "-rs", "-p", "no:cacheprovider",
+         "--confcutdir", str(AIRFLOW_TESTS.parent)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, f"Airflow DAG tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-3000:]}"

@@ -1,4 +1,10 @@
-"""The Airflow DAG `bulk_controller`, loaded by a real Airflow and rendered into real pods."""
+"""The Airflow DAG `bulk_controller`, loaded by a real Airflow and rendered into real pods.
+
+These run only in the Airflow virtualenv (make airflow-venv), started by
+tests/test_airflow_dag.py with this file's path: the name does not match
+pytest's test_*.py pattern, so the job's own suite never collects it, and
+there is no conftest.py here, which would shadow tests/conftest.py.
+"""
 
 import importlib.util
 import json
@@ -7,11 +13,20 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import kubernetes_validate
-import pytest
-from kubernetes.client import ApiClient
+# Airflow reads its configuration when first imported: a throwaway home
+# (SQLite database, no examples) before anything imports it. The kubernetes
+# connection only supplies a namespace; nothing here talks to a cluster.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="bulkjob-airflow-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", os.path.join(os.environ["AIRFLOW_HOME"], "dags"))
+os.environ.setdefault("AIRFLOW_CONN_KUBERNETES_DEFAULT", '{"conn_type": "kubernetes", "extra": {"namespace": "bulk"}}')
+
+import kubernetes_validate  # noqa: E402
+import pytest  # noqa: E402
+from kubernetes.client import ApiClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILE = ROOT / "airflow_dag.py"
