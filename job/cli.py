@@ -107,8 +107,6 @@ def main() -> None:
 @option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
         default="INFO", show_default=True)
 @option("--log-file", type=click.Path(dir_okay=False), help="Also write a rotating log file here.")
-def run(**opts) -> None:
-    """Run the items of one shard to completion; resumable with the same --run-id."""
 @option("--log-file-max-bytes", type=click.IntRange(min=4096), default=LOG_FILE_MAX_BYTES, show_default=True,
         help="Size at which --log-file is rotated (the old file is gzipped).")
 @option("--log-file-backups", type=click.IntRange(min=0), default=LOG_FILE_BACKUPS, show_default=True,
@@ -117,6 +115,8 @@ def run(**opts) -> None:
         help="Push the final metrics here when the run ends (grouped by job, run_id and shard).")
 @option("--redact", multiple=True, metavar="FIELD",
         help="Payload field whose values must never appear in logs, results, errors or metrics (repeatable).")
+def run(**opts) -> None:
+    """Run the items of one shard to completion; resumable with the same --run-id."""
     from .logs import setup_logging
 
     run_id = opts["run_id"] or new_run_id()
@@ -132,8 +132,6 @@ def run(**opts) -> None:
     if not opts["run_id"]:
         log.info("run id: %s (pass --run-id %s to resume this run)", run_id, run_id)
     workers = opts["workers"] or default_workers(cgroup_cpu_limit(), visible_cpus())
-    worker_settings = WorkerSettings(
-        handler=opts["handler"], run_id=run_id, shard_index=shard_index, shard_count=opts["shard_count"],
     observer = None
     if not opts["dry_run"] and (opts["metrics_port"] or opts["pushgateway"]):
         # Before the workers start: it sets up the metrics directory that they inherit.
@@ -141,6 +139,8 @@ def run(**opts) -> None:
 
         observer = PrometheusObserver(run_id=run_id, shard=shard_index, shard_count=opts["shard_count"],
                                       port=opts["metrics_port"], pushgateway=opts["pushgateway"])
+    worker_settings = WorkerSettings(
+        handler=opts["handler"], run_id=run_id, shard_index=shard_index, shard_count=opts["shard_count"],
         retry_on=tuple(opts["retry_on"]), log_format=opts["log_format"], log_level=opts["log_level"].upper(),
         log_file=opts["log_file"], log_file_max_bytes=opts["log_file_max_bytes"],
         log_file_backups=opts["log_file_backups"], redact_fields=tuple(opts["redact"]),
@@ -160,14 +160,14 @@ def run(**opts) -> None:
     try:
         summary, code = Run(config, observer=observer).execute()
     except BulkjobError as e:
-        _fail(e, e.exit_code, run_id=run_id, shard=shard_index, xcom_path=None if config.dry_run else xcom_path)
-    if config.dry_run:
         if observer is not None:
             observer.close(e.exit_code)
-        click.echo(json.dumps(summary, indent=1))
+        _fail(e, e.exit_code, run_id=run_id, shard=shard_index, xcom_path=None if config.dry_run else xcom_path)
     finally:
         if observer is not None:
             observer.close()
+    if config.dry_run:
+        click.echo(json.dumps(summary, indent=1))
         sys.exit(0)
     write_summary(summary, stdout=sys.stdout, xcom_path=xcom_path)
     sys.exit(code)
