@@ -14,12 +14,13 @@ Before the first run:
     database sessions, so the pool caps sessions at size x workers:
     `airflow pools set oracle_dml 4 "bulkjob shards"`.
 
-Works with Airflow 3 (airflow.sdk) and Airflow 2.10, with the cncf.kubernetes
-provider 8.4 or later.
+Works with Airflow 3 (airflow.sdk) and the cncf.kubernetes provider 10.25, and
+with Airflow 2.10 and the provider 10.10 (see SIDECAR_SECURITY for a limit).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -91,6 +92,15 @@ CONTAINER_RESOURCES = k8s.V1ResourceRequirements(
 # manifest goes to /tmp.
 TMP_VOLUME = k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi"))
 TMP_MOUNT = k8s.V1VolumeMount(name="tmp", mount_path="/tmp")
+# The XCom sidecar must pass the same admission policy. Older providers
+# (10.10, the newest that Airflow 2.10 installs, among them) cannot set its
+# security context: there the sidecar runs without one, which a namespace
+# enforcing "restricted" rejects; use "baseline" there, or a newer Airflow.
+SIDECAR_SECURITY = (
+    {"xcom_sidecar_container_security_context": CONTAINER_SECURITY_CONTEXT}
+    if "xcom_sidecar_container_security_context" in inspect.signature(KubernetesPodOperator.__init__).parameters
+    else {}
+)
 SECRETS = [
     Secret("env", "AWS_ACCESS_KEY_ID", SECRET_NAME, "aws-access-key-id"),
     Secret("env", "AWS_SECRET_ACCESS_KEY", SECRET_NAME, "aws-secret-access-key"),
@@ -197,15 +207,17 @@ with DAG(
     },
 ) as dag:
 
+    # Not named run_id: TaskFlow treats parameters named after context keys
+    # as optional, which Airflow 2 rejects before a required one.
     @task
     def plan_shards(
-        items: str, handler: str, manifest: str, run_id: str, shard_count: int, workers: int
+        items: str, handler: str, manifest: str, job_run_id: str, shard_count: int, workers: int
     ) -> list[list[str]]:
         return shard_arguments(
             items=items,
             handler=handler,
             manifest=manifest,
-            run_id=run_id,
+            run_id=job_run_id,
             shard_count=int(shard_count),
             workers=int(workers),
         )
@@ -216,7 +228,7 @@ with DAG(
         items="{{ params['items'] }}",
         handler="{{ params.handler }}",
         manifest="{{ params.manifest }}",
-        run_id="{{ run_id }}",
+        job_run_id="{{ run_id }}",
         shard_count="{{ params.shard_count }}",
         workers="{{ params.workers }}",
     )
@@ -232,8 +244,7 @@ with DAG(
         container_resources=CONTAINER_RESOURCES,
         security_context=POD_SECURITY_CONTEXT,
         container_security_context=CONTAINER_SECURITY_CONTEXT,
-        # The XCom sidecar must pass the same admission policy.
-        xcom_sidecar_container_security_context=CONTAINER_SECURITY_CONTEXT,
+        **SIDECAR_SECURITY,
         volumes=[TMP_VOLUME],
         volume_mounts=[TMP_MOUNT],
         service_account_name="bulkjob",
