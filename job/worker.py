@@ -33,12 +33,12 @@ READY = "ready"
 Handler = Callable[[Item, "Context"], "dict[str, Any] | None"]
 
 
-def load_handler(spec: str) -> Handler:
-    """Import `module:function`, or build the SQL steps handler for `sql:PATH`."""
+def load_handler(spec: str, db: Any = None) -> Handler:
+    """Import `module:function`, or build the SQL steps handler for `sql:PATH` (for `db`)."""
     if spec.startswith("sql:"):
         from .db.steps import steps_handler
 
-        return steps_handler(spec[4:])
+        return steps_handler(spec[4:], db)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"--handler {spec!r}: expected MODULE:FUNCTION or sql:PATH")
@@ -209,7 +209,7 @@ def main(conn, settings: Any, stop_flag) -> None:
         from .metrics import worker_in_flight
 
         in_flight = worker_in_flight(settings.metrics_dir)
-    handler = load_handler(settings.handler)
+    handler = load_handler(settings.handler, settings.db)
     secrets = secrets_of(env_secrets() + tuple(settings.redact))
     resources = Resources(settings)
     conn.send((READY, os.getpid()))

@@ -1,0 +1,328 @@
+"""Databases: settings from `--db`, the worker's connection, error classification, batch DML.
+
+The dialect modules own the drivers: only `oracle` imports oracledb, only `postgres` imports
+psycopg, only `sqlite` imports sqlite3. Nothing here connects at import or in the parent
+unless items come from the database; workers open their own connection after they start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ..errors import EXIT_INTERRUPTED, BulkjobError, UsageError
+from ..outcome import RETRYABLE, Failure
+
+#: Default seconds to wait for a connection, TCP connect and login together: a listener that
+#: accepts and never answers must cost a worker this long, not forever.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Default rows per executemany round trip: large enough to amortise the round trip, small
+#: enough that one batch's bind buffers stay a few megabytes.
+DEFAULT_BATCH_SIZE = 1000
+#: Where the password comes from when --db-password-file is not given.
+PASSWORD_ENV = "BULKJOB_DB_PASSWORD"
+
+COMMIT_ITEM = "item"
+COMMIT_STEP = "step"
+
+#: URL scheme -> dialect module name.
+_SCHEMES = {"oracle": "oracle", "oracle+oracledb": "oracle", "postgresql": "postgres",
+            "postgres": "postgres", "sqlite": "sqlite"}
+_DEFAULT_PORTS = {"oracle": 1521, "postgres": 5432}
+
+
+class ConnectTimeout(BulkjobError, TimeoutError):
+    """Raised when connecting to the database took longer than --connect-timeout."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class DatabaseUnavailable(BulkjobError):
+    """Raised in the parent when the database could not be reached to read items."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+@dataclass(frozen=True, slots=True)
+class DbSettings:
+    """Where and how to connect; the password is not here (workers read it themselves)."""
+
+    dialect: str
+    url: str
+    user: str | None = None
+    host: str | None = None
+    port: int | None = None
+    #: Oracle service name, PostgreSQL database name, or SQLite file path.
+    database: str = ""
+    #: Extra driver parameters from the URL's query string.
+    params: tuple[tuple[str, str], ...] = ()
+    password_file: str | None = None
+    session_sql: tuple[str, ...] = ()
+    statement_timeout: float | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    commit: str = COMMIT_ITEM
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    """One row of a batch that the database refused: its offset in the rows given, and why."""
+
+    offset: int
+    code: str | None
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"offset": self.offset, "code": self.code, "message": self.message}
+
+
+def parse_db_url(url: str, **options: Any) -> DbSettings:
+    """DbSettings from `--db URL` plus the other database options (keyword arguments).
+
+    `oracle://user@host:port/service_name`, `postgresql://user@host:port/dbname` and
+    `sqlite:///relative/path` or `sqlite:////absolute/path`. A password in the URL is refused:
+    it would show in `ps`, in pod specs and in logs.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise UsageError(f"--db {_safe(url)}: expected oracle://, postgresql:// or sqlite:/// URL")
+    dialect = _SCHEMES[scheme]
+    if parts.password is not None:
+        raise UsageError("--db: put the password in BULKJOB_DB_PASSWORD or --db-password-file, "
+                         "never in the URL")
+    params = tuple(parse_qsl(parts.query, keep_blank_values=True))
+    if dialect == "sqlite":
+        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        if parts.netloc or not path or path == ":memory:":
+            raise UsageError(f"--db {url}: expected sqlite:///PATH (a file that every worker opens)")
+        return DbSettings(dialect, url, database=path, params=params, **options)
+    try:
+        port = parts.port or _DEFAULT_PORTS[dialect]
+    except ValueError:
+        raise UsageError(f"--db {_safe(url)}: bad port") from None
+    database = unquote(parts.path.lstrip("/"))
+    if not parts.hostname and not any(k == "host" for k, _ in params):
+        raise UsageError(f"--db {_safe(url)}: no host")
+    if not database:
+        what = "service name" if dialect == "oracle" else "database name"
+        raise UsageError(f"--db {_safe(url)}: no {what} after the host")
+    return DbSettings(dialect, url, user=unquote(parts.username) if parts.username else None,
+                      host=parts.hostname, port=port, database=database, params=params, **options)
+
+
+def _safe(url: str) -> str:
+    """The URL without anything between `//` and `@`, in case a password was put there."""
+    head, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{head}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def db_settings(url: str | None, *, password_file: str | None = None, session_sql: Iterable[str] = (),
+                statement_timeout: float | None = None, connect_timeout: float | None = None,
+                commit: str = COMMIT_ITEM) -> DbSettings | None:
+    """The CLI's database options as DbSettings, or None without --db."""
+    if url is None:
+        if password_file or tuple(session_sql) or statement_timeout:
+            raise UsageError("--db-password-file, --session-sql and --statement-timeout need --db")
+        return None
+    if password_file is not None and not os.path.isfile(password_file):
+        raise UsageError(f"--db-password-file {password_file}: no such file")
+    return parse_db_url(url, password_file=password_file, session_sql=tuple(session_sql),
+                        statement_timeout=statement_timeout,
+                        connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT, commit=commit)
+
+
+def read_password(settings: DbSettings, environ: dict[str, str] | None = None) -> str | None:
+    """The password: BULKJOB_DB_PASSWORD, else the first line of --db-password-file, else None."""
+    env = os.environ if environ is None else environ
+    if env.get(PASSWORD_ENV):
+        return env[PASSWORD_ENV]
+    if settings.password_file:
+        try:
+            with open(settings.password_file, encoding="utf-8") as f:
+                return f.read().rstrip("\r\n")
+        except OSError as e:
+            raise UsageError(f"--db-password-file: cannot read it: {e.strerror}") from None
+    return None
+
+
+def dialect_of(settings: DbSettings) -> ModuleType:
+    """The dialect module (`job.db.oracle`, `.postgres`, `.sqlite`); imports its driver."""
+    try:
+        return importlib.import_module(f"{__name__}.{settings.dialect}")
+    except ImportError as e:
+        extra = " (pip install 'bulkjob[postgres]')" if settings.dialect == "postgres" else ""
+        raise UsageError(f"--db {settings.dialect}: driver not installed: {e}{extra}") from None
+
+
+def classify_common(exc: BaseException) -> Failure | None:
+    """Errors of ours about the connection, whatever the dialect."""
+    if isinstance(exc, ConnectTimeout):
+        return Failure(RETRYABLE, "ConnectTimeout", str(exc), code="CONNECT-TIMEOUT", reconnect=True)
+    return None
+
+
+def classifiers(settings: DbSettings) -> tuple[Callable[[BaseException], Failure | None], ...]:
+    """The classifiers `retry.classify` consults before its generic rules."""
+    return (classify_common, dialect_of(settings).classify)
+
+
+class Database:
+    """A worker's database: one connection, opened on first use and reused for every item."""
+
+    def __init__(self, settings: DbSettings) -> None:
+        self.settings = settings
+        self.dialect = dialect_of(settings)
+        self._conn = None
+
+    def connection(self):
+        """The open DB-API connection; (re)connects when there is none or it is known dead."""
+        if self._conn is not None and not self.dialect.usable(self._conn):
+            self._discard()
+        if self._conn is None:
+            self._conn = self.dialect.connect(self.settings, read_password(self.settings))
+        return self._conn
+
+    def after_failure(self, failure: Failure) -> None:
+        """Leave no half-done transaction for the next item; drop a dead session."""
+        if self._conn is None:
+            return
+        if failure.reconnect:
+            self._discard()
+            return
+        try:
+            self._conn.rollback()
+        except Exception:
+            self._discard()
+
+    def executemany(self, sql: str, rows: Iterable[Any], *,
+                    batch_size: int = DEFAULT_BATCH_SIZE) -> list[RowError]:
+        """Run `sql` for every row in batches of `batch_size`; returns the rows refused.
+
+        Rows a database refuses for their data (constraint, conversion) are returned with their
+        offset; the others stay applied in the open transaction, and the caller commits or
+        rolls back. Any other error (connection, missing table) is raised.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        return self.dialect.executemany(self.connection(), sql, rows, batch_size=batch_size)
+
+    def close(self) -> None:
+        self._discard()
+
+    def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass  # a dead session may refuse even to close; it is gone either way
+
+
+def batches(rows: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]]]:
+    """(offset of the first row, rows) for consecutive batches of at most `size` rows."""
+    batch: list[Any] = []
+    start = 0
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield start, batch
+            start += size
+            batch = []
+    if batch:
+        yield start, batch
+
+
+def executemany_with_savepoints(conn, sql: str, rows: Iterable[Any], *, batch_size: int,
+                                row_error: Callable[[BaseException], tuple[str | None, str] | None],
+                                ) -> list[RowError]:
+    """Batch DML where the driver has no batch errors: each batch runs under a savepoint; a
+    batch with a bad row is rolled back and replayed row by row, each row under its own
+    savepoint, so the good rows are applied and the bad ones reported. `row_error(exc)` gives
+    (code, message) when an error is the row's fault, else None and the error is raised."""
+    errors: list[RowError] = []
+    cur = conn.cursor()
+    try:
+        for start, batch in batches(rows, batch_size):
+            cur.execute("SAVEPOINT bulkjob_batch")
+            try:
+                cur.executemany(sql, batch)
+            except Exception as exc:
+                if row_error(exc) is None:
+                    raise
+                cur.execute("ROLLBACK TO SAVEPOINT bulkjob_batch")
+                for i, row in enumerate(batch):
+                    cur.execute("SAVEPOINT bulkjob_row")
+                    try:
+                        cur.execute(sql, row)
+                    except Exception as row_exc:
+                        found = row_error(row_exc)
+                        if found is None:
+                            raise
+                        cur.execute("ROLLBACK TO SAVEPOINT bulkjob_row")
+                        errors.append(RowError(start + i, *found))
+                    else:
+                        cur.execute("RELEASE SAVEPOINT bulkjob_row")
+            cur.execute("RELEASE SAVEPOINT bulkjob_batch")
+    finally:
+        cur.close()
+    return errors
+
+
+def call_with_timeout(fn: Callable[[], Any], seconds: float, what: str) -> Any:
+    """Call `fn()` and raise ConnectTimeout if it has not returned within `seconds`.
+
+    In a process's main thread (a worker) a SIGALRM interrupts the blocked call, so nothing is
+    left behind. Elsewhere the call runs in a daemon thread that is abandoned on timeout; it
+    ends when the server finally closes the socket.
+    """
+    message = f"{what}: no answer within {seconds:g}s (--connect-timeout)"
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        fired = False
+
+        def on_alarm(signum, frame):
+            nonlocal fired
+            fired = True
+            raise ConnectTimeout(message)
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return fn()
+        except Exception:
+            # A driver may wrap our exception in its own (oracledb: DPY-6005 caused by it).
+            if fired:
+                raise ConnectTimeout(message) from None
+            raise
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="bulkjob-connect", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise ConnectTimeout(message)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def bind_marker(name: str, paramstyle: str) -> str:
+    """How a named bind is written for a driver: `:name` (oracledb, sqlite3) or `%(name)s`."""
+    return f"%({name})s" if paramstyle == "pyformat" else f":{name}"

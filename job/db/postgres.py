@@ -1,0 +1,127 @@
+"""PostgreSQL through psycopg 3: the only module that imports psycopg.
+
+Errors are told apart by SQLSTATE. A connection that failed or was cut comes as an
+OperationalError without one ("connection is closed", "server closed the connection").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from ..errors import Permanent
+from ..outcome import PERMANENT, RETRYABLE, Failure
+from . import DbSettings, RowError, executemany_with_savepoints
+
+PARAMSTYLE = "pyformat"
+SAVEPOINT = "SAVEPOINT {name}"
+ROLLBACK_TO = "ROLLBACK TO SAVEPOINT {name}"
+RELEASE = "RELEASE SAVEPOINT {name}"
+NOW = "now()"
+APPLICATION_NAME = "bulkjob"
+
+#: Worth retrying on the same session after a rollback to the step's savepoint.
+SAME_SESSION = frozenset({
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+    "55P03",  # lock_not_available (NOWAIT, lock_timeout)
+})
+#: Retryable, but only with a new transaction: the serializable snapshot is the transaction's.
+RESTART_TRANSACTION = frozenset({"40001"})
+#: The server ended the session: reconnect, then retry. Class 08 (connection exceptions) too.
+RECONNECT = frozenset({
+    "57P01",  # admin_shutdown (also pg_terminate_backend)
+    "57P02",  # crash_shutdown
+    "57P03",  # cannot_connect_now (starting up, recovering)
+})
+#: A 57014 query_canceled is ours to retry only when our statement_timeout caused it; a cancel
+#: by an operator (pg_cancel_backend) means stop.
+_STATEMENT_TIMEOUT_TEXT = "statement timeout"
+
+
+def conninfo(settings: DbSettings, password: str | None) -> str:
+    """libpq connection string; URL query parameters (sslmode, host=/socket/dir ...) pass through."""
+    params: dict[str, Any] = {"host": settings.host, "port": settings.port, "dbname": settings.database,
+                              "user": settings.user, "password": password,
+                              "connect_timeout": max(2, math.ceil(settings.connect_timeout)),
+                              "application_name": APPLICATION_NAME}
+    params.update(settings.params)
+    return make_conninfo("", **{k: v for k, v in params.items() if v is not None})
+
+
+def session_statements(settings: DbSettings) -> list[str]:
+    """SQL run once per new connection: the statement timeout, then --session-sql."""
+    statements = []
+    if settings.statement_timeout:
+        statements.append(f"SET statement_timeout = {max(1, round(settings.statement_timeout * 1000))}")
+    return statements + list(settings.session_sql)
+
+
+def connect(settings: DbSettings, password: str | None):
+    """A new connection (not autocommit) with the session statements run and committed.
+
+    libpq's connect_timeout bounds the whole handshake, login included, so no extra timer.
+    """
+    conn = psycopg.connect(conninfo(settings, password))
+    try:
+        for sql in session_statements(settings):
+            try:
+                conn.execute(sql)
+            except psycopg.Error as e:
+                failure = classify(e)
+                if failure is not None and failure.kind == PERMANENT:
+                    raise Permanent(f"--session-sql {sql!r}: {failure.message}", code=failure.code) from e
+                raise
+        # A SET inside a transaction that is rolled back is undone: commit it.
+        conn.commit()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def usable(conn) -> bool:
+    """False when psycopg already knows the connection is closed or broken (no round trip)."""
+    return not conn.closed and not conn.broken
+
+
+def begin(conn) -> None:
+    """psycopg starts a transaction with the first statement: nothing to do."""
+
+
+def classify(exc: BaseException) -> Failure | None:
+    """A Failure for psycopg errors, by SQLSTATE; None for anything else."""
+    if not isinstance(exc, psycopg.Error):
+        return None
+    state = getattr(exc, "sqlstate", None)
+    name = type(exc).__name__
+    message = str(exc)
+    if state is None:
+        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            # Login refused: the same password will be refused again.
+            if "authentication failed" in message or "no password supplied" in message:
+                return Failure(PERMANENT, name, message)
+            return Failure(RETRYABLE, name, message, reconnect=True)
+        return Failure(PERMANENT, name, message)
+    if state.startswith("08") or state in RECONNECT:
+        return Failure(RETRYABLE, name, message, code=state, reconnect=True)
+    if state in SAME_SESSION or (state == "57014" and _STATEMENT_TIMEOUT_TEXT in message):
+        return Failure(RETRYABLE, name, message, code=state)
+    return Failure(PERMANENT, name, message, code=state)
+
+
+def _row_error(exc: BaseException) -> tuple[str | None, str] | None:
+    """Data exceptions (22) and integrity violations (23) are a row's fault; others are not."""
+    state = getattr(exc, "sqlstate", None) or ""
+    if isinstance(exc, psycopg.Error) and state[:2] in ("22", "23"):
+        return state, str(exc)
+    return None
+
+
+def executemany(conn, sql: str, rows: Iterable[Any], *, batch_size: int) -> list[RowError]:
+    """PostgreSQL has no batch errors: a failing batch is replayed row by row under savepoints."""
+    return executemany_with_savepoints(conn, sql, rows, batch_size=batch_size, row_error=_row_error)

@@ -1,0 +1,98 @@
+"""SQLite through the standard library: the embedded database of the demo and the tests.
+
+Every worker opens the same file. SQLite has one writer at a time: a writer waits for the lock
+up to the busy timeout (--statement-timeout, else DEFAULT_BUSY_TIMEOUT), then fails with
+SQLITE_BUSY ("database is locked"), which is retryable.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote
+
+from ..errors import Permanent
+from ..outcome import PERMANENT, RETRYABLE, Failure
+from . import DbSettings, RowError, executemany_with_savepoints
+
+PARAMSTYLE = "named"
+SAVEPOINT = "SAVEPOINT {name}"
+ROLLBACK_TO = "ROLLBACK TO SAVEPOINT {name}"
+#: Not released: RELEASE of the outermost savepoint would commit the transaction.
+RELEASE = None
+NOW = "CURRENT_TIMESTAMP"
+
+#: Default seconds a statement waits for another connection's lock before SQLITE_BUSY: a few
+#: short items of other workers may commit meanwhile.
+DEFAULT_BUSY_TIMEOUT = 5.0
+#: Primary result codes for "another connection holds the lock".
+_BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+#: A WAL read snapshot that went stale cannot be upgraded to a write: only a new transaction helps.
+RESTART_TRANSACTION = frozenset({"SQLITE_BUSY_SNAPSHOT"})
+
+
+def busy_timeout(settings: DbSettings) -> float:
+    return settings.statement_timeout or DEFAULT_BUSY_TIMEOUT
+
+
+def connect(settings: DbSettings, password: str | None):
+    """Open the existing file (mode=rw: a mistyped path is an error, not a new empty database)."""
+    uri = f"file:{quote(settings.database)}?mode=rw"
+    # check_same_thread=False: the parent's write-back thread may reconnect on its own.
+    conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout(settings), check_same_thread=False)
+    try:
+        for sql in settings.session_sql:
+            try:
+                conn.execute(sql)
+            except sqlite3.Error as e:
+                failure = classify(e)
+                if failure is not None and failure.kind == PERMANENT:
+                    raise Permanent(f"--session-sql {sql!r}: {failure.message}", code=failure.code) from e
+                raise
+        conn.commit()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def usable(conn) -> bool:
+    return True
+
+
+def begin(conn) -> None:
+    """Take the write lock up front (BEGIN IMMEDIATE): waiting happens here, under the busy
+    timeout, and never in the middle of a transaction that already read (which SQLite cannot
+    always resolve by waiting)."""
+    if not conn.in_transaction:
+        conn.execute("BEGIN IMMEDIATE")
+
+
+def classify(exc: BaseException) -> Failure | None:
+    """Busy/locked is retryable; every other sqlite3 error is permanent."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    name = type(exc).__name__
+    code = getattr(exc, "sqlite_errorname", None)
+    number = getattr(exc, "sqlite_errorcode", None)
+    message = str(exc)
+    busy = (number is not None and number & 0xFF in _BUSY_CODES) or "database is locked" in message \
+        or "database table is locked" in message
+    if busy:
+        return Failure(RETRYABLE, name, message, code=code or "SQLITE_BUSY")
+    return Failure(PERMANENT, name, message, code=code)
+
+
+def _row_error(exc: BaseException) -> tuple[str | None, str] | None:
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError)):
+        return getattr(exc, "sqlite_errorname", None), str(exc)
+    return None
+
+
+def executemany(conn, sql: str, rows: Iterable[Any], *, batch_size: int) -> list[RowError]:
+    """SQLite has no batch errors: a failing batch is replayed row by row under savepoints."""
+    if not conn.in_transaction:
+        # A savepoint outside a transaction would start one that its RELEASE commits.
+        conn.execute("BEGIN")
+    return executemany_with_savepoints(conn, sql, rows, batch_size=batch_size, row_error=_row_error)

@@ -1,0 +1,343 @@
+"""Items from the database: `--items-sql QUERY`, or a work table (`--work-table NAME`) whose
+rows bulkjob marks RUNNING, DONE or ERR as items go, so the table tells the truth even without
+the manifest.
+
+The parent reads the rows once into a temporary JSON Lines file (validation reads the items
+twice, a query cannot be). State changes go back in batches from a thread of the parent, one
+executemany per batch, never one round trip per item.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UsageError
+from ..manifest import DONE, FAILED
+from ..outcome import RETRYABLE
+from ..retry import backoff_delay
+from . import DatabaseUnavailable, DbSettings, batches, bind_marker, dialect_of, read_password
+from .steps import is_identifier
+
+log = logging.getLogger("bulkjob.worktable")
+
+PENDING, RUNNING, TABLE_DONE, ERR = "PENDING", "RUNNING", "DONE", "ERR"
+#: Seconds between write-back batches: the table lags the items by about this much.
+WRITEBACK_INTERVAL = 2.0
+#: A batch is written at once when this many state changes are waiting.
+WRITEBACK_BATCH = 500
+#: Backoff between failed write-back batches, seconds: the database may be failing over.
+WRITEBACK_RETRY_BASE = 1.0
+WRITEBACK_RETRY_CAP = 30.0
+#: Rows fetched per round trip when reading items.
+FETCH_ROWS = 1000
+#: Longest error text written to the table's optional `error` column (VARCHAR2(4000) in bytes).
+MAX_ERROR_CHARS = 1000
+
+#: The work table, per database. `error` is optional: bulkjob fills it when the column exists.
+DDL = {
+    "oracle": """\
+CREATE TABLE bulk_work (
+  work_id    VARCHAR2(512) PRIMARY KEY,
+  state      VARCHAR2(8) DEFAULT 'PENDING' NOT NULL
+             CHECK (state IN ('PENDING', 'RUNNING', 'DONE', 'ERR')),
+  payload    CLOB CHECK (payload IS JSON),
+  updated_at TIMESTAMP DEFAULT SYSTIMESTAMP NOT NULL,
+  error      VARCHAR2(4000)
+);
+CREATE INDEX bulk_work_state ON bulk_work (state);
+""",
+    "postgres": """\
+CREATE TABLE bulk_work (
+  work_id    text PRIMARY KEY,
+  state      text NOT NULL DEFAULT 'PENDING'
+             CHECK (state IN ('PENDING', 'RUNNING', 'DONE', 'ERR')),
+  payload    jsonb,
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  error      text
+);
+CREATE INDEX bulk_work_state ON bulk_work (state);
+""",
+    "sqlite": """\
+CREATE TABLE bulk_work (
+  work_id    TEXT PRIMARY KEY,
+  state      TEXT NOT NULL DEFAULT 'PENDING'
+             CHECK (state IN ('PENDING', 'RUNNING', 'DONE', 'ERR')),
+  payload    TEXT,
+  updated_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  error      TEXT
+);
+CREATE INDEX bulk_work_state ON bulk_work (state);
+""",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DbItems:
+    """Where items come from in the database: a query of (id, payload), or a work table."""
+
+    sql: str | None = None
+    table: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"work-table:{self.table}" if self.table else "items-sql"
+
+
+def db_items(*, items: str | None, items_sql: str | None, work_table: str | None,
+             db: DbSettings | None) -> DbItems | None:
+    """The CLI's item source options checked: exactly one of --items, --items-sql, --work-table."""
+    given = [name for name, value in (("--items", items), ("--items-sql", items_sql),
+                                      ("--work-table", work_table)) if value]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --items, --items-sql and --work-table"
+                         + (f" (got {', '.join(given)})" if given else ""))
+    if items:
+        return None
+    if db is None:
+        raise UsageError(f"{given[0]} needs --db")
+    if work_table is not None and not is_identifier(work_table):
+        raise UsageError(f"--work-table {work_table!r}: expected a table name (schema.table allowed)")
+    return DbItems(sql=items_sql, table=work_table)
+
+
+def items_query(items: DbItems, *, retry_failed: bool) -> str:
+    """The query that reads the items. A work table gives PENDING rows, RUNNING ones (left by
+    a run that stopped before writing them back) and, with --retry-failed, ERR ones."""
+    if items.sql:
+        return items.sql
+    states = [PENDING, RUNNING] + ([ERR] if retry_failed else [])
+    listed = ", ".join(f"'{s}'" for s in states)
+    return f"SELECT work_id, payload FROM {items.table} WHERE state IN ({listed}) ORDER BY work_id"
+
+
+def item_line(row: tuple) -> bytes:
+    """One JSON Lines item from a row (id, payload): payload is JSON text, a JSON value the
+    driver already decoded, or NULL. What is not an object is left for validation to report."""
+    item_id = row[0]
+    payload = row[1] if len(row) > 1 else None
+    if hasattr(payload, "read"):  # an Oracle LOB
+        payload = payload.read()
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        payload = bytes(payload).decode("utf-8", "replace")
+    if isinstance(payload, str):
+        try:
+            payload = json.loads(payload) if payload.strip() else None
+        except ValueError:
+            pass  # kept as text: "payload must be an object" names the item
+    if item_id is not None and not isinstance(item_id, (str, int)):
+        item_id = str(item_id)
+    return json.dumps({"id": item_id, "payload": payload}, default=str).encode() + b"\n"
+
+
+class ItemLines:
+    """Opens the items read from the database (like job.sources' openers), and knows their ids."""
+
+    def __init__(self, path: str, ids: frozenset[str], settings: DbSettings, items: DbItems,
+                 error_column: bool) -> None:
+        self.path = path
+        self.ids = ids
+        self.settings = settings
+        self.items = items
+        self.error_column = error_column
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[Iterator[bytes]]:
+        with open(self.path, "rb") as f:
+            yield iter(f)
+
+    def finished_earlier(self, latest: dict[str, dict[str, Any]], *, retry_failed: bool) -> int:
+        """Items this run finished (and wrote back) before a restart: the query no longer
+        returns them, yet they are part of the shard's total."""
+        return sum(1 for item_id, record in latest.items() if item_id not in self.ids
+                   and (record["state"] == DONE or (record["state"] == FAILED and not retry_failed)))
+
+    def writeback(self) -> "WorkTableWriter | None":
+        """A started writer of states for a work table; None for --items-sql."""
+        if not self.items.table:
+            return None
+        writer = WorkTableWriter(self.settings, self.items.table, error_column=self.error_column)
+        writer.start()
+        return writer
+
+
+@contextlib.contextmanager
+def open_db_items(settings: DbSettings, items: DbItems, *, retry_failed: bool
+                  ) -> Iterator[tuple[str, ItemLines]]:
+    """Yield (source name, ItemLines) for the rows of --items-sql or --work-table."""
+    dialect = dialect_of(settings)
+    with tempfile.TemporaryDirectory(prefix="bulkjob-items-") as tmpdir:
+        path = os.path.join(tmpdir, "items.jsonl")
+        ids: set[str] = set()
+        try:
+            with closing(dialect.connect(settings, read_password(settings))) as conn:
+                error_column = bool(items.table) and _has_column(conn, items.table, "error")
+                with closing(conn.cursor()) as cur, open(path, "wb") as out:
+                    cur.arraysize = FETCH_ROWS
+                    cur.execute(items_query(items, retry_failed=retry_failed))
+                    while rows := cur.fetchmany(FETCH_ROWS):
+                        for row in rows:
+                            if row and row[0] is not None:
+                                ids.add(str(row[0]))
+                            out.write(item_line(row))
+                conn.rollback()
+        except Exception as e:
+            failure = dialect.classify(e)
+            if isinstance(e, TimeoutError) or (failure is not None and failure.kind == RETRYABLE):
+                raise DatabaseUnavailable(f"{items.name}: {e}") from e
+            raise UsageError(f"{items.name}: {type(e).__name__}: {e}") from e
+        yield items.name, ItemLines(path, frozenset(ids), settings, items, error_column)
+
+
+def _has_column(conn, table: str, column: str) -> bool:
+    try:
+        with closing(conn.cursor()) as cur:
+            cur.execute(f"SELECT {column} FROM {table} WHERE 1 = 0")
+            cur.fetchall()
+        return True
+    except Exception:
+        conn.rollback()  # PostgreSQL refuses every statement after an error until then
+        return False
+
+
+def update_sql(table: str, *, paramstyle: str, now: str, error_column: bool) -> str:
+    """The UPDATE that writes one item's state back (run with executemany)."""
+    def b(name):
+        return bind_marker(name, paramstyle)
+
+    error = f", error = {b('error')}" if error_column else ""
+    return (f"UPDATE {table} SET state = {b('state')}, updated_at = {now}{error} "
+            f"WHERE work_id = {b('work_id')}")
+
+
+class WorkTableWriter:
+    """Writes item states to the work table from a thread of the parent, in batches.
+
+    Changes to one item coalesce (RUNNING then DONE before a flush is one write). A failed
+    write keeps its rows and is tried again with backoff on a new connection.
+    """
+
+    def __init__(self, settings: DbSettings, table: str, *, error_column: bool,
+                 interval: float = WRITEBACK_INTERVAL, batch: int = WRITEBACK_BATCH) -> None:
+        self.settings = settings
+        self.table = table
+        self.dialect = dialect_of(settings)
+        self.error_column = error_column
+        self.sql = update_sql(table, paramstyle=self.dialect.PARAMSTYLE, now=self.dialect.NOW,
+                              error_column=error_column)
+        self.interval = interval
+        self.batch = batch
+        self._pending: dict[str, tuple[str, str | None]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._conn = None
+        self._thread: threading.Thread | None = None
+        self.rows_written = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bulkjob-worktable", daemon=True)
+        self._thread.start()
+
+    def taken(self, item_id: str) -> None:
+        self._add(item_id, RUNNING, None)
+
+    def finished(self, item_id: str, state: str, error: dict[str, Any] | None = None) -> None:
+        """Record a manifest state (done or failed) for the item's row."""
+        if state == DONE:
+            self._add(item_id, TABLE_DONE, None)
+        elif state == FAILED:
+            self._add(item_id, ERR, _error_text(error))
+
+    @property
+    def unsaved(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def close(self, timeout: float) -> bool:
+        """Write what is left (for up to `timeout` seconds); whether everything was written."""
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._conn is not None and (self._thread is None or not self._thread.is_alive()):
+            self._drop()
+        return self.unsaved == 0
+
+    def _add(self, item_id: str, state: str, error: str | None) -> None:
+        with self._lock:
+            self._pending[item_id] = (state, error)
+            if len(self._pending) >= self.batch:
+                self._wake.set()
+
+    def _run(self) -> None:
+        failures_in_row = 0
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            closing_now = self._closing
+            if self._flush():
+                failures_in_row = 0
+                if closing_now:
+                    return
+                continue
+            failures_in_row += 1
+            time.sleep(backoff_delay(failures_in_row, base=WRITEBACK_RETRY_BASE, cap=WRITEBACK_RETRY_CAP,
+                                     rand=random.random()))
+
+    def _flush(self) -> bool:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return True
+        rows = []
+        for item_id, (state, error) in pending.items():
+            row = {"work_id": item_id, "state": state}
+            if self.error_column:
+                row["error"] = error
+            rows.append(row)
+        try:
+            if self._conn is None:
+                self._conn = self.dialect.connect(self.settings, read_password(self.settings))
+            with closing(self._conn.cursor()) as cur:
+                for _, chunk in batches(rows, self.batch):
+                    cur.executemany(self.sql, chunk)
+            self._conn.commit()
+        except Exception as e:
+            self.failures += 1
+            log.warning("could not write %d state(s) to %s: %s: %s; will retry", len(rows), self.table,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self._drop()
+            with self._lock:
+                for item_id, value in pending.items():
+                    self._pending.setdefault(item_id, value)  # a newer state wins
+            return False
+        self.rows_written += len(rows)
+        return True
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
+def _error_text(error: dict[str, Any] | None) -> str | None:
+    if not error:
+        return None
+    head = " ".join(str(error[k]) for k in ("code", "class") if error.get(k))
+    text = f"{head}: {error.get('message', '')}" if head else str(error.get("message", ""))
+    return text[:MAX_ERROR_CHARS]
