@@ -34,7 +34,7 @@ COPY . /src
 RUN --mount=type=secret,id=ca-bundle,required=false \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
  && /opt/venv/bin/pip install --quiet '/src[postgres]' \
- && /opt/venv/bin/pip uninstall --quiet -y pip setuptools wheel \
+ && /opt/venv/bin/pip uninstall --quiet -y pip setuptools \
  && chmod -R a+rX,go-w /opt/venv
 
 FROM ${BASE_IMAGE}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages that the build and the test suites need:
 #   podman, runc, debootstrap, uidmap -> `make image` and the container test
-#                                  (runc: crun cannot set up cgroups in some sandboxes)
+#                                  (runc: crun cannot set up cgroups on some CI hosts)
 #   postgresql                    -> the PostgreSQL dialect tests
 #   prometheus, prometheus-pushgateway -> the metrics tests
 #   parallel                      -> the benchmark scripts

@@ -20,11 +20,11 @@ from conftest import ROOT, free_port, need, run_bulkjob, status_of
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
 IMAGE = "bulkjob:dev"
-#: How the sandboxes this runs in allow containers: runc (crun cannot set up
-#: cgroups there), explicit ulimits (the defaults are refused) and the host's
-#: network (no container network; the S3 server listens on the host's loopback).
+#: What a locked-down CI host allows: runc (crun cannot set up cgroups
+#: there), explicit ulimits (the defaults are refused) and the host's network
+#: (no container network; the S3 server listens on the host's loopback).
 PODMAN = ["podman", "--runtime", "runc"]
-SANDBOX = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "--network", "host"]
+CI_HOST = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "--network", "host"]
 #: What a pod of k8s/job.yaml gets, scaled down: UID 1002, read-only root, /tmp writable, limits.
 AS_IN_KUBERNETES = ["--user", "1002:0", "--read-only", "--tmpfs", "/tmp", "--memory", "512m", "--cpus", "1"]
 
@@ -41,7 +41,7 @@ def image():
 def podman_run(image, name, s3_server, *args, metrics_port=0, detach=False):
     """`podman run` of the image with bulkjob `args`; returns the finished (or, detached, started) process."""
     env = [f"--env={key}={value}" for key, value in s3_server.env.items()]
-    cmd = [*PODMAN, "run", "--rm", "--name", name, *SANDBOX, *AS_IN_KUBERNETES, *env, image,
+    cmd = [*PODMAN, "run", "--rm", "--name", name, *CI_HOST, *AS_IN_KUBERNETES, *env, image,
            *args, f"--metrics-port={metrics_port}"]
     if detach:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -80,12 +80,12 @@ def test_image_runs_tini_then_bulkjob_as_uid_1002(image):
 
 def test_root_filesystem_stays_read_only_and_tmp_writable(image, container_name):
     script = "id -u; id -g; touch /opt/venv/x 2>/dev/null && echo root-writable; touch /tmp/x && echo tmp-ok"
-    proc = subprocess.run([*PODMAN, "run", "--rm", "--name", container_name, *SANDBOX, *AS_IN_KUBERNETES,
+    proc = subprocess.run([*PODMAN, "run", "--rm", "--name", container_name, *CI_HOST, *AS_IN_KUBERNETES,
                            "--entrypoint", "sh", image, "-c", script],
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["1002", "0", "tmp-ok"], proc.stderr
     # No Oracle Client libraries: oracledb runs in thin mode.
-    proc = subprocess.run([*PODMAN, "run", "--rm", *SANDBOX, "--user", "0", "--entrypoint", "sh", image, "-c",
+    proc = subprocess.run([*PODMAN, "run", "--rm", *CI_HOST, "--user", "0", "--entrypoint", "sh", image, "-c",
                            "find / -xdev \\( -name 'libclntsh*' -o -name 'libocci*' \\) -print"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == "", proc.stdout
