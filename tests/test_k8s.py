@@ -25,6 +25,8 @@ from conftest import ROOT, need
 from job.config import DEFAULT_DRAIN_TIMEOUT, DEFAULT_METRICS_PORT
 from job.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE_HELD, EXIT_USAGE
 
+pytestmark = pytest.mark.timeout(900)  # the first test may build .venv-airflow for kubectl
+
 K8S = ROOT / "k8s"
 DOCS = ROOT / "docs" / "deploy.md"
 #: The oldest Kubernetes with every Job feature used GA (backoffLimitPerIndex, FailIndex: 1.33).
