@@ -92,6 +92,7 @@ class Pool:
         if preload:
             self._ctx.set_forkserver_preload(list(preload))
         self._stop_flag = self._ctx.RawValue("b", 0)
+        self._start_deadline = self._ctx.RawValue("d", float("inf"))
         self.workers: list[WorkerHandle] = []
         self.started = 0
 
@@ -101,7 +102,7 @@ class Pool:
 
     def _spawn(self) -> WorkerHandle:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=worker_module.main, args=(child_end, self.settings, self._stop_flag),
+        process = self._ctx.Process(target=worker_module.main, args=(child_end, self.settings, self._stop_flag, self._start_deadline),
                                     name="bulkjob-worker", daemon=True)
         process.start()
         child_end.close()
@@ -111,6 +112,10 @@ class Pool:
     def stop_starting_items(self) -> None:
         """Tell workers not to start items already handed to them (they are sent back)."""
         self._stop_flag.value = 1
+
+    def start_items_until(self, deadline: float) -> None:
+        """Workers start no item after this wall-clock time (the lease's end) unless moved on."""
+        self._start_deadline.value = deadline
 
     def free(self) -> list[WorkerHandle]:
         """Workers that can take another task now."""

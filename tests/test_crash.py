@@ -7,6 +7,7 @@ once, and from the manifest that each is recorded done exactly once.
 import json
 import signal
 import sqlite3
+import subprocess
 import time
 from collections import Counter
 
@@ -39,6 +40,29 @@ def wait_for_ledger(path, rows, timeout=60.0):
             return
         time.sleep(0.05)
     raise TimeoutError(f"ledger did not reach {rows} rows")
+
+
+def tried(path) -> int:
+    try:
+        return sqlite3.connect(path).execute("SELECT COUNT(*) FROM tried").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_a_signal_before_any_item_runs_ends_with_exit_3(tmp_path, env):
+    # Items come from stdin, still open: the job is reading its input when the signal comes.
+    argv = list(args(tmp_path, "r1"))
+    argv[argv.index("--items") + 1] = "-"
+    proc = start_bulkjob(*argv, env=env, stdin=subprocess.PIPE)
+    proc.stdin.write("".join(json.dumps({"id": i}) + "\n" for i in range(5)))
+    proc.stdin.flush()
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3, err
+    assert json.loads(out.splitlines()[-1])["status"] == "interrupted"
+    assert applied(tmp_path / "ledger.db") == {}
 
 
 @pytest.fixture
@@ -98,9 +122,11 @@ def test_sigterm_drains_then_resume_finishes_without_repeats(tmp_path, env):
 
 
 def test_second_signal_stops_at_once(tmp_path, env):
-    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"seconds": 3}} for i in range(10)])
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"seconds": 3, "track": True}} for i in range(10)])
     proc = start_bulkjob(*args(tmp_path, "r1", "--workers", "2", "--drain-timeout", "60"), env=env)
-    time.sleep(1.5)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and tried(tmp_path / "ledger.db") < 2:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     sent = time.monotonic()
@@ -114,10 +140,13 @@ def test_second_signal_stops_at_once(tmp_path, env):
 
 def test_parent_sigkill_then_resume_repeats_only_unsaved_items(tmp_path, env):
     write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"seconds": 0.01}} for i in range(600)])
-    proc = start_bulkjob(*args(tmp_path, "r1", "--workers", "2", "--checkpoint-interval", "0.3"), env=env)
+    proc = start_bulkjob(*args(tmp_path, "r1", "--workers", "2", "--checkpoint-interval", "0.3",
+                               "--lease-ttl", "2"), env=env)
     wait_for_ledger(tmp_path / "ledger.db", 200)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
+    held = run_bulkjob(*args(tmp_path, "r1", "--workers", "2"), env=env)
+    assert held.returncode == 4 and "another runner holds this shard" in held.stderr
     time.sleep(0.5)
     frozen = sum(applied(tmp_path / "ledger.db").values())
     time.sleep(1.5)
@@ -125,6 +154,7 @@ def test_parent_sigkill_then_resume_repeats_only_unsaved_items(tmp_path, env):
     loaded = ShardManifest(LocalStore(tmp_path / "state"), "", "r1", 0, 1).load()
     recorded = {r["id"] for r in loaded.records}
     last_checkpoint = loaded.updated_at
+    time.sleep(1)  # the dead runner's lease expires
     resumed = run_bulkjob(*args(tmp_path, "r1", "--workers", "2"), env=env)
     assert resumed.returncode == 0, resumed.stderr
     counts = applied(tmp_path / "ledger.db")
