@@ -137,8 +137,11 @@ def run(**opts) -> None:
         # Before the workers start: it sets up the metrics directory that they inherit.
         from .metrics import PrometheusObserver
 
-        observer = PrometheusObserver(run_id=run_id, shard=shard_index, shard_count=opts["shard_count"],
-                                      port=opts["metrics_port"], pushgateway=opts["pushgateway"])
+        try:
+            observer = PrometheusObserver(run_id=run_id, shard=shard_index, shard_count=opts["shard_count"],
+                                          port=opts["metrics_port"], pushgateway=opts["pushgateway"])
+        except BulkjobError as e:
+            _fail(e, e.exit_code, run_id=run_id, shard=shard_index, xcom_path=xcom_path)
     worker_settings = WorkerSettings(
         handler=opts["handler"], run_id=run_id, shard_index=shard_index, shard_count=opts["shard_count"],
         retry_on=tuple(opts["retry_on"]), log_format=opts["log_format"], log_level=opts["log_level"].upper(),

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+from .errors import UsageError
 from .manifest import DONE
 from .outcome import Failure
 
@@ -259,7 +260,11 @@ class PrometheusObserver(RunMetrics):
     def __init__(self, *, run_id: str, shard: int, shard_count: int, port: int = 0,
                  pushgateway: str | None = None, addr: str = "0.0.0.0", base_dir: str | None = None) -> None:
         super().__init__(run_id=run_id, shard=shard, shard_count=shard_count)
-        self.directory = prepare_directory(base_dir)
+        try:
+            self.directory = prepare_directory(base_dir)
+        except OSError as e:
+            raise UsageError(f"cannot create the metrics directory: {e}; point TMPDIR at a writable "
+                             "directory (an emptyDir in a pod), or turn metrics off with --metrics-port 0") from e
         os.environ[MULTIPROC_ENV] = self.directory
         self._owner = os.getpid()
         atexit.register(self._remove_directory)
