@@ -18,7 +18,7 @@ from typing import Any
 
 from .redact import REDACTED, env_secrets, scrub_text, secrets_of
 
-__all__ = ["REDACTED", "setup_logging", "set_item", "secret_values"]
+__all__ = ["REDACTED", "add_secrets", "setup_logging", "set_item", "secret_values"]
 
 #: Fields a record may carry about the item it concerns.
 _CONTEXT_FIELDS = ("item_id", "attempt")
@@ -125,6 +125,14 @@ class _WholeLineHandler(logging.Handler):
         while data:
             written = os.write(self.fd, data)
             data = data[written:]
+
+
+def add_secrets(values) -> None:
+    """Redact these values too, from now on, in this process's records (for a secret read after
+    logging was set up, such as a password from a file)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, _Formatter):
+            handler.formatter.secrets = secrets_of(handler.formatter.secrets + tuple(values))
 
 
 def secret_values() -> tuple[str, ...]:

@@ -122,3 +122,19 @@ def test_no_secret_reaches_any_output_of_a_run(tmp_path, s3_server, s3_bucket):
         f"ok-{n}": REDACTED for n in range(3)}
     assert json.loads(outputs["xcom"])["done"] == 4
     assert 'bulkjob_run_info' in outputs["pushgateway"] and 'run_id="secrets"' in outputs["pushgateway"]
+
+
+def test_a_secret_learnt_after_logging_is_set_up_is_redacted_too(capfd):
+    import logging
+
+    from job.logs import add_secrets, setup_logging
+
+    setup_logging("json")
+    try:
+        add_secrets(["from-a-file-42"])
+        logging.getLogger("t").warning("password from-a-file-42 used")
+        err = capfd.readouterr().err
+        assert json.loads(err.splitlines()[-1])["msg"] == f"password {REDACTED} used"
+    finally:
+        for handler in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(handler)
