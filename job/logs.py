@@ -18,7 +18,7 @@ from typing import Any
 
 from .redact import REDACTED, env_secrets, scrub_text, secrets_of
 
-__all__ = ["REDACTED", "add_secrets", "setup_logging", "set_item", "secret_values"]
+__all__ = ["REDACTED", "add_secrets", "redact_std_streams", "setup_logging", "set_item", "secret_values"]
 
 #: Fields a record may carry about the item it concerns.
 _CONTEXT_FIELDS = ("item_id", "attempt")
@@ -125,6 +125,29 @@ class _WholeLineHandler(logging.Handler):
         while data:
             written = os.write(self.fd, data)
             data = data[written:]
+
+
+class _RedactingStream:
+    """A text stream that replaces secret values in what is written to it."""
+
+    def __init__(self, stream, secrets: tuple[str, ...]) -> None:
+        self._stream = stream
+        self._secrets = secrets
+
+    def write(self, text: str) -> int:
+        secrets = self._secrets + _item.secrets if _item.secrets else self._secrets
+        self._stream.write(scrub_text(text, secrets) if secrets else text)
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def redact_std_streams(secrets: tuple[str, ...]) -> None:
+    """Make what this process prints to sys.stdout and sys.stderr (a handler's print()) go
+    through redaction too: `secrets`, and the running item's secret payload values."""
+    sys.stdout = _RedactingStream(sys.stdout, secrets)
+    sys.stderr = _RedactingStream(sys.stderr, secrets)
 
 
 def add_secrets(values) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .errors import UsageError
 from .items import Item
-from .logs import set_item
+from .logs import redact_std_streams, set_item
 from .outcome import PERMANENT, Failure, Outcome
 from .redact import env_secrets, field_values, scrub_outcome, secrets_of
 from .retry import classify
@@ -211,6 +211,7 @@ def main(conn, settings: Any, stop_flag) -> None:
         in_flight = worker_in_flight(settings.metrics_dir)
     handler = load_handler(settings.handler, settings.db)
     secrets = secrets_of(env_secrets() + tuple(settings.redact))
+    redact_std_streams(secrets)  # what a handler prints reaches the pod's log too
     resources = Resources(settings)
     conn.send((READY, os.getpid()))
     try:

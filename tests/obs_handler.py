@@ -3,8 +3,8 @@
 Payload keys (all optional):
   log_lines   log this many lines through ctx.log, each padded to `log_bytes` characters
   plain_log   also log one line through a plain module logger (not ctx.log)
-  leak        log the payload and the database password, return the `token` field in the
-              result, and fail with a message and traceback that quote it
+  leak        log and print the payload and the database password, return the `token` field
+              in the result, and fail with a message and traceback that quote it
   crash_on    attempts on which the worker SIGKILLs itself (after counting the call)
   wait_for    sleep until this path exists (the test lets the item end when it has looked)
   seconds     sleep this long first
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 
 from job import Permanent
@@ -51,6 +52,8 @@ def handle(item, ctx):
     if p.get("leak"):
         ctx.log.info("payload is %s; password is %s", p, os.environ.get("BULKJOB_DB_PASSWORD"))
         log.warning("s3 key is %s", os.environ.get("AWS_SECRET_ACCESS_KEY"))
+        print(f"printed token {p['token']}")
+        print(f"printed password {os.environ.get('BULKJOB_DB_PASSWORD')}", file=sys.stderr)
         if p.get("fail"):
             try:
                 raise ValueError(f"token {p['token']} refused")
