@@ -18,7 +18,8 @@ import click
 
 from .config import (AIRFLOW_XCOM_PATH, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_DRAIN_TIMEOUT,
                      DEFAULT_MANIFEST, DEFAULT_METRICS_PORT, DEFAULT_PREFETCH, DEFAULT_PROGRESS_INTERVAL,
-                     RunConfig, WorkerSettings, cgroup_cpu_limit, default_workers, visible_cpus)
+                     RunConfig, WorkerSettings, cgroup_cpu_limit, default_workers, parse_size,
+                     visible_cpus)
 from .errors import EXIT_USAGE, BulkjobError
 from .items import MAX_LINE_BYTES
 from .logs import LOG_FILE_BACKUPS, LOG_FILE_MAX_BYTES
@@ -33,6 +34,15 @@ def option(*decls: str, **kwargs):
     extra = kwargs.pop("extra_envvars", [])
     kwargs.setdefault("show_envvar", True)
     return click.option(*decls, envvar=[f"BULKJOB_{name}", *extra], **kwargs)
+
+
+def _size(value: str | None, param) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param=param) from None
 
 
 def new_run_id() -> str:
@@ -62,10 +72,30 @@ def main() -> None:
 
 
 @main.command()
-@option("--items", required=True, metavar="SOURCE",
-        help="JSON Lines of {\"id\": ..., \"payload\": {...}}: a path, s3://bucket/key, or - for stdin.")
+@option("--items", metavar="SOURCE",
+        help="JSON Lines of {\"id\": ..., \"payload\": {...}}: a path, s3://bucket/key, or - for stdin "
+             "(or use --items-sql / --work-table).")
 @option("--handler", required=True, metavar="MODULE:FUNCTION",
         help="Code run for each item: handle(item, ctx) -> dict | None; or sql:PATH for a steps file.")
+@option("--db", metavar="URL",
+        help="Database for ctx.db and sql: handlers: oracle://user@host:port/service, "
+             "postgresql://user@host:port/db or sqlite:///path. Password: $BULKJOB_DB_PASSWORD or "
+             "--db-password-file, never in the URL.")
+@option("--db-password-file", type=click.Path(dir_okay=False), metavar="PATH",
+        help="File holding the database password (a mounted Kubernetes Secret).")
+@option("--session-sql", multiple=True, metavar="SQL",
+        help="Statement run on every new database connection (repeatable).")
+@option("--statement-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+        help="Longest one database call may take (Oracle call_timeout, PostgreSQL statement_timeout, "
+             "SQLite busy timeout).")
+@option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+        help="Longest a database connect (and login) may take [default: 10].")
+@option("--commit", type=click.Choice(["item", "step"]), default="item", show_default=True,
+        help="sql: handlers: one transaction per item (savepoint per step), or a commit after each step.")
+@option("--items-sql", metavar="QUERY",
+        help="Items from the database: a query returning (id, payload as JSON text or NULL).")
+@option("--work-table", metavar="TABLE",
+        help="Items from a work table (work_id, state, payload, updated_at); states are written back.")
 @option("--manifest", default=DEFAULT_MANIFEST, show_default=True, metavar="URL",
         help="Where progress is kept: s3://bucket/prefix or a local directory.")
 @option("--run-id", metavar="ID", help="Run id; the same id and manifest resume a run. Default: a new id.")
@@ -99,8 +129,15 @@ def main() -> None:
         show_default=True, help="Seconds between progress lines when stderr is not a terminal (0: none).")
 @option("--prefetch", type=click.IntRange(min=1, max=64), default=DEFAULT_PREFETCH, show_default=True,
         help="Items queued per worker, the running one included.")
+@option("--worker-memory-limit", metavar="SIZE", callback=lambda ctx, param, value: _size(value, param),
+        help="Address-space limit of each worker (RLIMIT_AS), e.g. 1G: a worker that exceeds it is "
+             "replaced and its item retried.")
+@option("--max-items-per-worker", type=click.IntRange(min=1),
+        help="Replace a worker after this many items (bounds slow leaks in handlers).")
 @option("--max-item-bytes", type=click.IntRange(min=64), default=MAX_LINE_BYTES, show_default=True,
         help="Longest accepted input line.")
+@option("--lease-ttl", type=click.FloatRange(min=1), default=30.0, show_default=True,
+        help="Seconds the shard's lease lasts unless renewed: how long a restart after a hard crash waits.")
 @option("--metrics-port", type=click.IntRange(min=0, max=65535), default=DEFAULT_METRICS_PORT,
         show_default=True, help="Port for Prometheus /metrics (0: off).")
 @option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
@@ -132,6 +169,17 @@ def run(**opts) -> None:
     if not opts["run_id"]:
         log.info("run id: %s (pass --run-id %s to resume this run)", run_id, run_id)
     workers = opts["workers"] or default_workers(cgroup_cpu_limit(), visible_cpus())
+    try:
+        from .db import db_settings
+        from .db.worktable import db_items
+
+        db = db_settings(opts["db"], password_file=opts["db_password_file"], session_sql=opts["session_sql"],
+                         statement_timeout=opts["statement_timeout"], connect_timeout=opts["connect_timeout"],
+                         commit=opts["commit"])
+        items_from_db = db_items(items=opts["items"], items_sql=opts["items_sql"],
+                                 work_table=opts["work_table"], db=db)
+    except BulkjobError as e:
+        _fail(e, e.exit_code, run_id=run_id, shard=shard_index, xcom_path=xcom_path)
     observer = None
     if not opts["dry_run"] and (opts["metrics_port"] or opts["pushgateway"]):
         # Before the workers start: it sets up the metrics directory that they inherit.
@@ -147,7 +195,8 @@ def run(**opts) -> None:
         retry_on=tuple(opts["retry_on"]), log_format=opts["log_format"], log_level=opts["log_level"].upper(),
         log_file=opts["log_file"], log_file_max_bytes=opts["log_file_max_bytes"],
         log_file_backups=opts["log_file_backups"], redact_fields=tuple(opts["redact"]),
-        metrics_dir=observer.directory if observer is not None else None)
+        memory_limit=opts["worker_memory_limit"], max_items_per_worker=opts["max_items_per_worker"],
+        metrics_dir=observer.directory if observer is not None else None, db=db)
     config = RunConfig(
         items=opts["items"], handler=opts["handler"], manifest=opts["manifest"], run_id=run_id,
         shard_index=shard_index, shard_count=opts["shard_count"], workers=workers,
@@ -157,7 +206,8 @@ def run(**opts) -> None:
         retry_failed=opts["retry_failed"], dry_run=opts["dry_run"], skip_invalid=opts["skip_invalid"],
         retry_on=tuple(opts["retry_on"]), xcom_path=xcom_path, s3_endpoint_url=opts["s3_endpoint_url"],
         progress_interval=opts["progress_interval"], prefetch=opts["prefetch"],
-        max_item_bytes=opts["max_item_bytes"], worker=worker_settings)
+        max_item_bytes=opts["max_item_bytes"], lease_ttl=opts["lease_ttl"], db_items=items_from_db,
+        worker=worker_settings)
     from .engine import Run, write_summary
 
     try:

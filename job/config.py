@@ -27,6 +27,19 @@ DEFAULT_PREFETCH = 2
 AIRFLOW_XCOM_PATH = Path("/airflow/xcom/return.json")
 
 
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "KI": 1024, "MI": 1024**2, "GI": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in '512M', '2Gi', '1048576' (binary units, as Kubernetes' Mi and Gi)."""
+    value = text.strip().upper().removesuffix("B")
+    digits = value.rstrip("KMGI")
+    unit = value[len(digits):]
+    if not digits.isdigit() or unit not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size such as 512M or 2Gi")
+    return int(digits) * _SIZE_UNITS[unit]
+
+
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs allowed by the cgroup quota (v2 `cpu.max`, else v1 cfs files), None when unlimited."""
     try:
@@ -81,6 +94,9 @@ class WorkerSettings:
     redact_fields: tuple[str, ...] = ()
     #: The multiprocess metrics directory when metrics are on: workers count items in flight there.
     metrics_dir: str | None = None
+    #: Address-space limit of a worker in bytes (RLIMIT_AS), and items after which it is replaced.
+    memory_limit: int | None = None
+    max_items_per_worker: int | None = None
     #: Database settings (a `job.db.DbSettings`) when --db is given.
     db: object | None = None
 
@@ -89,7 +105,7 @@ class WorkerSettings:
 class RunConfig:
     """Everything `bulkjob run` was asked to do."""
 
-    items: str
+    items: str | None
     handler: str
     manifest: str
     run_id: str
@@ -110,4 +126,7 @@ class RunConfig:
     progress_interval: float
     prefetch: int = DEFAULT_PREFETCH
     max_item_bytes: int = 1024 * 1024
+    lease_ttl: float = 30.0
+    #: Items from the database (a `job.db.worktable.DbItems`) instead of `items`.
+    db_items: object | None = None
     worker: WorkerSettings = field(default=None)  # type: ignore[assignment]

@@ -25,6 +25,7 @@ from .checkpoint import Checkpointer
 from .config import RunConfig
 from .errors import (EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE_HELD, EXIT_OK, BulkjobError,
                      StoreUnavailable, UsageError)
+from .lease import Lease
 from .manifest import DONE, FAILED, PARTIAL, ShardManifest, list_shards
 from .observe import NullObserver, Observer
 from .outcome import CRASHED, INVALID, TIMEOUT, Failure, Outcome
@@ -129,15 +130,28 @@ class Run:
         self.lease_lost = False
         self.unsaved = False
         self._rand = random.Random()
+        #: Writes item states back to a --work-table as they change (None otherwise).
+        self.writeback = None
 
     # -- planning ---------------------------------------------------------------------------
 
     def execute(self) -> tuple[dict[str, Any], int]:
         """Run the shard to its end (or to an interruption); returns (summary, exit code)."""
+        # Signals are caught from the start: a SIGTERM while the input is read ends the run
+        # with exit 3 before any item is handed out.
+        self.signals = _Signals()
+        self.signals.install()
+        try:
+            return self._execute()
+        finally:
+            self.signals.uninstall()
+
+    def _execute(self) -> tuple[dict[str, Any], int]:
         cfg = self.config
         store, prefix = open_store(cfg.manifest, endpoint_url=cfg.s3_endpoint_url)
         manifest = ShardManifest(store, prefix, cfg.run_id, cfg.shard_index, cfg.shard_count)
-        load_handler(cfg.handler)  # an unknown handler is a usage error before anything runs
+        # An unknown handler or a bad steps file is a usage error before anything runs.
+        handler = load_handler(cfg.handler, cfg.worker.db)
         counts = {count for _, count in _with_store_retries("listing the manifest", list_shards,
                                                             store, prefix, cfg.run_id)}
         if counts - {cfg.shard_count}:
@@ -146,7 +160,7 @@ class Run:
                 f"resume it with the same count, or start a new run id")
         loaded = _with_store_retries("reading the manifest", manifest.load)
         latest = loaded.latest()
-        with open_source(cfg.items, endpoint_url=cfg.s3_endpoint_url) as (source_name, lines):
+        with self._open_items() as (source_name, lines):
             with lines() as it:
                 scan = items_module.scan(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
                                          max_bytes=cfg.max_item_bytes)
@@ -155,20 +169,28 @@ class Run:
             invalid = scan.shard_invalid(cfg.shard_index, cfg.shard_count) if cfg.skip_invalid else []
             self.counts.total = scan.shard_items + len(invalid)
             self._count_known(latest)
+            if cfg.db_items is not None:
+                self.counts.total += lines.finished_earlier(latest, retry_failed=cfg.retry_failed)
             if cfg.dry_run:
+                self._check_payloads(handler, lines, scan)
                 return self._plan_summary(scan, invalid, source_name, manifest), EXIT_OK
             meta = dict(loaded.meta or {})
             meta.update(run_id=cfg.run_id, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
                         items=source_name, handler=cfg.handler, total=self.counts.total,
                         last_started_at=time.time())
             meta.setdefault("created_at", meta["last_started_at"])
+            self.lease = Lease(store, manifest.dir + "lease.json", ttl=cfg.lease_ttl)
+            _with_store_retries("taking the lease", self.lease.acquire)
+            self.lease.start()
             _with_store_retries("writing the manifest", manifest.write_meta, meta)
             log.info("run %s shard %d/%d: %d items, %d already done, %d already failed; manifest %s",
                      cfg.run_id, cfg.shard_index, cfg.shard_count, self.counts.total,
                      self.counts.done, self.counts.failed, manifest.url)
             self.checkpointer = Checkpointer(manifest, loaded, interval=cfg.checkpoint_interval,
-                                             observe=self.observer.checkpoint)
+                                             observe=self.observer.checkpoint, may_write=self.lease.valid)
             self.checkpointer.start()
+            if cfg.db_items is not None:
+                self.writeback = lines.writeback()
             for bad in invalid:
                 if latest.get(bad.record_id, {}).get("state") not in (DONE, FAILED):
                     self._record_failed(bad.record_id, 0, Failure(INVALID, "InvalidItem", bad.reason))
@@ -198,11 +220,50 @@ class Run:
         for item in items:
             record = latest.get(item.id)
             if record is None:
-                yield Task(item.id, item.payload, 1)
+                task = Task(item.id, item.payload, 1)
             elif record["state"] == PARTIAL:
-                yield Task(item.id, item.payload, 1, record.get("progress"))
+                task = Task(item.id, item.payload, 1, record.get("progress"))
             elif record["state"] == FAILED and self.config.retry_failed:
-                yield Task(item.id, item.payload, 1, record.get("progress"))
+                task = Task(item.id, item.payload, 1, record.get("progress"))
+            else:
+                # Finished before a restart but still open in the work table: the write-back
+                # was cut short, so write it now.
+                self._write_back(item.id, record["state"], record.get("error"))
+                continue
+            if self.writeback is not None:
+                self.writeback.taken(item.id)
+            yield task
+
+    def _open_items(self):
+        """The items source: a JSON Lines file, S3 object or stdin, or the database."""
+        cfg = self.config
+        if cfg.db_items is not None:
+            from .db.worktable import open_db_items
+
+            return open_db_items(cfg.worker.db, cfg.db_items, retry_failed=cfg.retry_failed)
+        return open_source(cfg.items, endpoint_url=cfg.s3_endpoint_url)
+
+    def _check_payloads(self, handler, lines, scan) -> None:
+        """For --dry-run: ask a handler that can check payloads (the SQL steps handler) about
+        every item of the shard; any problem is a usage error."""
+        check = getattr(handler, "check_payload", None)
+        if check is None:
+            return
+        cfg = self.config
+        problems: list[str] = []
+        with lines() as it:
+            for item in items_module.iter_items(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
+                                                skip_lines=scan.skip_lines):
+                problems += [f"item {item.id}: {p}" for p in check(item.payload)]
+        if problems:
+            shown = problems[:items_module.SHOWN_PROBLEMS]
+            more = len(problems) - len(shown)
+            raise UsageError("\n".join([f"{len(problems)} problem(s) with the items for {cfg.handler}:",
+                                        *(f"  {p}" for p in shown)] + ([f"  ... and {more} more"] if more else [])))
+
+    def _write_back(self, item_id: str, state: str, error: dict[str, Any] | None = None) -> None:
+        if self.writeback is not None:
+            self.writeback.finished(item_id, state, error)
 
     def _plan_summary(self, scan, invalid, source_name, manifest) -> dict[str, Any]:
         return {
@@ -220,8 +281,7 @@ class Run:
     def _loop(self, todo: Iterator[Task]) -> None:
         cfg = self.config
         pool = Pool(cfg.workers, cfg.worker, prefetch=cfg.prefetch, preload=("job.worker",))
-        signals = _Signals()
-        signals.install()
+        signals = self.signals
         progress = Progress(self.counts.total, interval=cfg.progress_interval)
         retry_heap: list[tuple[float, int, Task]] = []
         unstarted: deque[Task] = deque()
@@ -233,6 +293,7 @@ class Run:
         self.observer.run_started(total=self.counts.total, pending=self.counts.pending,
                                   workers=cfg.workers)
         try:
+            pool.start_items_until(self.lease.valid_until)
             pool.start()
             while True:
                 now = time.monotonic()
@@ -270,7 +331,14 @@ class Run:
                             log.warning("item %s exceeded --item-timeout %.0fs; killing worker %d",
                                         handle.inflight[0].item_id, cfg.item_timeout, handle.pid)
                             pool.kill(handle)
-                if signals.count and drain_deadline is None:
+                pool.start_items_until(self.lease.valid_until)
+                if not self.lease.valid() and drain_deadline is None:
+                    # Another runner has the shard: stop handing out items at once. What is
+                    # running finishes, but nothing more is written to the manifest.
+                    self.lease_lost = True
+                    drain_deadline = now + cfg.drain_timeout
+                    pool.stop_starting_items()
+                elif signals.count and drain_deadline is None:
                     self.interrupted = True
                     drain_deadline = now + cfg.drain_timeout
                     pool.stop_starting_items()
@@ -292,7 +360,6 @@ class Run:
                 pool.close()
         finally:
             pool.close(kill=True)
-            signals.uninstall()
             progress.finish(done=self.counts.done, failed=self.counts.failed, pending=self.counts.pending)
 
     @staticmethod
@@ -327,6 +394,7 @@ class Run:
             if outcome.result is not None:
                 record["result"] = outcome.result
             self.checkpointer.add(record)
+            self._write_back(task.item_id, DONE)
             self.observer.item_finished(DONE, outcome.seconds, None)
             return
         self._on_failure(task, outcome.failure, outcome.seconds, outcome.progress, retry_heap, sequence)
@@ -359,6 +427,7 @@ class Run:
         if progress:
             record["progress"] = progress
         self.checkpointer.add(record)
+        self._write_back(item_id, FAILED, record["error"])
         self.observer.item_finished(FAILED, seconds, failure)
         log.error("failed after %d attempt(s): %s%s: %s", attempts, failure.error_class,
                   f" {failure.code}" if failure.code else "", failure.message,
@@ -368,7 +437,7 @@ class Run:
                   sequence: int, start_failures: int, *, draining: bool) -> int:
         unstarted.extend(event.unstarted)
         pid = event.handle.pid
-        cause = "timeout" if pid in timed_out else "crash"
+        cause = "timeout" if pid in timed_out else "recycle" if event.handle.retiring else "crash"
         timed_out.discard(pid)
         if event.running is not None:
             start_failures = 0
@@ -382,7 +451,7 @@ class Run:
                             event.running.item_id)
             self.counts.attempts += 1
             self._on_failure(event.running, failure, seconds, None, retry_heap, sequence)
-        elif not draining:
+        elif not draining and not event.handle.retiring:
             start_failures += 1
             if start_failures > MAX_START_FAILURES_PER_SLOT * self.config.workers:
                 raise UsageError(f"workers keep dying before they start ({_exit_text(event.exitcode)}); "
@@ -396,12 +465,18 @@ class Run:
 
     def _finish(self, manifest: ShardManifest) -> tuple[dict[str, Any], int]:
         timeout = INTERRUPTED_FLUSH_TIMEOUT if self.interrupted else FINAL_FLUSH_TIMEOUT
-        saved = self.checkpointer.close(timeout)
-        if not saved:
+        saved = self.checkpointer.close(0 if self.lease.lost else timeout)
+        self.lease_lost = self.lease.lost
+        self.lease.release()
+        if not saved and not self.lease_lost:
             self.unsaved = True
             log.error("could not save the last %d record(s) to %s within %.0fs; "
                       "a rerun with the same run id repeats those items",
                       self.checkpointer.unsaved, manifest.url, timeout)
+        if self.writeback is not None and not self.writeback.close(timeout):
+            saved = False
+            log.error("could not write %d item state(s) back to the work table within %.0fs; "
+                      "a rerun with the same run id writes them", self.writeback.unsaved, timeout)
         if self.lease_lost:
             code, status = EXIT_LEASE_HELD, "lease_lost"
         elif self.interrupted or not saved or self.counts.pending:

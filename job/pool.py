@@ -56,6 +56,8 @@ class WorkerHandle:
     items_run: int = 0
     #: Its pipe is broken: the process is dead or dying, so nothing more is sent to it.
     broken: bool = False
+    #: It said it exits after its last answer: whatever it still holds was never started.
+    retiring: bool = False
 
     @property
     def pid(self) -> int:
@@ -172,6 +174,9 @@ class Pool:
                     handle.ready = True
                     handle.head_started = time.monotonic()
                     continue
+                if isinstance(message, tuple) and message and message[0] == worker_module.RETIRING:
+                    handle.retiring = handle.broken = True
+                    continue
                 task = handle.inflight.popleft()
                 handle.items_run += 1
                 handle.head_started = time.monotonic()
@@ -182,7 +187,7 @@ class Pool:
 
     def _bury(self, handle: WorkerHandle) -> Died:
         handle.process.join(timeout=1)
-        running = handle.inflight.popleft() if handle.inflight and handle.ready else None
+        running = handle.inflight.popleft() if handle.inflight and handle.ready and not handle.retiring else None
         unstarted = list(handle.inflight)
         handle.inflight.clear()
         handle.conn.close()

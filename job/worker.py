@@ -20,15 +20,17 @@ from typing import Any, Callable
 from .errors import UsageError
 from .items import Item
 from .logs import redact_std_streams, set_item
-from .outcome import PERMANENT, Failure, Outcome
+from .outcome import CRASHED, PERMANENT, Failure, Outcome
 from .redact import env_secrets, field_values, scrub_outcome, secrets_of
 from .retry import classify
 
 #: Largest result a handler may return: results live in the manifest, bulk output belongs in S3.
 MAX_RESULT_BYTES = 64 * 1024
 
-#: Message tags on the worker's pipe.
+#: Message tags on the worker's pipe: the worker is ready for items; the worker exits after the
+#: item it just answered (out of memory, or --max-items-per-worker reached).
 READY = "ready"
+RETIRING = "retiring"
 
 Handler = Callable[[Item, "Context"], "dict[str, Any] | None"]
 
@@ -61,6 +63,8 @@ class Resources:
     def __init__(self, settings: Any) -> None:
         self.settings = settings
         self._db = None
+        #: Set when this worker should exit after the current item (out of memory).
+        self.retire = False
 
     @property
     def db(self):
@@ -117,6 +121,12 @@ def run_attempt(handler: Handler, task: tuple, *, settings: Any, resources: Reso
     started = time.monotonic()
     try:
         result = handler(Item(item_id, payload), ctx)
+    except MemoryError:
+        # Treated like a kill by the OOM killer: retryable, and this worker retires (its heap
+        # may be left fragmented or half-updated), so the next attempt gets a fresh process.
+        failure = Failure(CRASHED, "MemoryError", "the worker ran out of memory "
+                          "(--worker-memory-limit or the container's memory limit)")
+        resources.retire = True
     except Exception as exc:
         failure = classify(exc, retry_on=settings.retry_on, classifiers=_classifiers(settings))
     else:
@@ -184,12 +194,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def main(conn, settings: Any, stop_flag) -> None:
+def main(conn, settings: Any, stop_flag, start_deadline) -> None:
     """Worker entry point: `conn` is this worker's end of its pipe to the parent.
 
     Receives pickled task tuples (item id, payload, attempt, progress), or None to exit. Before
-    each item it checks `stop_flag`, set by the parent when it drains: an item handed over
-    ahead of time but not started is sent back unstarted (an Outcome with attempt 0).
+    each item it checks `stop_flag`, set by the parent when it drains, and `start_deadline`, the
+    end of the shard's lease: an item handed over ahead of time but not started is then sent
+    back unstarted (an Outcome with attempt 0).
     """
     # The parent handles SIGINT/SIGTERM and ends workers itself; a Ctrl-C on a terminal reaches
     # the whole process group and must not kill items that the drain lets finish.
@@ -213,6 +224,12 @@ def main(conn, settings: Any, stop_flag) -> None:
     secrets = secrets_of(env_secrets() + tuple(settings.redact))
     redact_std_streams(secrets)  # what a handler prints reaches the pod's log too
     resources = Resources(settings)
+    if settings.memory_limit:
+        # Address space, set after the imports so that they do not count against it.
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (settings.memory_limit, settings.memory_limit))
+    items_run = 0
     conn.send((READY, os.getpid()))
     try:
         while True:
@@ -222,11 +239,18 @@ def main(conn, settings: Any, stop_flag) -> None:
                 break
             if task is None:
                 break
-            if stop_flag.value:
+            # The deadline is the end of the shard's lease as of its last renewal: a parent that
+            # stalls (stopped, starved) past it must not have its workers start items it may
+            # no longer record.
+            if stop_flag.value or time.time() > start_deadline.value:
                 conn.send(Outcome(task[0], 0, 0.0))
                 continue
             conn.send(_attempt(handler, task, settings=settings, resources=resources, logger=logger,
                                secrets=secrets, in_flight=in_flight))
+            items_run += 1
+            if resources.retire or (settings.max_items_per_worker and items_run >= settings.max_items_per_worker):
+                conn.send((RETIRING, os.getpid()))
+                break
     except (BrokenPipeError, EOFError):
         pass  # the parent is gone; nothing left to report to
     finally:

@@ -51,6 +51,8 @@ def handle(item, ctx):
         _ledger().execute("INSERT INTO tried VALUES (?, ?, ?, ?)", (item.id, ctx.attempt, os.getpid(), time.time()))
     if ctx.attempt in p.get("crash_on", ()):
         os.kill(os.getpid(), signal.SIGKILL)
+    if p.get("allocate_mb") and ctx.attempt <= p.get("allocate_attempts", 99):
+        hog = bytearray(p["allocate_mb"] * 1024 * 1024)  # noqa: F841 - held until the handler returns
     if p.get("hang"):
         while True:
             time.sleep(1)

@@ -29,3 +29,20 @@ def test_cgroup_cpu_limit(tmp_path, files, expected):
 ])
 def test_default_workers(limit, cpus, expected):
     assert default_workers(limit, cpus) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1048576", 1048576), ("512M", 512 * 1024**2), ("2Gi", 2 * 1024**3), ("64k", 65536), ("1GB", 1024**3),
+])
+def test_parse_size(text, expected):
+    from job.config import parse_size
+
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "M", "1.5G", "12X", "-1"])
+def test_parse_size_refuses_nonsense(text):
+    from job.config import parse_size
+
+    with pytest.raises(ValueError):
+        parse_size(text)
