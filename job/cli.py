@@ -120,6 +120,8 @@ def main() -> None:
 @option("--retry-on", multiple=True, metavar="NAME|CODE",
         help="Exception class name or error-code prefix to treat as retryable (repeatable).")
 @option("--skip-invalid", is_flag=True, help="Record invalid input lines as failed items and run the rest.")
+@option("--manifest-repair", is_flag=True,
+        help="Before running, rebuild a damaged manifest from every record that can still be read.")
 @option("--dry-run", is_flag=True, help="Validate and print what would run; touch nothing.")
 @option("--xcom-path", type=click.Path(dir_okay=False, path_type=Path),
         help=f"Also write the summary here (default: {AIRFLOW_XCOM_PATH} when its directory exists).")
@@ -206,7 +208,8 @@ def run(**opts) -> None:
         retry_failed=opts["retry_failed"], dry_run=opts["dry_run"], skip_invalid=opts["skip_invalid"],
         retry_on=tuple(opts["retry_on"]), xcom_path=xcom_path, s3_endpoint_url=opts["s3_endpoint_url"],
         progress_interval=opts["progress_interval"], prefetch=opts["prefetch"],
-        max_item_bytes=opts["max_item_bytes"], lease_ttl=opts["lease_ttl"], db_items=items_from_db,
+        max_item_bytes=opts["max_item_bytes"], lease_ttl=opts["lease_ttl"],
+        manifest_repair=opts["manifest_repair"], db_items=items_from_db,
         worker=worker_settings)
     from .engine import Run, write_summary
 

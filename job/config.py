@@ -127,6 +127,7 @@ class RunConfig:
     prefetch: int = DEFAULT_PREFETCH
     max_item_bytes: int = 1024 * 1024
     lease_ttl: float = 30.0
+    manifest_repair: bool = False
     #: Items from the database (a `job.db.worktable.DbItems`) instead of `items`.
     db_items: object | None = None
     worker: WorkerSettings = field(default=None)  # type: ignore[assignment]

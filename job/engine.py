@@ -24,7 +24,7 @@ from . import items as items_module
 from .checkpoint import Checkpointer
 from .config import RunConfig
 from .errors import (EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE_HELD, EXIT_OK, BulkjobError,
-                     StoreUnavailable, UsageError)
+                     ManifestCorrupt, StoreUnavailable, UsageError)
 from .lease import Lease
 from .manifest import DONE, FAILED, PARTIAL, ShardManifest, list_shards
 from .observe import NullObserver, Observer
@@ -158,7 +158,17 @@ class Run:
             raise UsageError(
                 f"run {cfg.run_id} was started with --shard-count {min(counts - {cfg.shard_count})}; "
                 f"resume it with the same count, or start a new run id")
-        loaded = _with_store_retries("reading the manifest", manifest.load)
+        self.lease = Lease(store, manifest.dir + "lease.json", ttl=cfg.lease_ttl)
+        if cfg.manifest_repair and not cfg.dry_run:
+            _with_store_retries("taking the lease", self.lease.acquire)
+            kept, objects = _with_store_retries("repairing the manifest", manifest.repair)
+            log.warning("manifest repaired: %d item record(s) kept from %d object(s) in %s",
+                        kept, objects, manifest.url)
+        try:
+            loaded = _with_store_retries("reading the manifest", manifest.load)
+        except ManifestCorrupt as e:
+            raise ManifestCorrupt(f"damaged manifest: {e}. Nothing was changed; run again with "
+                                  "--manifest-repair to keep every record that can still be read") from None
         latest = loaded.latest()
         with self._open_items() as (source_name, lines):
             with lines() as it:
@@ -179,8 +189,8 @@ class Run:
                         items=source_name, handler=cfg.handler, total=self.counts.total,
                         last_started_at=time.time())
             meta.setdefault("created_at", meta["last_started_at"])
-            self.lease = Lease(store, manifest.dir + "lease.json", ttl=cfg.lease_ttl)
-            _with_store_retries("taking the lease", self.lease.acquire)
+            if not self.lease.expires_at:
+                _with_store_retries("taking the lease", self.lease.acquire)
             self.lease.start()
             _with_store_retries("writing the manifest", manifest.write_meta, meta)
             log.info("run %s shard %d/%d: %d items, %d already done, %d already failed; manifest %s",

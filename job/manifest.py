@@ -159,7 +159,12 @@ class ShardManifest:
         raising ManifestCorrupt; the caller writes a fresh snapshot afterwards.
         """
         keys = self.store.list(self.dir)
-        meta = self.read_meta()
+        try:
+            meta = self.read_meta()
+        except ManifestCorrupt:
+            if not repair:
+                raise
+            meta = None  # the run writes a new one
         snaps = sorted((int(m.group(1)), k) for k in keys if (m := _SNAP.search(k)))
         segs = sorted((int(m.group(1)), k) for k in keys if (m := _SEG.search(k)))
         loaded = Loaded(meta=meta)
@@ -197,6 +202,20 @@ class ShardManifest:
             loaded.seq = max(loaded.seq, seq)
             loaded.updated_at = header.get("written_at", loaded.updated_at)
         return loaded
+
+    def repair(self) -> tuple[int, int]:
+        """Fold every record that can still be read into one new snapshot, replacing all
+        snapshots and segments (damaged ones included). Returns (records kept, objects read)."""
+        keys = self.store.list(self.dir)
+        numbered = [int(m.group(1)) for k in keys if (m := _SEG.search(k)) or (m := _SNAP.search(k))]
+        loaded = self.load(repair=True)
+        lines = [encode_record(record) for record in loaded.latest().values()]
+        self.write_snapshot(max(numbered, default=0) + 1, b"", lines)
+        try:
+            self.read_meta()
+        except ManifestCorrupt:
+            self.store.delete([self.dir + "meta.json"])  # the run writes a new one
+        return len(lines), len(numbered)
 
     def write_segment(self, seq: int, lines: list[bytes], *, written_at: float) -> int:
         """Write checkpoint `seq` holding `lines`; returns the bytes written."""
