@@ -18,8 +18,9 @@ from .retry import classify_botocore
 
 #: Seconds to wait for a TCP connection; an unreachable endpoint must not stall a checkpoint long.
 CONNECT_TIMEOUT = 5
-#: Seconds to wait for a response: bounds a server that accepts and then hangs.
-READ_TIMEOUT = 15
+#: Seconds to wait for a response: bounds a server that accepts and then hangs. With two
+#: attempts, a lease renewal (every ttl/3 = 10 s by default) still lands before the lease runs out.
+READ_TIMEOUT = 10
 #: botocore's own attempts per request; the checkpoint writer retries on top with its backoff.
 CLIENT_ATTEMPTS = 2
 
