@@ -14,6 +14,8 @@ from job.lease import Lease
 from job.store import LocalStore
 from ledger import applied
 
+pytestmark = pytest.mark.faults
+
 
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path, monkeypatch):

@@ -5,6 +5,8 @@ import pytest
 from conftest import run_bulkjob, status_of, summary_of, write_items
 from ledger import applied
 
+pytestmark = pytest.mark.faults
+
 
 @pytest.mark.parametrize("victim, damage", [
     ("seg", lambda data: data[: len(data) // 2]),
