@@ -194,8 +194,12 @@ class RunMetrics:
 
     # -- exposition -------------------------------------------------------------------------
 
-    def collect(self) -> Iterator[Any]:
-        """The run's metric families (prometheus_client must be importable: call after setup)."""
+    def collect(self, *, final: bool = False) -> Iterator[Any]:
+        """The run's metric families (prometheus_client must be importable: call after setup).
+
+        `final`: for the Pushgateway, which keeps what it is given forever. The last progress
+        time is left out there: next to a pending count it would look like a stalled run.
+        """
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         from prometheus_client.utils import floatToGoString
 
@@ -222,9 +226,10 @@ class RunMetrics:
                                     value=self.pending)
         yield GaugeMetricFamily("bulkjob_run_start_time_seconds", "When this process started the run, Unix time.",
                                 value=self.started_at)
-        yield GaugeMetricFamily("bulkjob_last_progress_timestamp_seconds",
-                                "When an attempt last ended (or the run started), Unix time.",
-                                value=self.last_progress)
+        if not final:
+            yield GaugeMetricFamily("bulkjob_last_progress_timestamp_seconds",
+                                    "When an attempt last ended (or the run started), Unix time.",
+                                    value=self.last_progress)
         yield GaugeMetricFamily("bulkjob_workers_alive", "Worker processes running.", value=self.workers)
         yield counter("bulkjob_items_finished", "Items finished, by outcome: done, failed (for good), "
                       "skipped (finished by an earlier process of this run).", ["outcome"], self.finished)
@@ -313,7 +318,7 @@ class PrometheusObserver(RunMetrics):
         from prometheus_client import CollectorRegistry, push_to_gateway
 
         registry = CollectorRegistry()
-        registry.register(self)
+        registry.register(_Final(self))
         try:
             push_to_gateway(self.pushgateway, job=PUSH_JOB, registry=registry, timeout=PUSH_TIMEOUT,
                             grouping_key={"run_id": self.run_id, "shard": str(self.shard)})
@@ -339,6 +344,16 @@ class PrometheusObserver(RunMetrics):
     def _remove_directory(self) -> None:
         if os.getpid() == self._owner:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _Final:
+    """The run's metrics as pushed at its end."""
+
+    def __init__(self, metrics: RunMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        return self._metrics.collect(final=True)
 
 
 class _WorkerFiles:
