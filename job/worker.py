@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import UsageError
+from .errors import BulkjobError, UsageError
 from .items import Item
-from .logs import redact_std_streams, set_item
+from .logs import add_secrets, redact_std_streams, set_item
 from .outcome import CRASHED, PERMANENT, Failure, Outcome
 from .redact import env_secrets, field_values, scrub_outcome, secrets_of
 from .retry import classify
@@ -182,6 +182,19 @@ def _classifiers(settings: Any) -> tuple:
     return classifiers(settings.db)
 
 
+def _password_from_file(settings: Any) -> tuple[str, ...]:
+    """The database password when it comes from --db-password-file (one from the environment is
+    among the environment's secrets already)."""
+    if settings.db is None or not getattr(settings.db, "password_file", None):
+        return ()
+    from .db import read_password
+
+    try:
+        return (read_password(settings.db) or "",)
+    except BulkjobError:
+        return ()  # unreadable: the connection attempt reports it
+
+
 def _die_with_parent() -> None:
     """Ask the kernel to SIGKILL this worker when the process that started it exits."""
     try:
@@ -221,7 +234,8 @@ def main(conn, settings: Any, stop_flag, start_deadline) -> None:
 
         in_flight = worker_in_flight(settings.metrics_dir)
     handler = load_handler(settings.handler, settings.db)
-    secrets = secrets_of(env_secrets() + tuple(settings.redact))
+    secrets = secrets_of(env_secrets() + tuple(settings.redact) + _password_from_file(settings))
+    add_secrets(secrets)
     redact_std_streams(secrets)  # what a handler prints reaches the pod's log too
     resources = Resources(settings)
     if settings.memory_limit:

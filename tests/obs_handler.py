@@ -5,6 +5,7 @@ Payload keys (all optional):
   plain_log   also log one line through a plain module logger (not ctx.log)
   leak        log and print the payload and the database password, return the `token` field
               in the result, and fail with a message and traceback that quote it
+  password_file  log the content of this file (a database password)
   crash_on    attempts on which the worker SIGKILLs itself (after counting the call)
   wait_for    sleep until this path exists (the test lets the item end when it has looked)
   seconds     sleep this long first
@@ -47,6 +48,9 @@ def handle(item, ctx):
     for n in range(int(p.get("log_lines", 0))):
         head = f"line {item.id}/{n} "
         ctx.log.info("%s%s|", head, "x" * max(0, size - len(head) - 1))
+    if p.get("password_file"):
+        with open(p["password_file"]) as f:
+            ctx.log.info("the file holds %s", f.read().strip())
     if p.get("plain_log"):
         log.info("plain logger line for %s", item.id)
     if p.get("leak"):

@@ -141,3 +141,16 @@ def test_a_secret_learnt_after_logging_is_set_up_is_redacted_too(capfd):
     finally:
         for handler in list(logging.getLogger().handlers):
             logging.getLogger().removeHandler(handler)
+
+
+def test_a_database_password_from_a_file_is_redacted_in_workers(tmp_path):
+    password = tmp_path / "db-password"
+    password.write_text("pw-From-File-6Tz\n")
+    write_items(tmp_path / "items.jsonl", [{"id": "a", "payload": {"password_file": str(password)}}])
+    proc = run_bulkjob("run", "--items", str(tmp_path / "items.jsonl"), "--handler", "obs_handler:handle",
+                       "--manifest", str(tmp_path / "m"), "--run-id", "pwfile", "--workers", "1",
+                       "--metrics-port", "0", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}",
+                       "--db-password-file", str(password))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pw-From-File-6Tz" not in proc.stderr + proc.stdout
+    assert f"the file holds {REDACTED}" in proc.stderr
