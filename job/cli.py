@@ -178,6 +178,12 @@ def run(**opts) -> None:
         db = db_settings(opts["db"], password_file=opts["db_password_file"], session_sql=opts["session_sql"],
                          statement_timeout=opts["statement_timeout"], connect_timeout=opts["connect_timeout"],
                          commit=opts["commit"])
+        if db is not None and db.password_file:
+            from .db import read_password
+            from .logs import add_secrets
+
+            # The environment's password is redacted already; one from a file must be too.
+            add_secrets([read_password(db) or ""])
         items_from_db = db_items(items=opts["items"], items_sql=opts["items_sql"],
                                  work_table=opts["work_table"], db=db)
     except BulkjobError as e:
