@@ -11,6 +11,7 @@ import importlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -277,6 +278,11 @@ def executemany_with_savepoints(conn, sql: str, rows: Iterable[Any], *, batch_si
     return errors
 
 
+class _Alarm(BaseException):
+    """Raised by the SIGALRM handler of call_with_timeout: not an Exception, and not a
+    TimeoutError, which a driver may take for its own socket timeout and wait on."""
+
+
 def call_with_timeout(fn: Callable[[], Any], seconds: float, what: str) -> Any:
     """Call `fn()` and raise ConnectTimeout if it has not returned within `seconds`.
 
@@ -291,13 +297,14 @@ def call_with_timeout(fn: Callable[[], Any], seconds: float, what: str) -> Any:
         def on_alarm(signum, frame):
             nonlocal fired
             fired = True
-            raise ConnectTimeout(message)
+            raise _Alarm()
 
         previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        started = time.monotonic()
+        outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
         try:
             return fn()
-        except Exception:
+        except BaseException:
             # A driver may wrap our exception in its own (oracledb: DPY-6005 caused by it).
             if fired:
                 raise ConnectTimeout(message) from None
@@ -305,6 +312,8 @@ def call_with_timeout(fn: Callable[[], Any], seconds: float, what: str) -> Any:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+            if outer:  # someone else's alarm was pending: put it back, less the time spent
+                signal.setitimer(signal.ITIMER_REAL, max(0.001, outer - (time.monotonic() - started)))
     box: dict[str, Any] = {}
 
     def target() -> None:

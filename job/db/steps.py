@@ -354,8 +354,8 @@ class _Parser:
         words = self.words
         if (words[:1] and words[0] in _TRANSACTION_CONTROL) or words[:2] == ["START", "TRANSACTION"] \
                 or (words[:1] == ["BEGIN"] and not self.plsql):
-            raise self.error(self.start, f"{words[0]}: transaction control is bulkjob's (see --commit); "
-                                         "remove it from the steps file")
+            raise UsageError(f"{self.source}:{self.first_line}: {words[0]}: transaction control is "
+                             "bulkjob's (see --commit); remove it from the steps file")
         if self.step_name is None:
             raise UsageError(f"{self.source}:{self.first_line}: SQL before the first `-- step: NAME` line")
         parts = list(self.parts)
