@@ -19,17 +19,20 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# A few thousand generated items through the example handler, a local manifest, no services.
+# A few thousand items (a store and a day each) through the SQL steps handler: a three-step
+# load per item (job/demo/load.sql) into an embedded SQLite database, a local manifest, no server.
 run: venv
 	@mkdir -p $(DEMO_DIR)
-	$(PY) -m job.examples 3000 > $(DEMO_DIR)/items.jsonl
-	$(BULKJOB) run --items $(DEMO_DIR)/items.jsonl --handler job.examples:checksum \
+	$(PY) -m job.demo 3000 --db $(DEMO_DIR)/demo.db > $(DEMO_DIR)/items.jsonl
+	$(BULKJOB) run --items $(DEMO_DIR)/items.jsonl --handler sql:job/demo/load.sql \
+		--db sqlite:///$(DEMO_DIR)/demo.db --session-sql "PRAGMA synchronous = NORMAL" \
 		--manifest $(DEMO_DIR)/state --run-id demo-$$(date +%Y%m%d%H%M%S) --max-failures 10 \
 		--backoff 0.2 --metrics-port 0 --progress-interval 1 | tee $(DEMO_DIR)/summary.json
 	@run_id=$$($(PY) -c "import json,sys; print(json.load(open('$(DEMO_DIR)/summary.json'))['run_id'])"); \
 		echo; $(BULKJOB) status --manifest $(DEMO_DIR)/state --run-id $$run_id; \
 		echo; echo "failed items (bulkjob report):"; \
-		$(BULKJOB) report --manifest $(DEMO_DIR)/state --run-id $$run_id --format csv
+		$(BULKJOB) report --manifest $(DEMO_DIR)/state --run-id $$run_id --format csv; \
+		echo; $(PY) -m job.demo --summary $(DEMO_DIR)/demo.db
 
 test: venv system-deps
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
