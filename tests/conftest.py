@@ -138,3 +138,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+
+
+# A real PostgreSQL server (session) and a fresh database per test, for the database tests and
+# the fault-injection suite (tests/pg.py uses the helpers above).
+from pg import pg_db, pg_server  # noqa: E402,F401

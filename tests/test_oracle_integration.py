@@ -1,0 +1,265 @@
+"""The PostgreSQL scenarios against a real Oracle Database, when one is given:
+
+    BULKJOB_TEST_ORACLE_URL=oracle://system@localhost:1521/FREEPDB1 \
+    BULKJOB_TEST_ORACLE_PASSWORD=... .venv/bin/python -m pytest tests/test_oracle_integration.py
+
+The user needs CREATE TABLE, CREATE SEQUENCE and ALTER SYSTEM (to kill a session): SYSTEM of an
+Oracle Database Free container has them (docs/databases.md has the recipe). Every object is
+created with a per-test prefix and dropped afterwards. Skipped when the URL is not set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+
+import pytest
+
+from conftest import run_bulkjob, summary_of, write_items
+from job.db import parse_db_url
+from job.db.worktable import DDL
+from job.manifest import ShardManifest
+from job.store import LocalStore
+
+URL = os.environ.get("BULKJOB_TEST_ORACLE_URL")
+PASSWORD = os.environ.get("BULKJOB_TEST_ORACLE_PASSWORD", "")
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not URL, reason="set BULKJOB_TEST_ORACLE_URL (and _PASSWORD) to run")]
+
+
+class Oracle:
+    """A direct session for set-up and checks, and a prefix that keeps each test's objects apart."""
+
+    def __init__(self) -> None:
+        import oracledb
+
+        settings = parse_db_url(URL)
+        self.conn = oracledb.connect(user=settings.user, password=PASSWORD,
+                                     dsn=f"{settings.host}:{settings.port}/{settings.database}")
+        self.prefix = f"BJ{secrets.token_hex(3).upper()}_"
+        self.env = {"BULKJOB_DB_PASSWORD": PASSWORD}
+        self.objects: list[tuple[str, str]] = []
+
+    def name(self, short: str) -> str:
+        return self.prefix + short.upper()
+
+    def create(self, kind: str, short: str, ddl: str) -> str:
+        """Run `ddl` with {name} filled in; remember the object to drop it."""
+        name = self.name(short)
+        self.execute(ddl.format(name=name))
+        self.objects.append((kind, name))
+        return name
+
+    def execute(self, sql: str, params=None) -> list[tuple]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params or {})
+            rows = cur.fetchall() if cur.description else []
+        self.conn.commit()
+        return rows
+
+    def close(self) -> None:
+        for kind, name in reversed(self.objects):
+            try:
+                self.execute(f"DROP {kind} {name}" + (" PURGE" if kind == "TABLE" else ""))
+            except Exception:
+                pass
+        self.conn.close()
+
+
+@pytest.fixture
+def ora():
+    db = Oracle()
+    yield db
+    db.close()
+
+
+def args(tmp_path, handler, *extra, run_id="r1", items=True):
+    source = ("--items", str(tmp_path / "items.jsonl")) if items else ()
+    return ("run", *source, "--handler", handler, "--db", URL, "--manifest", str(tmp_path / "state"),
+            "--run-id", run_id, "--metrics-port", "0", "--backoff", "0.5", "--max-backoff", "2", *extra)
+
+
+def steps(tmp_path, text: str) -> str:
+    (tmp_path / "steps.sql").write_text(text)
+    return f"sql:{tmp_path / 'steps.sql'}"
+
+
+def latest(tmp_path, run_id="r1"):
+    return ShardManifest(LocalStore(tmp_path / "state"), "", run_id, 0, 1).load().latest()
+
+
+LOAD = """\
+-- step: stage
+DELETE FROM {stage} WHERE k = :k;
+INSERT INTO {stage} (k, v) SELECT k, v FROM {src} WHERE k = :k;
+-- step: aggregate
+MERGE INTO {totals} t
+USING (SELECT k, SUM(v) AS total FROM {stage} WHERE k = :k GROUP BY k) s ON (t.k = s.k)
+WHEN MATCHED THEN UPDATE SET t.total = s.total
+WHEN NOT MATCHED THEN INSERT (k, total) VALUES (s.k, s.total);
+-- step: audit
+BEGIN
+  INSERT INTO {audit} (k, fmt)
+  SELECT :k, value FROM nls_session_parameters WHERE parameter = 'NLS_DATE_FORMAT';
+  DELETE FROM {stage} WHERE k = :k;
+END;
+/
+"""
+
+
+@pytest.mark.parametrize("commit", ["item", "step"])
+def test_steps_end_to_end(tmp_path, ora, commit):
+    names = {short: ora.create("TABLE", short, ddl) for short, ddl in {
+        "src": "CREATE TABLE {name} (k VARCHAR2(20), v NUMBER)",
+        "stage": "CREATE TABLE {name} (k VARCHAR2(20), v NUMBER)",
+        "totals": "CREATE TABLE {name} (k VARCHAR2(20) PRIMARY KEY, total NUMBER)",
+        "audit": "CREATE TABLE {name} (k VARCHAR2(20), fmt VARCHAR2(40))"}.items()}
+    for i in range(1, 11):
+        for v in (1, 2, 3):
+            ora.execute(f"INSERT INTO {names['src']} VALUES (:1, :2)", [f"k{i}", v])
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}", **names}} for i in range(1, 11)])
+    proc = run_bulkjob(*args(tmp_path, steps(tmp_path, LOAD), "--commit", commit, "--workers", "2",
+                             "--session-sql", "ALTER SESSION SET NLS_DATE_FORMAT = 'YYYY-MM-DD'",
+                             "--statement-timeout", "30"), env=ora.env)
+    assert summary_of(proc)["done"] == 10, proc.stderr[-3000:]
+    assert ora.execute(f"SELECT COUNT(*), SUM(total) FROM {names['totals']}") == [(10, 60)]
+    assert ora.execute(f"SELECT DISTINCT fmt FROM {names['audit']}") == [("YYYY-MM-DD",)]
+
+
+def test_nowait_lock_is_retried_until_released(tmp_path, ora):
+    t = ora.create("TABLE", "t", "CREATE TABLE {name} (k VARCHAR2(20))")
+    import oracledb
+
+    settings = parse_db_url(URL)
+    holder = oracledb.connect(user=settings.user, password=PASSWORD,
+                              dsn=f"{settings.host}:{settings.port}/{settings.database}")
+    holder.cursor().execute(f"LOCK TABLE {t} IN EXCLUSIVE MODE")
+    release = threading.Timer(3.0, holder.rollback)
+    release.start()
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}", "t": t}} for i in range(5)])
+    handler = steps(tmp_path, "-- step: one\nLOCK TABLE {t} IN ROW EXCLUSIVE MODE NOWAIT;\nINSERT INTO {t} VALUES (:k);\n")
+    try:
+        proc = run_bulkjob(*args(tmp_path, handler, "--max-attempts", "20"), env=ora.env)
+    finally:
+        release.join()
+        holder.close()
+    assert summary_of(proc)["done"] == 5, proc.stderr[-3000:]
+    assert "ORA-00054" in proc.stderr
+    assert ora.execute(f"SELECT COUNT(*) FROM {t}") == [(5,)]
+
+
+def kill_when_sleeping(ora: Oracle, box: dict) -> None:
+    """Kill the first other session of this user found in DBMS_SESSION.SLEEP (within 60 s)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rows = ora.execute("SELECT s.sid, s.serial# FROM v$session s JOIN v$sql q ON q.sql_id = s.sql_id "
+                           "WHERE s.username = USER AND s.sid <> SYS_CONTEXT('USERENV', 'SID') "
+                           "AND s.status = 'ACTIVE' AND q.sql_text LIKE '%DBMS_SESSION.SLEEP%' "
+                           "AND q.sql_text NOT LIKE '%v$session%'")
+        if rows:
+            sid, serial = rows[0]
+            ora.execute(f"ALTER SYSTEM KILL SESSION '{sid},{serial}' IMMEDIATE")
+            box["killed"] = True
+            return
+        time.sleep(0.1)
+
+
+SLEEP_ONCE = ("BEGIN\n  IF :sleep > 0 AND {seq}.NEXTVAL = 1 THEN DBMS_SESSION.SLEEP(:sleep); END IF;\nEND;\n/\n")
+
+
+def test_killed_session_reconnects_and_retries(tmp_path, ora):
+    log = ora.create("TABLE", "log", "CREATE TABLE {name} (k VARCHAR2(20))")
+    seq = ora.create("SEQUENCE", "seq", "CREATE SEQUENCE {name}")
+    names = {"log": log, "seq": seq}
+    write_items(tmp_path / "items.jsonl", [{"id": "victim", "payload": {"k": "victim", "sleep": 30, **names}}]
+                + [{"id": i, "payload": {"k": f"k{i}", "sleep": 0, **names}} for i in range(4)])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO {log} VALUES (:k);\n" + SLEEP_ONCE)
+    box: dict = {}
+    killer = threading.Thread(target=kill_when_sleeping, args=(ora, box))
+    killer.start()
+    proc = run_bulkjob(*args(tmp_path, handler, "--workers", "2"), env=ora.env)
+    killer.join()
+    assert box.get("killed")
+    assert summary_of(proc)["done"] == 5, proc.stderr[-3000:]
+    assert latest(tmp_path)["victim"]["attempts"] == 2 and "DPY-4011" in proc.stderr
+    assert ora.execute(f"SELECT COUNT(*), COUNT(DISTINCT k) FROM {log}") == [(5, 5)]
+
+
+def test_deadlock_is_rolled_back_to_the_step_and_retried(tmp_path, ora):
+    r = ora.create("TABLE", "r", "CREATE TABLE {name} (id NUMBER PRIMARY KEY, v NUMBER)")
+    ora.execute(f"INSERT INTO {r} VALUES (1, 0)")
+    ora.execute(f"INSERT INTO {r} VALUES (2, 0)")
+    write_items(tmp_path / "items.jsonl", [{"id": "a", "payload": {"first": 1, "second": 2, "r": r}},
+                                           {"id": "b", "payload": {"first": 2, "second": 1, "r": r}}])
+    handler = steps(tmp_path, "-- step: swap\nUPDATE {r} SET v = v + 1 WHERE id = :first;\n"
+                              "BEGIN DBMS_SESSION.SLEEP(2); END;\n/\nUPDATE {r} SET v = v + 1 WHERE id = :second;\n")
+    proc = run_bulkjob(*args(tmp_path, handler, "--workers", "2", "--prefetch", "1"), env=ora.env)
+    assert summary_of(proc)["done"] == 2, proc.stderr[-3000:]
+    assert "ORA-00060" in proc.stderr
+    assert ora.execute(f"SELECT id, v FROM {r} ORDER BY id") == [(1, 2), (2, 2)]
+
+
+def test_permanent_error_fails_at_once_with_code_in_report(tmp_path, ora):
+    log = ora.create("TABLE", "log", "CREATE TABLE {name} (k VARCHAR2(20))")
+    dst = ora.create("TABLE", "dst", "CREATE TABLE {name} (k VARCHAR2(20) PRIMARY KEY)")
+    ora.execute(f"INSERT INTO {dst} VALUES ('dup')")
+    write_items(tmp_path / "items.jsonl", [{"id": k, "payload": {"k": k, "log": log, "dst": dst}} for k in ("a", "dup")])
+    handler = steps(tmp_path, "-- step: log\nINSERT INTO {log} VALUES (:k);\n-- step: load\nINSERT INTO {dst} VALUES (:k);\n")
+    proc = run_bulkjob(*args(tmp_path, handler, "--max-attempts", "5", "--max-failures", "1"), env=ora.env)
+    summary = summary_of(proc)
+    assert (summary["done"], summary["failed"], summary["retries"]) == (1, 1, 0), proc.stderr[-3000:]
+    assert latest(tmp_path)["dup"]["error"]["code"] == "ORA-00001"
+    assert ora.execute(f"SELECT k FROM {log}") == [("a",)]
+
+
+def test_commit_step_resumes_at_the_failing_step(tmp_path, ora):
+    log = ora.create("TABLE", "log", "CREATE TABLE {name} (k VARCHAR2(20), step VARCHAR2(10))")
+    seq = ora.create("SEQUENCE", "seq", "CREATE SEQUENCE {name}")
+    write_items(tmp_path / "items.jsonl", [{"id": "victim", "payload": {"k": "victim", "sleep": 30, "log": log,
+                                                                         "seq": seq}}])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO {log} VALUES (:k, 'one');\n-- step: two\n" + SLEEP_ONCE
+                    + "INSERT INTO {log} VALUES (:k, 'two');\n")
+    box: dict = {}
+    killer = threading.Thread(target=kill_when_sleeping, args=(ora, box))
+    killer.start()
+    proc = run_bulkjob(*args(tmp_path, handler, "--commit", "step"), env=ora.env)
+    killer.join()
+    assert summary_of(proc)["done"] == 1, proc.stderr[-3000:]
+    assert latest(tmp_path)["victim"]["result"]["resumed_after"] == "one"
+    assert ora.execute(f"SELECT step, COUNT(*) FROM {log} GROUP BY step ORDER BY step") == [("one", 1), ("two", 1)]
+
+
+def test_batch_errors(tmp_path, ora):
+    t = ora.create("TABLE", "t", "CREATE TABLE {name} (k NUMBER PRIMARY KEY, v NUMBER NOT NULL CHECK (v >= 0))")
+    rows = [[i, i] for i in range(10)]
+    rows[2], rows[5], rows[8] = [2, -1], [5, None], [1, 8]
+    write_items(tmp_path / "items.jsonl", [{"id": "batch", "payload": {
+        "sql": f"INSERT INTO {t} VALUES (:1, :2)", "rows": rows, "batch_size": 4}}])
+    proc = run_bulkjob(*args(tmp_path, "db_handlers:batch_insert"), env=ora.env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bad = latest(tmp_path)["batch"]["result"]["bad"]
+    assert [(b["offset"], b["code"]) for b in bad] == [(2, "ORA-02290"), (5, "ORA-01400"), (8, "ORA-00001")]
+    assert ora.execute(f"SELECT COUNT(*) FROM {t}") == [(7,)]
+
+
+def test_work_table(tmp_path, ora):
+    table = ora.name("work")
+    create_table, _index = [s.strip() for s in DDL["oracle"].split(";") if s.strip()]
+    ora.execute(create_table.replace("bulk_work", table, 1))
+    ora.objects.append(("TABLE", table))
+    out = ora.create("TABLE", "out", "CREATE TABLE {name} (k VARCHAR2(20) PRIMARY KEY CHECK (k <> 'bad'))")
+    for i in range(10):
+        ora.execute(f"INSERT INTO {table} (work_id, payload) VALUES (:1, :2)", [f"w{i}", json.dumps({"k": f"k{i}"})])
+    ora.execute(f"INSERT INTO {table} (work_id, payload) VALUES ('w-bad', :1)", [json.dumps({"k": "bad"})])
+    handler = steps(tmp_path, f"-- step: one\nINSERT INTO {out} VALUES (:k);\n")
+    proc = run_bulkjob(*args(tmp_path, handler, "--work-table", table, "--max-failures", "1", items=False),
+                       env=ora.env)
+    summary = summary_of(proc)
+    assert (summary["total"], summary["done"], summary["failed"]) == (11, 10, 1), proc.stderr[-3000:]
+    assert dict(ora.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")) == {"DONE": 10, "ERR": 1}
+    [(error,)] = ora.execute(f"SELECT error FROM {table} WHERE work_id = 'w-bad'")
+    assert error.startswith("ORA-02290")

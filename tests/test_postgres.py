@@ -1,0 +1,252 @@
+"""The database path against a real PostgreSQL server (tests/pg.py starts a private one).
+
+Locks, deadlocks, killed backends and statement timeouts are real: another session holds the
+lock, two items take rows in opposite orders, pg_terminate_backend ends the session.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_bulkjob, start_bulkjob, summary_of, write_items
+from job.db.worktable import DDL
+from job.manifest import ShardManifest
+from job.store import LocalStore
+
+pytestmark = pytest.mark.slow
+
+
+def pg_args(tmp_path, db, handler, *extra, run_id="r1", items=True):
+    source = ("--items", str(tmp_path / "items.jsonl")) if items else ()
+    return ("run", *source, "--handler", handler, "--db", db.url, "--manifest", str(tmp_path / "state"),
+            "--run-id", run_id, "--metrics-port", "0", "--backoff", "0.2", "--max-backoff", "1", *extra)
+
+
+def steps(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "steps.sql"
+    path.write_text(text)
+    return f"sql:{path}"
+
+
+def latest(tmp_path, run_id="r1"):
+    return ShardManifest(LocalStore(tmp_path / "state"), "", run_id, 0, 1).load().latest()
+
+
+def manifest_text(tmp_path) -> str:
+    return "".join(p.read_text(errors="replace") for p in (tmp_path / "state").rglob("*.jsonl"))
+
+
+LOAD = """\
+-- step: stage
+DELETE FROM stage WHERE k = :k;
+INSERT INTO stage (k, v) SELECT k, v FROM src WHERE k = :k;
+-- step: aggregate
+INSERT INTO {target} (k, total) SELECT k, SUM(v) FROM stage WHERE k = :k GROUP BY k
+ON CONFLICT (k) DO UPDATE SET total = excluded.total;
+-- step: audit
+INSERT INTO audit (k, tag, timeout) VALUES (:k, current_setting('bulkjob.tag'), current_setting('statement_timeout'));
+DELETE FROM stage WHERE k = :k;
+"""
+
+
+@pytest.mark.parametrize("commit", ["item", "step"])
+def test_steps_end_to_end(tmp_path, pg_db, commit):
+    pg_db.execute("CREATE TABLE src (k text, v int); CREATE TABLE stage (k text, v int);"
+                  "CREATE TABLE totals (k text PRIMARY KEY, total int);"
+                  "CREATE TABLE audit (k text, tag text, timeout text)")
+    pg_db.execute("INSERT INTO src SELECT 'k' || i, j FROM generate_series(1, 20) i, generate_series(1, 3) j")
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}", "target": "totals"}}
+                                           for i in range(1, 21)])
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, steps(tmp_path, LOAD), "--commit", commit, "--workers", "2",
+                                "--session-sql", "SET bulkjob.tag = 'session-sql-ran'",
+                                "--statement-timeout", "5"), env=pg_db.env)
+    summary = summary_of(proc)
+    assert (summary["done"], proc.returncode) == (20, 0), proc.stderr[-3000:]
+    assert pg_db.execute("SELECT COUNT(*), SUM(total) FROM totals") == [(20, 120)]
+    assert pg_db.execute("SELECT DISTINCT tag, timeout FROM audit") == [("session-sql-ran", "5s")]
+    assert pg_db.execute("SELECT COUNT(*) FROM stage") == [(0,)]
+    # The password came from the environment and went nowhere else.
+    assert pg_db.server.password not in proc.stdout + proc.stderr + manifest_text(tmp_path)
+
+
+def test_one_session_per_worker_and_password_file(tmp_path, pg_db):
+    pwfile = tmp_path / "db-password"
+    pwfile.write_text(pg_db.server.password + "\n")
+    write_items(tmp_path / "items.jsonl", [{"id": i} for i in range(20)])
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, "db_handlers:pg_session", "--workers", "2",
+                                "--db-password-file", str(pwfile)))
+    assert summary_of(proc)["done"] == 20, proc.stderr[-3000:]
+    backends = {r["result"]["backend"] for r in latest(tmp_path).values()}
+    assert 1 <= len(backends) <= 2
+
+
+def test_nowait_lock_is_retried_until_released(tmp_path, pg_db):
+    pg_db.execute("CREATE TABLE t (k text)")
+    holder = pg_db.connect(autocommit=False)
+    holder.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+    release = threading.Timer(2.5, holder.commit)
+    release.start()
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}"}} for i in range(5)])
+    handler = steps(tmp_path, "-- step: one\nLOCK TABLE t IN ROW EXCLUSIVE MODE NOWAIT;\nINSERT INTO t VALUES (:k);\n")
+    try:
+        proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--max-attempts", "20"), env=pg_db.env)
+    finally:
+        release.join()
+        holder.close()
+    assert summary_of(proc)["done"] == 5, proc.stderr[-3000:]
+    assert "55P03" in proc.stderr
+    assert pg_db.execute("SELECT COUNT(*) FROM t") == [(5,)]
+
+
+def test_statement_timeout_is_retried(tmp_path, pg_db):
+    pg_db.execute("CREATE SEQUENCE slow_once; CREATE TABLE t (k text)")
+    write_items(tmp_path / "items.jsonl", [{"id": 1, "payload": {"k": "a"}}])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO t VALUES (:k);\n"
+                              "SELECT pg_sleep(CASE WHEN nextval('slow_once') = 1 THEN 5 ELSE 0 END);\n")
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--statement-timeout", "0.5"), env=pg_db.env)
+    assert summary_of(proc)["done"] == 1, proc.stderr[-3000:]
+    assert "QueryCanceled 57014" in proc.stderr
+    assert pg_db.execute("SELECT k FROM t") == [("a",)]  # the first try was rolled back
+
+
+def kill_when_sleeping(db, box) -> None:
+    """Terminate the first bulkjob backend seen in pg_sleep (within 30 s)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = db.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'bulkjob' "
+                          "AND state = 'active' AND query LIKE '%pg_sleep%'")
+        if rows:
+            box["killed"] = db.execute("SELECT pg_terminate_backend(%s)", (rows[0][0],))[0][0]
+            return
+        time.sleep(0.05)
+
+
+def test_backend_killed_mid_item_reconnects_and_retries(tmp_path, pg_db):
+    pg_db.execute("CREATE SEQUENCE kill_once; CREATE TABLE log (k text)")
+    write_items(tmp_path / "items.jsonl", [{"id": "victim", "payload": {"k": "victim", "sleep": 30}}]
+                + [{"id": i, "payload": {"k": f"k{i}", "sleep": 0}} for i in range(6)])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO log VALUES (:k);\n"
+                              "SELECT pg_sleep(CASE WHEN :sleep > 0 THEN "
+                              "(CASE WHEN nextval('kill_once') = 1 THEN :sleep ELSE 0 END) ELSE 0 END);\n")
+    box: dict = {}
+    killer = threading.Thread(target=kill_when_sleeping, args=(pg_db, box))
+    killer.start()
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--workers", "2"), env=pg_db.env)
+    killer.join()
+    assert box.get("killed") is True
+    assert summary_of(proc)["done"] == 7, proc.stderr[-3000:]
+    victim = latest(tmp_path)["victim"]
+    assert victim["attempts"] == 2 and "57P01" in proc.stderr
+    # The killed attempt's insert went with its session: one row per item.
+    assert pg_db.execute("SELECT COUNT(*), COUNT(DISTINCT k) FROM log") == [(7, 7)]
+
+
+def test_deadlock_is_rolled_back_to_the_step_and_retried(tmp_path, pg_db):
+    pg_db.execute("CREATE TABLE r (id int PRIMARY KEY, v int); INSERT INTO r VALUES (1, 0), (2, 0)")
+    write_items(tmp_path / "items.jsonl", [{"id": "a", "payload": {"first": 1, "second": 2}},
+                                           {"id": "b", "payload": {"first": 2, "second": 1}}])
+    handler = steps(tmp_path, "-- step: swap\nUPDATE r SET v = v + 1 WHERE id = :first;\nSELECT pg_sleep(1);\n"
+                              "UPDATE r SET v = v + 1 WHERE id = :second;\n")
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--workers", "2", "--prefetch", "1"), env=pg_db.env)
+    assert summary_of(proc)["done"] == 2, proc.stderr[-3000:]
+    assert "DeadlockDetected 40P01" in proc.stderr
+    # Each item added one to each row exactly once: the deadlocked try was undone.
+    assert pg_db.execute("SELECT id, v FROM r ORDER BY id") == [(1, 2), (2, 2)]
+
+
+def test_permanent_error_fails_at_once_with_sqlstate_in_report(tmp_path, pg_db):
+    pg_db.execute("CREATE TABLE log (k text); CREATE TABLE dst (k text PRIMARY KEY); INSERT INTO dst VALUES ('dup')")
+    write_items(tmp_path / "items.jsonl", [{"id": k, "payload": {"k": k}} for k in ("a", "dup", "b")])
+    handler = steps(tmp_path, "-- step: log\nINSERT INTO log VALUES (:k);\n-- step: load\nINSERT INTO dst VALUES (:k);\n")
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--max-attempts", "5", "--max-failures", "1"),
+                       env=pg_db.env)
+    summary = summary_of(proc)
+    assert (summary["done"], summary["failed"], summary["retries"]) == (2, 1, 0), proc.stderr[-3000:]
+    report = run_bulkjob("report", "--manifest", str(tmp_path / "state"), "--run-id", "r1", "--format", "csv")
+    [row] = list(csv.DictReader(io.StringIO(report.stdout)))
+    assert (row["id"], row["attempts"], row["error_kind"], row["error_code"]) == ("dup", "1", "permanent", "23505")
+    assert 'duplicate key value violates unique constraint "dst_pkey"' in row["error_message"]
+    assert pg_db.execute("SELECT k FROM log ORDER BY k") == [("a",), ("b",)]  # nothing of "dup"
+
+
+def test_commit_step_resumes_at_the_failing_step(tmp_path, pg_db):
+    pg_db.execute("CREATE SEQUENCE die_once; CREATE TABLE log (k text, step text)")
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}"}} for i in range(3)])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO log VALUES (:k, 'one');\n"
+                              "-- step: two\nSELECT CASE WHEN nextval('die_once') = 1 "
+                              "THEN pg_terminate_backend(pg_backend_pid()) END;\n"
+                              "INSERT INTO log VALUES (:k, 'two');\n")
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--commit", "step"), env=pg_db.env)
+    assert summary_of(proc)["done"] == 3, proc.stderr[-3000:]
+    [retried] = [r for r in latest(tmp_path).values() if r["attempts"] == 2]
+    assert retried["result"]["resumed_after"] == "one"
+    # Step one ran once for every item, the retried one included.
+    assert pg_db.execute("SELECT step, COUNT(*) FROM log GROUP BY step ORDER BY step") == [("one", 3), ("two", 3)]
+
+
+def test_batch_dml_with_bad_rows(tmp_path, pg_db):
+    pg_db.execute("CREATE TABLE t (k int PRIMARY KEY, v int NOT NULL CHECK (v >= 0))")
+    rows = [[i, i] for i in range(10)]
+    rows[2] = [2, -1]       # check violation
+    rows[5] = [5, None]     # not null violation
+    rows[8] = [1, 8]        # duplicate key
+    write_items(tmp_path / "items.jsonl", [{"id": "batch", "payload": {
+        "sql": "INSERT INTO t VALUES (%s, %s)", "rows": rows, "batch_size": 4}}])
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, "db_handlers:batch_insert"), env=pg_db.env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bad = latest(tmp_path)["batch"]["result"]["bad"]
+    assert [(b["offset"], b["code"]) for b in bad] == [(2, "23514"), (5, "23502"), (8, "23505")]
+    assert pg_db.execute("SELECT array_agg(k ORDER BY k) FROM t") == [([0, 1, 3, 4, 6, 7, 9],)]
+
+
+def work_table(pg_db, count: int, extra=()):
+    pg_db.execute(DDL["postgres"])
+    pg_db.execute("CREATE TABLE out (k text PRIMARY KEY CHECK (k <> 'bad'))")
+    rows = [(f"w{i:03d}", "PENDING", json.dumps({"k": f"k{i}"})) for i in range(count)] + list(extra)
+    with pg_db.connect() as conn:
+        conn.cursor().executemany("INSERT INTO bulk_work (work_id, state, payload, updated_at) "
+                                  "VALUES (%s, %s, %s, '2000-01-01')", rows)
+
+
+def test_work_table(tmp_path, pg_db):
+    work_table(pg_db, 30, [("w-bad", "PENDING", json.dumps({"k": "bad"})), ("w-done", "DONE", "{}")])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO out VALUES (:k);\n")
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--work-table", "bulk_work", "--workers", "2",
+                                "--max-failures", "1", items=False), env=pg_db.env)
+    summary = summary_of(proc)
+    assert (summary["total"], summary["done"], summary["failed"]) == (31, 30, 1), proc.stderr[-3000:]
+    assert dict(pg_db.execute("SELECT state, COUNT(*) FROM bulk_work GROUP BY state")) == {"DONE": 31, "ERR": 1}
+    [(error,)] = pg_db.execute("SELECT error FROM bulk_work WHERE work_id = 'w-bad'")
+    assert error.startswith("23514 CheckViolation")
+    assert pg_db.execute("SELECT COUNT(*) FROM bulk_work WHERE updated_at > '2000-01-01'") == [(31,)]
+
+
+def test_work_table_resumes_after_sigterm(tmp_path, pg_db):
+    work_table(pg_db, 12)
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO out VALUES (:k);\nSELECT pg_sleep(0.3);\n")
+    argv = pg_args(tmp_path, pg_db, handler, "--work-table", "bulk_work", "--workers", "1", items=False)
+    proc = start_bulkjob(*argv, env=pg_db.env)
+    deadline = time.monotonic() + 60
+    while pg_db.execute("SELECT COUNT(*) FROM bulk_work WHERE state = 'DONE'")[0][0] < 3:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err[-3000:]
+    states = dict(pg_db.execute("SELECT state, COUNT(*) FROM bulk_work GROUP BY state"))
+    assert states.get("DONE", 0) >= 3 and states.get("DONE", 0) + states.get("PENDING", 0) + \
+        states.get("RUNNING", 0) == 12
+    again = run_bulkjob(*argv, env=pg_db.env)
+    summary = summary_of(again)
+    # The items finished before the signal count in the total, though the table no longer offers them.
+    assert (summary["total"], summary["done"], summary["pending"]) == (12, 12, 0), again.stderr[-3000:]
+    assert pg_db.execute("SELECT state, COUNT(*) FROM bulk_work GROUP BY state") == [("DONE", 12)]
+    assert pg_db.execute("SELECT COUNT(*) FROM out") == [(12,)]
