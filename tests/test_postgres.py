@@ -250,3 +250,15 @@ def test_work_table_resumes_after_sigterm(tmp_path, pg_db):
     assert (summary["total"], summary["done"], summary["pending"]) == (12, 12, 0), again.stderr[-3000:]
     assert pg_db.execute("SELECT state, COUNT(*) FROM bulk_work GROUP BY state") == [("DONE", 12)]
     assert pg_db.execute("SELECT COUNT(*) FROM out") == [(12,)]
+
+
+def test_unreachable_items_database_exits_3(tmp_path):
+    from conftest import free_port
+
+    port = free_port()  # nothing listens there
+    handler = steps(tmp_path, "-- step: one\nSELECT 1;\n")
+    proc = run_bulkjob("run", "--items-sql", "SELECT 1, NULL", "--handler", handler,
+                       "--db", f"postgresql://app@127.0.0.1:{port}/app", "--connect-timeout", "2",
+                       "--manifest", str(tmp_path / "state"), "--metrics-port", "0")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "items-sql" in proc.stderr and "Connection refused" in proc.stderr
