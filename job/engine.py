@@ -290,7 +290,10 @@ class Run:
 
     def _loop(self, todo: Iterator[Task]) -> None:
         cfg = self.config
-        pool = Pool(cfg.workers, cfg.worker, prefetch=cfg.prefetch, preload=("job.worker",))
+        # With metrics on, the forkserver imports prometheus_client once (the multiprocess
+        # directory is already in its environment), instead of every worker at its start.
+        preload = ("job.worker", "prometheus_client") if cfg.worker.metrics_dir else ("job.worker",)
+        pool = Pool(cfg.workers, cfg.worker, prefetch=cfg.prefetch, preload=preload)
         signals = self.signals
         progress = Progress(self.counts.total, interval=cfg.progress_interval)
         retry_heap: list[tuple[float, int, Task]] = []

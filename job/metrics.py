@@ -336,9 +336,11 @@ class PrometheusObserver(RunMetrics):
             self.workers = 0
         self.push()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+            # shutdown() waits for the serving loop's next poll (up to half a second): not worth
+            # holding up the end of the run for, so the server stops on its own thread.
+            server, self._server = self._server, None
+            threading.Thread(target=lambda: (server.shutdown(), server.server_close()), daemon=True,
+                             name="bulkjob-metrics-stop").start()
         self._remove_directory()
 
     def _remove_directory(self) -> None:
