@@ -292,7 +292,9 @@ class Run:
         cfg = self.config
         # With metrics on, the forkserver imports prometheus_client once (the multiprocess
         # directory is already in its environment), instead of every worker at its start.
-        preload = ("job.worker", "prometheus_client") if cfg.worker.metrics_dir else ("job.worker",)
+        preload = ("job.worker",)
+        if getattr(cfg.worker, "metrics_dir", None):
+            preload += ("prometheus_client",)
         pool = Pool(cfg.workers, cfg.worker, prefetch=cfg.prefetch, preload=preload)
         signals = self.signals
         progress = Progress(self.counts.total, interval=cfg.progress_interval)
