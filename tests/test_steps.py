@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from job.db import parse_db_url
-from job.db.steps import is_identifier, load_steps, parse_steps, steps_handler
+from job.db.steps import steps_handler
+from job.db.stepsfile import is_identifier, load_steps, parse_steps
 from job.errors import Permanent, UsageError
 
 

@@ -27,7 +27,7 @@ from ..manifest import DONE, FAILED
 from ..outcome import RETRYABLE
 from ..retry import backoff_delay
 from . import DatabaseUnavailable, DbSettings, batches, bind_marker, dialect_of, read_password
-from .steps import is_identifier
+from .stepsfile import is_identifier
 
 log = logging.getLogger("bulkjob.worktable")
 
