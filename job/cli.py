@@ -45,6 +45,17 @@ def _size(value: str | None, param) -> int | None:
         raise click.BadParameter(str(e), param=param) from None
 
 
+class _Statement(click.ParamType):
+    """One SQL statement; from an environment variable, one statement a line (the default
+    would split the variable at every space)."""
+
+    name = "sql"
+    envvar_list_splitter = "\n"
+
+    def convert(self, value, param, ctx):
+        return value.strip() if isinstance(value, str) else value
+
+
 def new_run_id() -> str:
     """A fresh run id: UTC time to the second plus 6 random hex digits (sortable, unique)."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
@@ -83,8 +94,9 @@ def main() -> None:
              "--db-password-file, never in the URL.")
 @option("--db-password-file", type=click.Path(dir_okay=False), metavar="PATH",
         help="File holding the database password (a mounted Kubernetes Secret).")
-@option("--session-sql", multiple=True, metavar="SQL",
-        help="Statement run on every new database connection (repeatable).")
+@option("--session-sql", multiple=True, metavar="SQL", type=_Statement(),
+        help="Statement run on every new database connection (repeatable; in the environment "
+             "variable, one a line).")
 @option("--statement-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
         help="Longest one database call may take (Oracle call_timeout, PostgreSQL statement_timeout, "
              "SQLite busy timeout).")

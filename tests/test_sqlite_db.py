@@ -213,3 +213,14 @@ def test_executemany_reports_bad_rows_and_keeps_good_ones(tmp_path):
                                                        (12, "SQLITE_CONSTRAINT_CHECK")]
     assert query(db, "SELECT COUNT(*) FROM t") == [(12,)]
 
+
+
+def test_session_sql_from_the_environment_is_one_statement_a_line(tmp_path):
+    db = make_db(tmp_path / "x.db", "CREATE TABLE out (v TEXT, n INT);")
+    (tmp_path / "s.sql").write_text("-- step: one\nINSERT INTO out SELECT v, n FROM tag, tag2;\n")
+    write_items(tmp_path / "items.jsonl", [{"id": 1}])
+    env = {"BULKJOB_SESSION_SQL": "CREATE TEMP VIEW tag AS SELECT 'a b c' AS v\n\n"
+                                  "CREATE TEMP VIEW tag2 AS SELECT 2 AS n\n"}
+    proc = run_bulkjob(*run_args(tmp_path, db, f"sql:{tmp_path / 's.sql'}"), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert query(db, "SELECT v, n FROM out") == [("a b c", 2)]

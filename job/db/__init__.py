@@ -130,13 +130,14 @@ def db_settings(url: str | None, *, password_file: str | None = None, session_sq
                 statement_timeout: float | None = None, connect_timeout: float | None = None,
                 commit: str = COMMIT_ITEM) -> DbSettings | None:
     """The CLI's database options as DbSettings, or None without --db."""
+    session_sql = tuple(sql for sql in session_sql if sql.strip())
     if url is None:
-        if password_file or tuple(session_sql) or statement_timeout:
+        if password_file or session_sql or statement_timeout:
             raise UsageError("--db-password-file, --session-sql and --statement-timeout need --db")
         return None
     if password_file is not None and not os.path.isfile(password_file):
         raise UsageError(f"--db-password-file {password_file}: no such file")
-    return parse_db_url(url, password_file=password_file, session_sql=tuple(session_sql),
+    return parse_db_url(url, password_file=password_file, session_sql=session_sql,
                         statement_timeout=statement_timeout,
                         connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT, commit=commit)
 
