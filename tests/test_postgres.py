@@ -153,8 +153,12 @@ def test_deadlock_is_rolled_back_to_the_step_and_retried(tmp_path, pg_db):
     pg_db.execute("CREATE TABLE r (id int PRIMARY KEY, v int); INSERT INTO r VALUES (1, 0), (2, 0)")
     write_items(tmp_path / "items.jsonl", [{"id": "a", "payload": {"first": 1, "second": 2}},
                                            {"id": "b", "payload": {"first": 2, "second": 1}}])
-    handler = steps(tmp_path, "-- step: swap\nUPDATE r SET v = v + 1 WHERE id = :first;\nSELECT pg_sleep(1);\n"
-                              "UPDATE r SET v = v + 1 WHERE id = :second;\n")
+    # After its first update each item waits (up to 3 s) until the other one holds its row too.
+    barrier = ("DO $$ BEGIN FOR i IN 1..30 LOOP EXIT WHEN (SELECT COUNT(DISTINCT pid) FROM pg_locks "
+               "WHERE relation = 'r'::regclass AND mode = 'RowExclusiveLock') >= 2; PERFORM pg_sleep(0.1); "
+               "END LOOP; END $$;\n")
+    handler = steps(tmp_path, "-- step: swap\nUPDATE r SET v = v + 1 WHERE id = :first;\n" + barrier
+                    + "UPDATE r SET v = v + 1 WHERE id = :second;\n")
     proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--workers", "2", "--prefetch", "1"), env=pg_db.env)
     assert summary_of(proc)["done"] == 2, proc.stderr[-3000:]
     assert "DeadlockDetected 40P01" in proc.stderr
