@@ -1,4 +1,4 @@
-"""The Kubernetes manifests in k8s/ and the `kubectl run` command in docs/deploy.md.
+"""The Kubernetes manifests in k8s/ and the `kubectl run` command in the README's Deploy section.
 
 Schema checks: every object, as written and as kustomize renders it, validated
 offline in strict mode against the oldest Kubernetes the Job needs and the
@@ -28,7 +28,15 @@ from job.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE_HELD, EXI
 pytestmark = pytest.mark.timeout(900)  # the first test may build .venv-airflow for kubectl
 
 K8S = ROOT / "k8s"
-DOCS = ROOT / "docs" / "deploy.md"
+README = ROOT / "README.md"
+
+
+def deploy_docs() -> str:
+    """The README's "Deploy" section."""
+    text = README.read_text()
+    start = text.index("\n## Deploy\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
 #: The oldest Kubernetes with every Job feature used GA (backoffLimitPerIndex, FailIndex: 1.33).
 OLDEST = "1.33"
 VERSIONS = [OLDEST, kubernetes_validate.utils.latest_version()]
@@ -181,7 +189,7 @@ def test_pod_failure_policy_maps_the_cli_exit_codes(job):
 
 
 def test_exit_code_table_in_the_docs_matches_the_policy():
-    text = DOCS.read_text()
+    text = deploy_docs()
     for code, action in [(EXIT_ITEMS_FAILED, "FailIndex"), (EXIT_USAGE, "FailJob"), (EXIT_INTERRUPTED, "Ignore")]:
         assert re.search(rf"^\| {code} \|[^\n]*`{action}`", text, re.MULTILINE), (code, action)
 
@@ -238,10 +246,10 @@ def discovery_server():
 
 
 def documented_kubectl_run() -> str:
-    """The `kubectl run` command of docs/deploy.md, exactly as a reader copies it."""
-    blocks = re.findall(r"```sh\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    """The `kubectl run` command of the README, exactly as a reader copies it."""
+    blocks = re.findall(r"```sh\n(.*?)```", deploy_docs(), re.DOTALL)
     commands = [b for b in blocks if b.startswith("kubectl run ")]
-    assert len(commands) == 1, "docs/deploy.md should show one `kubectl run` command"
+    assert len(commands) == 1, "the Deploy section should show one `kubectl run` command"
     return commands[0]
 
 
