@@ -358,6 +358,10 @@ class _Final:
         return self._metrics.collect(final=True)
 
 
+#: Reads of the workers' files per scrape before giving up (see _WorkerFiles.collect).
+READ_ATTEMPTS = 5
+
+
 class _WorkerFiles:
     """The workers' metric files, read under the lock that merging a dead worker's files holds."""
 
@@ -366,8 +370,18 @@ class _WorkerFiles:
         self._lock = lock
 
     def collect(self) -> list[Any]:
-        with self._lock:
-            return list(self._collector.collect())
+        # A worker that is just starting creates its file empty and sizes it a moment later;
+        # reading it in between fails (an empty file cannot be mapped). Try again shortly
+        # rather than answer the scrape with an error.
+        for attempt in range(READ_ATTEMPTS):
+            with self._lock:
+                try:
+                    return list(self._collector.collect())
+                except (ValueError, OSError):
+                    if attempt == READ_ATTEMPTS - 1:
+                        raise
+            time.sleep(0.01)
+        return []
 
 
 def prepare_directory(base: str | None = None) -> str:
