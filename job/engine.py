@@ -23,7 +23,7 @@ from typing import Any
 from . import items as items_module
 from .checkpoint import Checkpointer
 from .config import RunConfig
-from .errors import (EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE_HELD, EXIT_OK, BulkjobError,
+from .errors import (EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE_HELD, EXIT_OK,
                      ManifestCorrupt, StoreUnavailable, UsageError)
 from .lease import Lease
 from .manifest import DONE, FAILED, PARTIAL, ShardManifest, list_shards

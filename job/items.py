@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InputError
 from .shard import shard_of
 
 #: Longest item line accepted: an item travels through a pipe to a worker and its result into
@@ -148,9 +149,7 @@ def iter_items(lines: Iterator[bytes], *, shard_index: int, shard_count: int,
             yield parsed
 
 
-def input_error(source: str, invalid: list[Invalid]) -> "InputError":
+def input_error(source: str, invalid: list[Invalid]) -> InputError:
     """The error that stops a run on bad input: the first problems, and how many more."""
-    from .errors import InputError
-
     shown = [f"line {i.line}: {i.reason}" for i in invalid[:SHOWN_PROBLEMS]]
     return InputError(source, shown, more=max(0, len(invalid) - SHOWN_PROBLEMS))

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import sqlite3
-import threading
 import time
 from collections import Counter
 

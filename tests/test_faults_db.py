@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import run_bulkjob, start_bulkjob, summary_of, write_items
+from conftest import start_bulkjob, summary_of, write_items
 from pg import PgDatabase, PgServer
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]

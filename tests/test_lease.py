@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import run_bulkjob, start_bulkjob, status_of, write_items
+from conftest import start_bulkjob, status_of, write_items
 from job.errors import LeaseHeld
 from job.lease import Lease
 from job.store import LocalStore

@@ -18,8 +18,8 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ..errors import EXIT_INTERRUPTED, BulkjobError, UsageError
-from ..outcome import RETRYABLE, Failure
+from ..errors import EXIT_INTERRUPTED, BulkjobError, Permanent, UsageError
+from ..outcome import PERMANENT, RETRYABLE, Failure
 
 #: Default seconds to wait for a connection, TCP connect and login together: a listener that
 #: accepts and never answers must cost a worker this long, not forever.
@@ -241,6 +241,25 @@ def batches(rows: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]]]:
             batch = []
     if batch:
         yield start, batch
+
+
+def prepare_session(conn, statements, *, execute, driver_error, classify) -> None:
+    """Run the --session-sql `statements` on a new connection with `execute` and commit them
+    (a SET rolled back with a later transaction would be undone). A permanent error names the
+    statement; on any error the connection is closed before the error goes on."""
+    try:
+        for sql in statements:
+            try:
+                execute(sql)
+            except driver_error as e:
+                failure = classify(e)
+                if failure is not None and failure.kind == PERMANENT:
+                    raise Permanent(f"--session-sql {sql!r}: {failure.message}", code=failure.code) from e
+                raise
+        conn.commit()
+    except BaseException:
+        conn.close()
+        raise
 
 
 def executemany_with_savepoints(conn, sql: str, rows: Iterable[Any], *, batch_size: int,

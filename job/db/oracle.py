@@ -14,9 +14,8 @@ from typing import Any
 
 import oracledb
 
-from ..errors import Permanent
 from ..outcome import PERMANENT, RETRYABLE, Failure
-from . import DbSettings, RowError, batches, call_with_timeout
+from . import DbSettings, RowError, batches, call_with_timeout, prepare_session
 
 PARAMSTYLE = "named"
 SAVEPOINT = "SAVEPOINT {name}"
@@ -78,22 +77,14 @@ def connect(settings: DbSettings, password: str | None):
 
     conn = call_with_timeout(login, settings.connect_timeout,
                              f"connecting to Oracle at {settings.host}:{settings.port}")
-    try:
-        conn.call_timeout = call_timeout_ms(settings)
+    conn.call_timeout = call_timeout_ms(settings)
+
+    def execute(sql: str) -> None:
         with conn.cursor() as cur:
-            for sql in settings.session_sql:
-                try:
-                    cur.execute(sql)
-                except oracledb.Error as e:
-                    failure = classify(e)
-                    if failure is not None and failure.kind == PERMANENT:
-                        raise Permanent(f"--session-sql {sql!r}: {failure.message}",
-                                        code=failure.code) from e
-                    raise
-        conn.commit()
-    except BaseException:
-        conn.close()
-        raise
+            cur.execute(sql)
+
+    prepare_session(conn, settings.session_sql, execute=execute, driver_error=oracledb.Error,
+                    classify=classify)
     return conn
 
 

@@ -13,9 +13,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from ..errors import Permanent
 from ..outcome import PERMANENT, RETRYABLE, Failure
-from . import DbSettings, RowError, executemany_with_savepoints
+from . import DbSettings, RowError, executemany_with_savepoints, prepare_session
 
 PARAMSTYLE = "pyformat"
 SAVEPOINT = "SAVEPOINT {name}"
@@ -67,20 +66,8 @@ def connect(settings: DbSettings, password: str | None):
     libpq's connect_timeout bounds the whole handshake, login included, so no extra timer.
     """
     conn = psycopg.connect(conninfo(settings, password))
-    try:
-        for sql in session_statements(settings):
-            try:
-                conn.execute(sql)
-            except psycopg.Error as e:
-                failure = classify(e)
-                if failure is not None and failure.kind == PERMANENT:
-                    raise Permanent(f"--session-sql {sql!r}: {failure.message}", code=failure.code) from e
-                raise
-        # A SET inside a transaction that is rolled back is undone: commit it.
-        conn.commit()
-    except BaseException:
-        conn.close()
-        raise
+    prepare_session(conn, session_statements(settings), execute=conn.execute, driver_error=psycopg.Error,
+                    classify=classify)
     return conn
 
 

@@ -12,9 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
-from ..errors import Permanent
 from ..outcome import PERMANENT, RETRYABLE, Failure
-from . import DbSettings, RowError, executemany_with_savepoints
+from . import DbSettings, RowError, executemany_with_savepoints, prepare_session
 
 PARAMSTYLE = "named"
 SAVEPOINT = "SAVEPOINT {name}"
@@ -41,19 +40,8 @@ def connect(settings: DbSettings, password: str | None):
     uri = f"file:{quote(settings.database)}?mode=rw"
     # check_same_thread=False: the parent's write-back thread may reconnect on its own.
     conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout(settings), check_same_thread=False)
-    try:
-        for sql in settings.session_sql:
-            try:
-                conn.execute(sql)
-            except sqlite3.Error as e:
-                failure = classify(e)
-                if failure is not None and failure.kind == PERMANENT:
-                    raise Permanent(f"--session-sql {sql!r}: {failure.message}", code=failure.code) from e
-                raise
-        conn.commit()
-    except BaseException:
-        conn.close()
-        raise
+    prepare_session(conn, settings.session_sql, execute=conn.execute, driver_error=sqlite3.Error,
+                    classify=classify)
     return conn
 
 
