@@ -67,7 +67,7 @@ def _fail(error: BulkjobError | Exception, code: int, *, run_id=None, shard=None
     text = scrub_text(str(error), env_secrets())
     click.echo(f"bulkjob: error: {text}", err=True)
     if run_id is not None:
-        from .engine import write_summary
+        from .summary import write_summary
 
         write_summary({"run_id": run_id, "shard": shard, "status": "error", "exit_code": code,
                        "error": text.splitlines()[0] if text else ""}, stdout=sys.stdout, xcom_path=xcom_path)
@@ -228,7 +228,8 @@ def run(**opts) -> None:
         max_item_bytes=opts["max_item_bytes"], lease_ttl=opts["lease_ttl"],
         manifest_repair=opts["manifest_repair"], db_items=items_from_db,
         worker=worker_settings)
-    from .engine import Run, write_summary
+    from .engine import Run
+    from .summary import write_summary
 
     try:
         summary, code = Run(config, observer=observer).execute()

@@ -8,12 +8,9 @@ dead worker's item as a failed attempt.
 from __future__ import annotations
 
 import heapq
-import json
 import logging
-import os
 import random
 import signal
-import socket
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -33,6 +30,7 @@ from .pool import Died, Finished, Pool, Task
 from .progress import Progress
 from .sources import open_source
 from .store import open_store
+from .signals import Signals
 from .worker import load_handler
 
 log = logging.getLogger("bulkjob")
@@ -81,43 +79,6 @@ def _with_store_retries(what: str, fn, *args, **kwargs):
             time.sleep(delay)
 
 
-class _Signals:
-    """SIGTERM/SIGINT: the first starts a drain, the second cuts it short."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.last: int | None = None
-        self.reader, self.writer = socket.socketpair()
-        self.reader.setblocking(False)
-        self.writer.setblocking(False)
-        self._previous: dict[int, Any] = {}
-        self._previous_fd = -1
-
-    def _on_signal(self, signum, frame) -> None:
-        self.count += 1
-        self.last = signum
-
-    def install(self) -> None:
-        # The wake-up fd makes the pool's wait() return at once on a signal.
-        self._previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._on_signal)
-
-    def drain_wakeups(self) -> None:
-        try:
-            while self.reader.recv(512):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-
-    def uninstall(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        signal.set_wakeup_fd(self._previous_fd)
-        self.reader.close()
-        self.writer.close()
-
-
 class Run:
     """One invocation of `bulkjob run` for one shard."""
 
@@ -139,7 +100,7 @@ class Run:
         """Run the shard to its end (or to an interruption); returns (summary, exit code)."""
         # Signals are caught from the start: a SIGTERM while the input is read ends the run
         # with exit 3 before any item is handed out.
-        self.signals = _Signals()
+        self.signals = Signals()
         self.signals.install()
         try:
             return self._execute()
@@ -521,18 +482,3 @@ def _exit_text(exitcode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-exitcode}"
     return f"exit code {exitcode}"
-
-
-def write_summary(summary: dict[str, Any], *, stdout, xcom_path) -> None:
-    """Print the summary line and write it where Airflow's KubernetesPodOperator reads XCom."""
-    line = json.dumps(summary, sort_keys=False)
-    stdout.write(line + "\n")
-    stdout.flush()
-    if xcom_path is not None:
-        try:
-            tmp = f"{xcom_path}.tmp"
-            with open(tmp, "w") as f:
-                f.write(line)
-            os.replace(tmp, xcom_path)
-        except OSError as e:
-            log.error("could not write the summary to %s: %s", xcom_path, e)
