@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from typing import Any
 
 from .errors import UsageError
@@ -63,8 +64,16 @@ def failed_rows(store: Store, prefix: str, run_id: str) -> list[dict[str, Any]]:
             rows.append({"id": record["id"], "shard": index, "attempts": record.get("attempts", 0),
                          "error_kind": error.get("kind"), "error_class": error.get("class"),
                          "error_code": error.get("code"), "error_message": error.get("message"),
-                         "last_attempt_at": record.get("at")})
+                         "last_attempt_at": iso_time(record.get("at"))})
     return rows
+
+
+def iso_time(ts: float | None) -> str | None:
+    """An epoch time as ISO 8601 UTC with milliseconds, e.g. 2026-11-25T09:12:47.835Z."""
+    if ts is None:
+        return None
+    whole = int(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((ts - whole) * 1000):03d}Z"
 
 
 def csv_cell(value: Any) -> str:
@@ -89,8 +98,6 @@ def render_report(rows: list[dict[str, Any]], fmt: str) -> str:
 def format_time(ts: float | None) -> str:
     if ts is None:
         return "-"
-    import time
-
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z"
 
 
