@@ -1,4 +1,4 @@
-"""The results as a table (terminal and Markdown) and the targets of the issue as PASS/MISS."""
+"""The results as a table (terminal and Markdown) and the performance targets as PASS/MISS."""
 
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def table(r: dict) -> list[tuple[str, str, str]]:
     if io:
         w = "4 I/O-bound"
         for row in io["rows"]:
-            rows.append((w, f"{io['items']:,} x {io['item_seconds'] * 1000:.0f} ms, {row['workers']} workers: items/s, efficiency (start to exit)",
+            workers = f"{row['workers']} worker" + ("s" if row["workers"] != 1 else "")
+            rows.append((w, f"{io['items']:,} x {io['item_seconds'] * 1000:.0f} ms, {workers}: items/s, efficiency (start to exit)",
                          f"{_n(row['steady_rate'])}, {row['efficiency']:.2f} ({row['e2e_efficiency']:.2f})"))
     db = r.get("database")
     if db:

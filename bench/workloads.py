@@ -38,6 +38,11 @@ class Bench:
         self._runs += 1
         return f"{name}-{os.getpid()}-{self._runs}"
 
+    def requests_during(self, run: JobRun) -> list[dict]:
+        """The S3 requests since the last reset up to the end of `run`: not the bench's own
+        reads of the manifest afterwards."""
+        return [r for r in self.s3.requests() if r["t"] <= run.ended]
+
     def job(self, items: Path, handler: str, *, name: str, workers: int, env: dict | None = None,
             **kwargs) -> JobRun:
         """A run with its manifest in S3 (the server counting its requests)."""
@@ -101,7 +106,7 @@ def overhead_and_floor(b: Bench, *, count: int = 20000, workers: int = 2) -> dic
             into.append({"steady_rate": run.steady_rate, "e2e_rate": count / run.wall, "wall": run.wall,
                          "parent_cpu_us": 1e6 * _cpu(run.parent) / count,
                          "worker_cpu_us": 1e6 * sum(_cpu(w) for w in run.workers) / count,
-                         "s3_requests": len(b.s3.requests())})
+                         "s3_requests": len(b.requests_during(run))})
         for chunksize in floors:
             floors[chunksize].append(_floor(items, workers, chunksize))
     job_rate = median([r["steady_rate"] for r in runs])
@@ -171,7 +176,7 @@ def io_scaling(b: Bench, *, count: int = 2000, seconds: float = 0.02,
         rows.append({"workers": w, "steady_rate": run.steady_rate, "e2e_rate": count / run.wall,
                      "efficiency": run.steady_rate / ideal, "e2e_efficiency": count / run.wall / ideal,
                      "wall": run.wall, "first_item_after": run.first_done - run.started,
-                     "checkpoints": _checkpoint_traffic(b.s3.requests(), run.wall, count)})
+                     "checkpoints": _checkpoint_traffic(b.requests_during(run), run.wall, count)})
     return {"items": count, "item_seconds": seconds, "rows": rows}
 
 
