@@ -140,8 +140,9 @@ def main() -> None:
         help="S3-compatible endpoint (MinIO, a test server).")
 @option("--progress-interval", type=click.FloatRange(min=0), default=DEFAULT_PROGRESS_INTERVAL,
         show_default=True, help="Seconds between progress lines when stderr is not a terminal (0: none).")
-@option("--prefetch", type=click.IntRange(min=1, max=64), default=DEFAULT_PREFETCH, show_default=True,
-        help="Items queued per worker, the running one included.")
+@option("--prefetch", type=click.IntRange(min=0, max=256), default=DEFAULT_PREFETCH,
+        help="Tasks a worker may hold, the running one included (default 0: adapt to the items' "
+             "duration, 2 to 64, so that about 20 ms of work waits at each worker).")
 @option("--worker-memory-limit", metavar="SIZE", callback=lambda ctx, param, value: _size(value, param),
         help="Address-space limit of each worker (RLIMIT_AS), e.g. 1G: a worker that exceeds it is "
              "replaced and its item retried.")

@@ -21,8 +21,9 @@ DEFAULT_METRICS_PORT = 8799
 DEFAULT_MANIFEST = "./bulkjob-state"
 #: Seconds between progress lines when stderr is not a terminal (pod logs).
 DEFAULT_PROGRESS_INTERVAL = 30.0
-#: Items handed to a worker ahead of the one it runs: hides the pipe round trip for short items.
-DEFAULT_PREFETCH = 2
+#: Tasks a worker may hold, the running one included; 0 adapts it to the items' duration
+#: (see job.engine.QUEUED_SECONDS).
+DEFAULT_PREFETCH = 0
 #: Where Airflow's KubernetesPodOperator reads a task's XCom value from.
 AIRFLOW_XCOM_PATH = Path("/airflow/xcom/return.json")
 

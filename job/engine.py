@@ -8,6 +8,7 @@ dead worker's item as a failed attempt.
 from __future__ import annotations
 
 import heapq
+import math
 import logging
 import random
 import signal
@@ -44,6 +45,13 @@ FINAL_FLUSH_TIMEOUT = 120.0
 INTERRUPTED_FLUSH_TIMEOUT = 10.0
 #: Longest the loop sleeps without looking at the clock (retries due, progress, timeouts).
 MAX_TICK = 0.5
+#: Adaptive prefetch (--prefetch 0): the work queued at each worker, in seconds of item time.
+#: Enough that a worker finishing a short item finds the next one waiting instead of a round
+#: trip through the parent; little enough that a drain or the run's uneven tail costs at most
+#: that much. Bounded by MIN_DEPTH (the running item plus one) and MAX_DEPTH tasks.
+QUEUED_SECONDS = 0.02
+MIN_DEPTH = 2
+MAX_DEPTH = 64
 #: Workers that die before ever becoming ready, per pool slot, before the run gives up: a
 #: handler whose import crashes the process would otherwise restart workers forever.
 MAX_START_FAILURES_PER_SLOT = 3
@@ -91,6 +99,7 @@ class Run:
         self.lease_lost = False
         self.unsaved = False
         self._rand = random.Random()
+        self._item_seconds: float | None = None
         #: Writes item states back to a --work-table as they change (None otherwise).
         self.writeback = None
 
@@ -256,7 +265,8 @@ class Run:
         preload = ("job.worker",)
         if getattr(cfg.worker, "metrics_dir", None):
             preload += ("prometheus_client",)
-        pool = Pool(cfg.workers, cfg.worker, prefetch=cfg.prefetch, preload=preload)
+        pool = Pool(cfg.workers, cfg.worker, prefetch=cfg.prefetch or MIN_DEPTH, preload=preload)
+        self._pool = pool
         signals = self.signals
         progress = Progress(self.counts.total, interval=cfg.progress_interval)
         retry_heap: list[tuple[float, int, Task]] = []
@@ -270,6 +280,7 @@ class Run:
                                   workers=cfg.workers)
         try:
             pool.start_items_until(self.lease.valid_until)
+            pool.watch(signals.reader)
             pool.start()
             while True:
                 now = time.monotonic()
@@ -288,7 +299,7 @@ class Run:
                         timeout = min(timeout, max(0.0, deadline - now))
                 if drain_deadline is not None:
                     timeout = min(timeout, max(0.0, drain_deadline - now))
-                events, woke = pool.wait(timeout, [signals.reader])
+                events, woke = pool.wait(timeout)
                 if woke:
                     signals.drain_wakeups()
                 for event in events:
@@ -341,21 +352,26 @@ class Run:
     @staticmethod
     def _dispatch(pool: Pool, todo: Iterator[Task], retry_heap, unstarted: deque, exhausted: bool,
                   now: float) -> bool:
-        """Fill every free worker slot: retries that are due first, then tasks sent back
-        unstarted, then new items. Returns whether the new items have run out."""
-        while free := pool.free():
-            for handle in free:
+        """Fill every free worker slot, a batch per worker in one message: retries that are
+        due first, then tasks sent back unstarted, then new items. Returns whether the new
+        items have run out."""
+        for handle in pool.free():
+            batch: list[Task] = []
+            while len(batch) < pool.room(handle) - len(handle.inflight):
                 if retry_heap and retry_heap[0][0] <= now:
-                    task = heapq.heappop(retry_heap)[2]
+                    batch.append(heapq.heappop(retry_heap)[2])
                 elif unstarted:
-                    task = unstarted.popleft()
+                    batch.append(unstarted.popleft())
                 elif not exhausted and (task := next(todo, None)) is not None:
-                    pass
+                    batch.append(task)
                 else:
-                    return True
-                if not pool.submit(handle, task):
-                    unstarted.appendleft(task)
-                    return exhausted
+                    exhausted = True
+                    break
+            if not batch:
+                break
+            sent = pool.submit(handle, batch)
+            if sent < len(batch):
+                unstarted.extendleft(reversed(batch[sent:]))
         return exhausted
 
     def _on_outcome(self, task: Task, outcome: Outcome, retry_heap, unstarted, sequence: int) -> None:
@@ -363,6 +379,8 @@ class Run:
             unstarted.append(task)
             return
         self.counts.attempts += 1
+        if not self.config.prefetch:
+            self._adapt_depth(outcome.seconds)
         if outcome.failure is None:
             self.counts.done += 1
             record = {"id": task.item_id, "state": DONE, "attempts": task.attempt, "at": round(time.time(), 3),
@@ -374,6 +392,11 @@ class Run:
             self.observer.item_finished(DONE, outcome.seconds, None)
             return
         self._on_failure(task, outcome.failure, outcome.seconds, outcome.progress, retry_heap, sequence)
+
+    def _adapt_depth(self, seconds: float) -> None:
+        """Queue about QUEUED_SECONDS of work at each worker, by a moving average of item time."""
+        self._item_seconds = seconds if self._item_seconds is None else 0.9 * self._item_seconds + 0.1 * seconds
+        self._pool.depth = max(MIN_DEPTH, min(MAX_DEPTH, math.ceil(QUEUED_SECONDS / max(self._item_seconds, 1e-6))))
 
     def _on_failure(self, task: Task, failure: Failure, seconds: float, progress, retry_heap, sequence: int) -> None:
         progress = progress if progress is not None else task.progress

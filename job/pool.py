@@ -11,6 +11,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import selectors
 import signal
 import time
 from collections import deque
@@ -26,6 +27,8 @@ START_METHOD = "forkserver"
 #: A task is handed over ahead of time only if it is this small: a worker reads its pipe only
 #: between items, so a large task would block the parent's send until the current item ends.
 PREFETCH_MAX_BYTES = 32 * 1024
+#: What a selector key of the pool stands for.
+ANSWER, DEATH, EXTRA = "answer", "death", "extra"
 #: Seconds to wait for workers to exit after being told to, before they are killed.
 EXIT_GRACE = 5.0
 
@@ -39,9 +42,8 @@ class Task:
     attempt: int
     progress: dict[str, Any] | None = None
 
-    def wire(self) -> bytes:
-        return pickle.dumps((self.item_id, self.payload, self.attempt, self.progress),
-                            protocol=pickle.HIGHEST_PROTOCOL)
+    def wire(self) -> tuple:
+        return (self.item_id, self.payload, self.attempt, self.progress)
 
 
 @dataclass(slots=True)
@@ -89,7 +91,12 @@ class Pool:
     def __init__(self, size: int, settings: Any, *, prefetch: int = 2, preload: tuple[str, ...] = ()) -> None:
         self.size = size
         self.settings = settings
-        self.prefetch = max(1, prefetch)
+        #: Tasks a ready worker may hold, the running one included; the run adapts it to the
+        #: items' duration unless --prefetch fixed it.
+        self.depth = max(1, prefetch)
+        # One selector for the pool's life: building one per wait (as multiprocessing's
+        # wait() does) cost more than the rest of the parent's work per item.
+        self._selector = selectors.DefaultSelector()
         self._ctx = multiprocessing.get_context(START_METHOD)
         if preload:
             self._ctx.set_forkserver_preload(list(preload))
@@ -109,7 +116,14 @@ class Pool:
         process.start()
         child_end.close()
         self.started += 1
-        return WorkerHandle(process, parent_end)
+        handle = WorkerHandle(process, parent_end)
+        self._selector.register(parent_end.fileno(), selectors.EVENT_READ, (ANSWER, handle))
+        self._selector.register(process.sentinel, selectors.EVENT_READ, (DEATH, handle))
+        return handle
+
+    def watch(self, obj: Any) -> None:
+        """Also wake wait() when `obj` (a socket, a file descriptor) becomes readable."""
+        self._selector.register(obj, selectors.EVENT_READ, (EXTRA, obj))
 
     def stop_starting_items(self) -> None:
         """Tell workers not to start items already handed to them (they are sent back)."""
@@ -121,75 +135,99 @@ class Pool:
 
     def free(self) -> list[WorkerHandle]:
         """Workers that can take another task now."""
-        return [w for w in self.workers
-                if not w.broken and len(w.inflight) < (self.prefetch if w.ready else 1)]
+        return [w for w in self.workers if not w.broken and len(w.inflight) < self.room(w)]
 
-    def submit(self, handle: WorkerHandle, task: Task) -> bool:
-        """Hand `task` to `handle`; False (nothing sent) if it is too big to send ahead of time
-        or the worker is gone."""
-        data = task.wire()
-        if handle.inflight and len(data) > PREFETCH_MAX_BYTES:
-            return False
+    def room(self, handle: WorkerHandle) -> int:
+        """How many tasks `handle` may hold: one until it is ready, then the pool's depth."""
+        return self.depth if handle.ready else 1
+
+    def submit(self, handle: WorkerHandle, tasks: list[Task]) -> int:
+        """Hand `tasks` to `handle` in one message; returns how many were sent (the first ones).
+
+        A batch too big for the pipe's buffer is cut to one task, and that one is sent only to
+        an idle worker: a worker reads its pipe only between items, so a large send to a busy
+        one would block the parent until its current item ends. Nothing is sent to a worker
+        that is gone."""
+        data = pickle.dumps([t.wire() for t in tasks], protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) > PREFETCH_MAX_BYTES:
+            if handle.inflight:
+                return 0
+            tasks = tasks[:1]
+            data = pickle.dumps([tasks[0].wire()], protocol=pickle.HIGHEST_PROTOCOL)
         try:
             handle.conn.send_bytes(data)
         except OSError:
             # The worker died and its death is not yet collected; wait() will report it.
             handle.broken = True
-            return False
+            return 0
         if not handle.inflight:
             handle.head_started = time.monotonic()
-        handle.inflight.append(task)
-        return True
+        handle.inflight.extend(tasks)
+        return len(tasks)
 
     def busy(self) -> int:
         return sum(len(w.inflight) for w in self.workers)
 
-    def wait(self, timeout: float, extra: list[Any] = ()) -> tuple[list[Finished | Died], list[Any]]:
-        """Wait up to `timeout` seconds for answers and deaths; also returns which of `extra`
-        (for example the signal wake-up socket) became ready."""
-        by_conn = {w.conn: w for w in self.workers}
-        by_sentinel = {w.process.sentinel: w for w in self.workers}
-        ready = multiprocessing.connection.wait([*by_conn, *by_sentinel, *extra], timeout)
+    def wait(self, timeout: float) -> tuple[list[Finished | Died], list[Any]]:
+        """Wait up to `timeout` seconds for answers and deaths; also returns which watched
+        objects (for example the signal wake-up socket) became ready."""
         events: list[Finished | Died] = []
-        dead: set[int] = set()
-        for obj in ready:
-            handle = by_conn.get(obj)
-            if handle is not None:
-                events.extend(self._drain(handle))
-        for obj in ready:
-            handle = by_sentinel.get(obj)
-            if handle is not None and id(handle) not in dead:
-                dead.add(id(handle))
+        extra: list[Any] = []
+        dying: list[WorkerHandle] = []
+        for key, _ in self._selector.select(timeout):
+            kind, obj = key.data
+            if kind == ANSWER:
+                # One message per wake-up: the selector is level-triggered, so the next
+                # wait() returns at once if more are queued. (Connection.poll() would build
+                # yet another selector per message.)
+                found = self._receive(obj)
+                if found is None:
+                    # The pipe is closed: the worker is dead or dying. Stop watching the pipe
+                    # (it would stay readable) and let its sentinel report the death.
+                    obj.broken = True
+                    self._forget(obj.conn.fileno())
+                else:
+                    events.extend(found)
+            elif kind == DEATH:
+                dying.append(obj)
+            else:
+                extra.append(obj)
+        for handle in dying:
+            if handle in self.workers:
                 # Answers written just before the death are still in the pipe: take them first.
-                events.extend(self._drain(handle))
+                while handle.conn.poll():
+                    found = self._receive(handle)
+                    if found is None:
+                        break
+                    events.extend(found)
                 events.append(self._bury(handle))
-        return events, [obj for obj in ready if obj in extra]
+        return events, extra
 
-    def _drain(self, handle: WorkerHandle) -> list[Finished]:
-        events = []
+    def _receive(self, handle: WorkerHandle) -> list[Finished] | None:
+        """Read one message from `handle`; None when its pipe is closed."""
         try:
-            while handle.conn.poll():
-                message = handle.conn.recv()
-                if isinstance(message, tuple) and message and message[0] == worker_module.READY:
-                    handle.ready = True
-                    handle.head_started = time.monotonic()
-                    continue
-                if isinstance(message, tuple) and message and message[0] == worker_module.RETIRING:
-                    handle.retiring = handle.broken = True
-                    continue
-                task = handle.inflight.popleft()
-                handle.items_run += 1
-                handle.head_started = time.monotonic()
-                events.append(Finished(handle, task, message))
+            message = handle.conn.recv()
         except (EOFError, OSError):
-            pass
-        return events
+            return None
+        if isinstance(message, tuple):
+            if message[0] == worker_module.READY:
+                handle.ready = True
+                handle.head_started = time.monotonic()
+            elif message[0] == worker_module.RETIRING:
+                handle.retiring = handle.broken = True
+            return []
+        task = handle.inflight.popleft()
+        handle.items_run += 1
+        handle.head_started = time.monotonic()
+        return [Finished(handle, task, message)]
 
     def _bury(self, handle: WorkerHandle) -> Died:
         handle.process.join(timeout=1)
         running = handle.inflight.popleft() if handle.inflight and handle.ready and not handle.retiring else None
         unstarted = list(handle.inflight)
         handle.inflight.clear()
+        self._forget(handle.conn.fileno())
+        self._forget(handle.process.sentinel)
         handle.conn.close()
         self.workers.remove(handle)
         return Died(handle, running, unstarted, handle.process.exitcode)
@@ -230,5 +268,13 @@ class Pool:
             if handle.process.is_alive():
                 self.kill(handle)
                 handle.process.join(1)
+            self._forget(handle.conn.fileno())
+            self._forget(handle.process.sentinel)
             handle.conn.close()
         self.workers.clear()
+
+    def _forget(self, fd: int) -> None:
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass

@@ -210,7 +210,7 @@ def _die_with_parent() -> None:
 def main(conn, settings: Any, stop_flag, start_deadline) -> None:
     """Worker entry point: `conn` is this worker's end of its pipe to the parent.
 
-    Receives pickled task tuples (item id, payload, attempt, progress), or None to exit. Before
+    Receives lists of task tuples (item id, payload, attempt, progress), or None to exit. Before
     each item it checks `stop_flag`, set by the parent when it drains, and `start_deadline`, the
     end of the shard's lease: an item handed over ahead of time but not started is then sent
     back unstarted (an Outcome with attempt 0).
@@ -248,23 +248,25 @@ def main(conn, settings: Any, stop_flag, start_deadline) -> None:
     try:
         while True:
             try:
-                task = conn.recv()
+                tasks = conn.recv()
             except EOFError:
                 break
-            if task is None:
+            if tasks is None:
                 break
-            # The deadline is the end of the shard's lease as of its last renewal: a parent that
-            # stalls (stopped, starved) past it must not have its workers start items it may
-            # no longer record.
-            if stop_flag.value or time.time() > start_deadline.value:
-                conn.send(Outcome(task[0], 0, 0.0))
-                continue
-            conn.send(_attempt(handler, task, settings=settings, resources=resources, logger=logger,
-                               secrets=secrets, in_flight=in_flight))
-            items_run += 1
-            if resources.retire or (settings.max_items_per_worker and items_run >= settings.max_items_per_worker):
-                conn.send((RETIRING, os.getpid()))
-                break
+            for task in tasks:
+                # The deadline is the end of the shard's lease as of its last renewal: a parent
+                # that stalls (stopped, starved) past it must not have its workers start items
+                # it may no longer record.
+                if stop_flag.value or time.time() > start_deadline.value:
+                    conn.send(Outcome(task[0], 0, 0.0))
+                    continue
+                conn.send(_attempt(handler, task, settings=settings, resources=resources, logger=logger,
+                                   secrets=secrets, in_flight=in_flight))
+                items_run += 1
+                if resources.retire or (settings.max_items_per_worker
+                                        and items_run >= settings.max_items_per_worker):
+                    conn.send((RETIRING, os.getpid()))
+                    return
     except (BrokenPipeError, EOFError):
         pass  # the parent is gone; nothing left to report to
     finally:
