@@ -321,3 +321,19 @@ def test_db_settings_checks_options(tmp_path):
                     commit="step")
     assert s.session_sql == ("ALTER SESSION SET NLS_DATE_FORMAT = 'YYYY-MM-DD'",) and s.commit == "step"
     assert s.connect_timeout == 10.0
+
+
+@pytest.mark.parametrize("sql, copy", [
+    ("INSERT INTO t (a, b) VALUES (%s, %s)", "COPY t (a, b) FROM STDIN"),
+    ("insert into s.t(a,b,c) values (%s,%s,%s);", "COPY s.t (a, b, c) FROM STDIN"),
+    ("INSERT INTO t (a) VALUES (%s) ON CONFLICT DO NOTHING", None),
+    ("INSERT INTO t (a, b) VALUES (%s, now())", None),
+    ("INSERT INTO t (a, b) VALUES (%(a)s, %(b)s)", None),
+    ("INSERT INTO t (a, b) VALUES (%s)", None),
+    ("INSERT INTO t (a) VALUES (%s) RETURNING id", None),
+    ("UPDATE t SET a = %s", None),
+])
+def test_plain_inserts_go_through_copy(sql, copy):
+    from job.db.postgres import copy_target
+
+    assert copy_target(sql) == copy

@@ -196,14 +196,18 @@ def test_commit_step_resumes_at_the_failing_step(tmp_path, pg_db):
     assert pg_db.execute("SELECT step, COUNT(*) FROM log GROUP BY step ORDER BY step") == [("one", 3), ("two", 3)]
 
 
-def test_batch_dml_with_bad_rows(tmp_path, pg_db):
+@pytest.mark.parametrize("sql", [
+    "INSERT INTO t VALUES (%s, %s)",            # executemany
+    "INSERT INTO t (k, v) VALUES (%s, %s)",     # COPY, replayed as INSERTs when a row is bad
+])
+def test_batch_dml_with_bad_rows(tmp_path, pg_db, sql):
     pg_db.execute("CREATE TABLE t (k int PRIMARY KEY, v int NOT NULL CHECK (v >= 0))")
     rows = [[i, i] for i in range(10)]
     rows[2] = [2, -1]       # check violation
     rows[5] = [5, None]     # not null violation
     rows[8] = [1, 8]        # duplicate key
     write_items(tmp_path / "items.jsonl", [{"id": "batch", "payload": {
-        "sql": "INSERT INTO t VALUES (%s, %s)", "rows": rows, "batch_size": 4}}])
+        "sql": sql, "rows": rows, "batch_size": 4}}])
     proc = run_bulkjob(*pg_args(tmp_path, pg_db, "db_handlers:batch_insert"), env=pg_db.env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bad = latest(tmp_path)["batch"]["result"]["bad"]

@@ -264,18 +264,23 @@ def prepare_session(conn, statements, *, execute, driver_error, classify) -> Non
 
 def executemany_with_savepoints(conn, sql: str, rows: Iterable[Any], *, batch_size: int,
                                 row_error: Callable[[BaseException], tuple[str | None, str] | None],
+                                run_batch: Callable[[Any, str, list[Any]], None] | None = None,
                                 ) -> list[RowError]:
     """Batch DML where the driver has no batch errors: each batch runs under a savepoint; a
     batch with a bad row is rolled back and replayed row by row, each row under its own
     savepoint, so the good rows are applied and the bad ones reported. `row_error(exc)` gives
-    (code, message) when an error is the row's fault, else None and the error is raised."""
+    (code, message) when an error is the row's fault, else None and the error is raised.
+    `run_batch(cursor, sql, batch)` sends a whole batch (default: the cursor's executemany)."""
     errors: list[RowError] = []
     cur = conn.cursor()
     try:
         for start, batch in batches(rows, batch_size):
             cur.execute("SAVEPOINT bulkjob_batch")
             try:
-                cur.executemany(sql, batch)
+                if run_batch is None:
+                    cur.executemany(sql, batch)
+                else:
+                    run_batch(cur, sql, batch)
             except Exception as exc:
                 if row_error(exc) is None:
                     raise

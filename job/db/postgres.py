@@ -7,6 +7,7 @@ OperationalError without one ("connection is closed", "server closed the connect
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -109,6 +110,39 @@ def _row_error(exc: BaseException) -> tuple[str | None, str] | None:
     return None
 
 
+#: A plain INSERT of positional parameters, which COPY can do: `INSERT INTO [schema.]table
+#: (col, ...) VALUES (%s, ...)`. Anything else (ON CONFLICT, RETURNING, expressions, named
+#: parameters) goes through executemany.
+_IDENT = r"[A-Za-z_][A-Za-z0-9_$]*"
+_PLAIN_INSERT = re.compile(
+    rf"\s*INSERT\s+INTO\s+({_IDENT}(?:\.{_IDENT})?)\s*\(\s*({_IDENT}(?:\s*,\s*{_IDENT})*)\s*\)"
+    rf"\s*VALUES\s*\(\s*(%s(?:\s*,\s*%s)*)\s*\)\s*;?\s*", re.IGNORECASE)
+
+
+def copy_target(sql: str) -> str | None:
+    """`COPY table (cols) FROM STDIN` for a plain INSERT whose placeholders match its columns."""
+    m = _PLAIN_INSERT.fullmatch(sql)
+    if m is None:
+        return None
+    columns = [c.strip() for c in m.group(2).split(",")]
+    if len(columns) != m.group(3).count("%s"):
+        return None
+    return f"COPY {m.group(1)} ({', '.join(columns)}) FROM STDIN"
+
+
+def _copy_batch(cur, sql: str, batch: list[Any]) -> None:
+    target = copy_target(sql)
+    if target is None or not all(isinstance(row, (tuple, list)) for row in batch):
+        cur.executemany(sql, batch)
+        return
+    with cur.copy(target) as copy:
+        for row in batch:
+            copy.write_row(row)
+
+
 def executemany(conn, sql: str, rows: Iterable[Any], *, batch_size: int) -> list[RowError]:
-    """PostgreSQL has no batch errors: a failing batch is replayed row by row under savepoints."""
-    return executemany_with_savepoints(conn, sql, rows, batch_size=batch_size, row_error=_row_error)
+    """PostgreSQL has no batch errors: a failing batch is replayed row by row under savepoints.
+    A plain INSERT is sent with COPY, several times faster than executemany; a batch that COPY
+    refuses is replayed row by row with INSERTs, which finds the bad rows."""
+    return executemany_with_savepoints(conn, sql, rows, batch_size=batch_size, row_error=_row_error,
+                                       run_batch=_copy_batch)
