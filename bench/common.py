@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,29 +19,15 @@ from typing import Any, Callable
 from .procstats import read_stats
 
 ROOT = Path(__file__).resolve().parent.parent
+# The test suite's helpers for loopback servers (tests/ports.py, tests/pg.py) serve here too.
+sys.path.insert(0, str(ROOT / "tests"))
+from ports import free_port, wait_for_port  # noqa: E402
 #: The job's own interpreter (.venv): the benchmarks run under it.
 PYTHON = sys.executable
 #: Credentials the S3 test server accepts (any value does; these are not secrets).
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
           "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
 def median(values: list[float]) -> float:
