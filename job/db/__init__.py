@@ -222,11 +222,7 @@ class Database:
 
     def _discard(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass  # a dead session may refuse even to close; it is gone either way
+        close_quietly(conn)
 
 
 def batches(rows: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]]]:
@@ -241,6 +237,16 @@ def batches(rows: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]]]:
             batch = []
     if batch:
         yield start, batch
+
+
+def close_quietly(conn) -> None:
+    """Close a connection that may be dead: a dead session may refuse even to close, and it
+    is gone either way."""
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:
+            pass
 
 
 def prepare_session(conn, statements, *, execute, driver_error, classify) -> None:

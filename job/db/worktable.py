@@ -26,7 +26,8 @@ from ..errors import UsageError
 from ..manifest import DONE, FAILED
 from ..outcome import RETRYABLE
 from ..retry import backoff_delay
-from . import DatabaseUnavailable, DbSettings, batches, bind_marker, dialect_of, read_password
+from . import (DatabaseUnavailable, DbSettings, batches, bind_marker, close_quietly, dialect_of,
+               read_password)
 from .stepsfile import is_identifier
 
 log = logging.getLogger("bulkjob.worktable")
@@ -328,11 +329,7 @@ class WorkTableWriter:
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+        close_quietly(conn)
 
 
 def _error_text(error: dict[str, Any] | None) -> str | None:
