@@ -11,10 +11,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .procstats import read_stats
 
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The test suite's helpers for loopback servers (tests/ports.py, tests/pg.py) serve here too.
 sys.path.insert(0, str(ROOT / "tests"))
 from ports import free_port, wait_for_port  # noqa: E402
+
 #: The job's own interpreter (.venv): the benchmarks run under it.
 PYTHON = sys.executable
 #: Credentials the S3 test server accepts (any value does; these are not secrets).
@@ -63,7 +65,7 @@ def log_time(line: str) -> float | None:
     """The wall-clock time of a bulkjob text log line (`2026-11-25T08:35:51.662Z INFO ...`)."""
     stamp = line.split(" ", 1)[0]
     try:
-        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return None
 

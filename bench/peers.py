@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .common import PYTHON, ROOT, clean_env, median
@@ -87,5 +87,5 @@ def airflow(items: Path) -> dict:
 def _ts(text: str) -> float:
     value = datetime.fromisoformat(text)
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
+        value = value.replace(tzinfo=UTC)
     return value.timestamp()

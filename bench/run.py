@@ -117,6 +117,6 @@ def _markdown(r: dict) -> str:
             f"Linux {hw['kernel']}, Python {hw['python']}; load average {hw['load_average_at_start'][0]:.1f} at the "
             f"start and {hw['load_average_at_end'][0]:.1f} at the end.", ""]
     if r.get("quick"):
-        head = ["**Quick run (smaller sizes): not figures to quote.**", ""] + head
+        head = ["**Quick run (smaller sizes): not figures to quote.**", "", *head]
     errors = [f"- {name}: could not run: {error}" for name, error in r["errors"].items()]
     return "\n".join(head) + render_markdown(r) + ("\n" + "\n".join(errors) + "\n" if errors else "")

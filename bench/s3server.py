@@ -25,7 +25,7 @@ def kind_of(method: str, path: str, query: str) -> str:
     for kind, pattern in _KINDS:
         if pattern.search(path):
             return kind
-    bucket, _, key = path.lstrip("/").partition("/")
+    _bucket, _, key = path.lstrip("/").partition("/")
     if not key:
         if "delete" in query:
             return "delete-batch"

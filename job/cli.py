@@ -15,10 +15,21 @@ from pathlib import Path
 
 import click
 
-from .config import (AIRFLOW_XCOM_PATH, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_DRAIN_TIMEOUT,
-                     DEFAULT_MANIFEST, DEFAULT_METRICS_PORT, DEFAULT_PREFETCH, DEFAULT_PROGRESS_INTERVAL,
-                     RunConfig, WorkerSettings, cgroup_cpu_limit, default_workers, parse_size,
-                     visible_cpus)
+from .config import (
+    AIRFLOW_XCOM_PATH,
+    DEFAULT_CHECKPOINT_INTERVAL,
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MANIFEST,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PREFETCH,
+    DEFAULT_PROGRESS_INTERVAL,
+    RunConfig,
+    WorkerSettings,
+    cgroup_cpu_limit,
+    default_workers,
+    parse_size,
+    visible_cpus,
+)
 from .errors import EXIT_USAGE, BulkjobError
 from .items import MAX_LINE_BYTES
 from .logs import LOG_FILE_BACKUPS, LOG_FILE_MAX_BYTES

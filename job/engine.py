@@ -8,8 +8,8 @@ dead worker's item as a failed attempt.
 from __future__ import annotations
 
 import heapq
-import math
 import logging
+import math
 import random
 import signal
 import time
@@ -21,17 +21,24 @@ from typing import Any
 from . import items as items_module
 from .checkpoint import Checkpointer
 from .config import RunConfig
-from .errors import (EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE_HELD, EXIT_OK,
-                     ManifestCorrupt, StoreUnavailable, UsageError)
+from .errors import (
+    EXIT_INTERRUPTED,
+    EXIT_ITEMS_FAILED,
+    EXIT_LEASE,
+    EXIT_OK,
+    ManifestCorrupt,
+    StoreUnavailable,
+    UsageError,
+)
 from .lease import Lease
-from .manifest import DONE, FAILED, PARTIAL, ShardManifest, list_shards
+from .manifest import DONE, FAILED, PARTIAL, RUNNING, ItemStates, ShardManifest, list_shards
 from .observe import NullObserver, Observer
 from .outcome import CRASHED, INVALID, TIMEOUT, Failure, Outcome
 from .pool import Died, Finished, Pool, Task
 from .progress import Progress
+from .signals import Signals
 from .sources import open_source
 from .store import open_store
-from .signals import Signals
 from .worker import load_handler
 
 log = logging.getLogger("bulkjob")
@@ -139,7 +146,7 @@ class Run:
         except ManifestCorrupt as e:
             raise ManifestCorrupt(f"damaged manifest: {e}. Nothing was changed; run again with "
                                   "--manifest-repair to keep every record that can still be read") from None
-        latest = loaded.latest()
+        latest = loaded.states()
         with self._open_items() as (source_name, lines):
             with lines() as it:
                 scan = items_module.scan(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
@@ -172,7 +179,8 @@ class Run:
             if cfg.db_items is not None:
                 self.writeback = lines.writeback()
             for bad in invalid:
-                if latest.get(bad.record_id, {}).get("state") not in (DONE, FAILED):
+                known = latest.get(bad.record_id)
+                if known is None or known.state not in (DONE, FAILED):
                     self._record_failed(bad.record_id, 0, Failure(INVALID, "InvalidItem", bad.reason))
             with lines() as it:
                 todo = self._todo(items_module.iter_items(
@@ -187,28 +195,24 @@ class Run:
                     self.interrupted = True
             return self._finish(manifest)
 
-    def _count_known(self, latest: dict[str, dict[str, Any]]) -> None:
-        for record in latest.values():
-            if record["state"] == DONE:
-                self.counts.done += 1
-            elif record["state"] == FAILED and not self.config.retry_failed:
-                self.counts.failed += 1
+    def _count_known(self, latest: ItemStates) -> None:
+        self.counts.done = latest.count(DONE)
+        if not self.config.retry_failed:
+            self.counts.failed = latest.count(FAILED)
         self.counts.skipped_already_done = self.counts.done
 
-    def _todo(self, items: Iterator[items_module.Item], latest: dict[str, dict[str, Any]]) -> Iterator[Task]:
+    def _todo(self, items: Iterator[items_module.Item], latest: ItemStates) -> Iterator[Task]:
         """Items still to run: not done, and not failed unless --retry-failed."""
         for item in items:
-            record = latest.get(item.id)
-            if record is None:
+            known = latest.get(item.id)
+            if known is None:
                 task = Task(item.id, item.payload, 1)
-            elif record["state"] == PARTIAL:
-                task = Task(item.id, item.payload, 1, record.get("progress"))
-            elif record["state"] == FAILED and self.config.retry_failed:
-                task = Task(item.id, item.payload, 1, record.get("progress"))
+            elif known.state in (PARTIAL, RUNNING) or (known.state == FAILED and self.config.retry_failed):
+                task = Task(item.id, item.payload, 1, known.progress)
             else:
                 # Finished before a restart but still open in the work table: the write-back
                 # was cut short, so write it now.
-                self._write_back(item.id, record["state"], record.get("error"))
+                self._write_back(item.id, known.state, known.error)
                 continue
             if self.writeback is not None:
                 self.writeback.taken(item.id)
@@ -477,7 +481,7 @@ class Run:
             log.error("could not write %d item state(s) back to the work table within %.0fs; "
                       "a rerun with the same run id writes them", self.writeback.unsaved, timeout)
         if self.lease_lost:
-            code, status = EXIT_LEASE_HELD, "lease_lost"
+            code, status = EXIT_LEASE, "lease_lost"
         elif self.interrupted or not saved or self.counts.pending:
             code, status = EXIT_INTERRUPTED, "interrupted" if self.interrupted else "incomplete"
         elif self.counts.failed > self.config.max_failures:

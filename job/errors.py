@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-#: Exit codes, the contract with Kubernetes (podFailurePolicy) and Airflow.
-EXIT_OK = 0
-EXIT_ITEMS_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 3
-EXIT_LEASE_HELD = 4
+from .exits import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+
+__all__ = ["EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_ITEMS_FAILED", "EXIT_LEASE", "EXIT_OK",
+           "EXIT_UNAVAILABLE", "EXIT_USAGE"]
 
 
 class BulkjobError(Exception):
@@ -30,6 +28,15 @@ class Retryable(HandlerError):
 
 class Permanent(HandlerError):
     """Raised by a handler when trying the item again cannot help."""
+
+
+class Unavailable(HandlerError):
+    """Raised by a handler when what the item needs cannot be reached (an API, a store): the run
+    pauses and tries again later, and the item keeps its attempts."""
+
+    def __init__(self, message: str = "", *, code: str | None = None, system: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.system = system
 
 
 class UsageError(BulkjobError):
@@ -62,7 +69,18 @@ class ManifestCorrupt(ManifestError):
 class StoreUnavailable(BulkjobError):
     """Raised by a store when the backend could not be reached; the caller may retry."""
 
-    exit_code = EXIT_INTERRUPTED
+    exit_code = EXIT_UNAVAILABLE
+
+
+class EnvironmentUnavailable(BulkjobError):
+    """Raised when the database or the store stayed unreachable past --outage-timeout."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class ConfigError(UsageError):
+    """Raised when the environment refuses our settings: a wrong password, a missing database,
+    access denied. Running again cannot help until the configuration is fixed."""
 
 
 class PreconditionFailed(BulkjobError):
@@ -72,8 +90,4 @@ class PreconditionFailed(BulkjobError):
 class LeaseHeld(BulkjobError):
     """Raised when another runner holds this run's shard."""
 
-    exit_code = EXIT_LEASE_HELD
-
-
-class Shutdown(BaseException):
-    """Signals an orderly stop (SIGTERM, SIGINT); a BaseException so `except Exception` lets it pass."""
+    exit_code = EXIT_LEASE

@@ -18,7 +18,7 @@ from typing import Any
 
 from .redact import REDACTED, env_secrets, scrub_text, secrets_of
 
-__all__ = ["REDACTED", "add_secrets", "redact_std_streams", "setup_logging", "set_item", "secret_values"]
+__all__ = ["REDACTED", "add_secrets", "redact_std_streams", "secret_values", "set_item", "setup_logging"]
 
 #: Fields a record may carry about the item it concerns.
 _CONTEXT_FIELDS = ("item_id", "attempt")

@@ -10,9 +10,11 @@ Layout, under `<prefix>/<run id>/shard-<index>-of-<count>/`:
   so nothing is recompressed), and the segments it covers are deleted: resuming reads one
   snapshot and a few segments, not thousands of small objects.
 
-A record is `{"id", "state", "attempts", "at", ...}` with `state` one of `done`, `failed` or
-`partial` (a failed attempt that kept progress, such as the last committed SQL step), plus
-`result` (done), `error` (failed) or `progress`. When an id has several records, the last wins.
+A record is `{"id", "state", "attempts", "at", ...}` with `state` one of `done`, `failed`,
+`partial` (an attempt failed and the item will be tried again; `progress` keeps what it
+committed, such as the last SQL step) or `running` (an attempt was running when the checkpoint
+was written: if no later record follows, the runner died with it), plus `result` (done),
+`error` (failed, partial) or `progress`. When an id has several records, the last wins.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ COMPACT_EVERY = 64
 DONE = "done"
 FAILED = "failed"
 PARTIAL = "partial"
-STATES = frozenset({DONE, FAILED, PARTIAL})
+RUNNING = "running"
+STATES = frozenset({DONE, FAILED, PARTIAL, RUNNING})
 
 _SEG = re.compile(r"seg-(\d{10})\.jsonl$")
 _SNAP = re.compile(r"snap-(\d{10})\.jsonl\.gz$")
@@ -62,6 +65,22 @@ def shard_dir(prefix: str, run_id: str, shard_index: int, shard_count: int) -> s
     return f"{base}{run_id}/shard-{shard_index:05d}-of-{shard_count:05d}/"
 
 
+@dataclass(frozen=True, slots=True)
+class ItemState:
+    """What the run needs to know of an item recorded earlier: its state, the attempts it has
+    used, the progress to resume from, and the error of a failed item (for the work table)."""
+
+    state: str
+    attempts: int
+    progress: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+def item_state(record: dict[str, Any]) -> ItemState:
+    return ItemState(record["state"], int(record.get("attempts") or 0), record.get("progress"),
+                     record.get("error"))
+
+
 @dataclass(slots=True)
 class Loaded:
     """What a shard's manifest holds, as read at start (or by status/report)."""
@@ -84,6 +103,30 @@ class Loaded:
         for record in self.records:
             folded[record["id"]] = record
         return folded
+
+    def states(self) -> ItemStates:
+        """The state of every recorded item, for the run's decisions."""
+        return ItemStates({item_id: item_state(r) for item_id, r in self.latest().items()})
+
+
+class ItemStates:
+    """The last state of each recorded item: what a resuming run asks of the manifest."""
+
+    def __init__(self, states: dict[str, ItemState]) -> None:
+        self._states = states
+
+    def get(self, item_id: str) -> ItemState | None:
+        return self._states.get(item_id)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def count(self, state: str) -> int:
+        return sum(1 for s in self._states.values() if s.state == state)
+
+    def items(self, state: str | None = None):
+        """(id, ItemState) pairs, all or those in `state`."""
+        return ((i, s) for i, s in self._states.items() if state is None or s.state == state)
 
 
 def _parse_lines(data: bytes, key: str, *, first_line: int = 1) -> Iterator[dict[str, Any]]:

@@ -120,7 +120,7 @@ class Histogram:
         """(upper bound, observations <= bound) for every bucket, +Inf last."""
         counts = list(self.counts)  # one consistent copy: the writer may go on meanwhile
         total, out = 0, []
-        for bound, n in zip((*self.bounds, math.inf), counts):
+        for bound, n in zip((*self.bounds, math.inf), counts, strict=False):
             total += n
             out.append((bound, total))
         return out

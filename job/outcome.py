@@ -5,17 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-#: Failure kinds. `retryable` and `permanent` come from the handler or the classification rules;
-#: `crashed` and `timeout` are decided by the parent when a worker dies or overruns; `invalid`
-#: marks an input line recorded with --skip-invalid.
+#: Failure kinds. An *item* failure belongs to the item: `retryable` (a lock, a deadlock, a
+#: passing error of the handler's), `permanent` (bad data, a constraint), `crashed` and
+#: `timeout` (decided by the parent when a worker dies or overruns), `invalid` (an input line
+#: recorded with --skip-invalid). An *environment* failure says that what the item needs cannot
+#: be reached (`outage`: a connection refused or lost) or refuses our settings (`config`: a
+#: wrong password); neither is the item's fault, so neither spends one of its attempts.
 RETRYABLE = "retryable"
 PERMANENT = "permanent"
 CRASHED = "crashed"
 TIMEOUT = "timeout"
 INVALID = "invalid"
-INTERRUPTED = "interrupted"
+OUTAGE = "outage"
+CONFIG = "config"
 
 RETRYABLE_KINDS = frozenset({RETRYABLE, CRASHED, TIMEOUT})
+ENVIRONMENT_KINDS = frozenset({OUTAGE, CONFIG})
+
+#: What an environment failure is about, for the operator: the progress line says "paused:
+#: database unavailable since ...".
+DATABASE = "database"
+STORE = "S3"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +39,20 @@ class Failure:
     traceback: str | None = None
     #: The database session behind the attempt is dead: open a new one before the next attempt.
     reconnect: bool = False
+    #: What could not be reached or refused us (DATABASE, STORE), for outage and config failures.
+    system: str | None = None
+    #: The failure happened while connecting (a new session could not be made), not in the
+    #: middle of an item: one such failure is enough to say the environment is down.
+    connecting: bool = False
 
     @property
     def retryable(self) -> bool:
         return self.kind in RETRYABLE_KINDS
+
+    @property
+    def environment(self) -> bool:
+        """Not the item's fault: the attempt is refunded, never counted against the item."""
+        return self.kind in ENVIRONMENT_KINDS
 
     def as_record(self) -> dict[str, Any]:
         """The failure as kept in the manifest (no traceback: it can be long and hold data)."""
@@ -53,7 +73,3 @@ class Outcome:
     failure: Failure | None = None
     #: Progress a failed attempt kept (for example the last committed SQL step).
     progress: dict[str, Any] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None

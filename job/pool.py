@@ -111,7 +111,8 @@ class Pool:
 
     def _spawn(self) -> WorkerHandle:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=worker_module.main, args=(child_end, self.settings, self._stop_flag, self._start_deadline),
+        process = self._ctx.Process(target=worker_module.main,
+                                    args=(child_end, self.settings, self._stop_flag, self._start_deadline),
                                     name="bulkjob-worker", daemon=True)
         process.start()
         child_end.close()

@@ -103,7 +103,8 @@ def format_time(ts: float | None) -> str:
 
 def render_status(status: dict[str, Any]) -> str:
     lines = [f"run {status['run_id']}"]
-    header = f"{'shard':>9} {'total':>9} {'done':>9} {'failed':>9} {'pending':>9} {'attempts':>9}  {'started':<20} {'updated':<20}"
+    header = (f"{'shard':>9} {'total':>9} {'done':>9} {'failed':>9} {'pending':>9} {'attempts':>9}  "
+              f"{'started':<20} {'updated':<20}")
     lines.append(header)
     for s in status["shards"]:
         lines.append(f"{s['shard']:>4}/{s['shard_count']:<4} {s['total']:>9} {s['done']:>9} {s['failed']:>9} "

@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import traceback as tb
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .errors import Permanent, Retryable
-from .outcome import PERMANENT, RETRYABLE, Failure
+from .errors import Permanent, Retryable, Unavailable
+from .outcome import OUTAGE, PERMANENT, RETRYABLE, STORE, Failure
 
-#: Default attempts per item, the first included.
-DEFAULT_MAX_ATTEMPTS = 3
-#: Default base of the exponential backoff, seconds.
-DEFAULT_BACKOFF = 1.0
+#: Default attempts per item, the first included. With DEFAULT_BACKOFF and ITEM_JITTER the five
+#: waits before the sixth attempt add up to at least 1 + 2 + 4 + 8 + 16 = 31 s: an item that
+#: meets a lock held for 30 s (NOWAIT, a lock timeout) still ends done.
+DEFAULT_MAX_ATTEMPTS = 6
+#: Default base of the exponential backoff, seconds: the first retry waits 1-2 s.
+DEFAULT_BACKOFF = 2.0
 #: Default cap of one backoff wait, seconds: long enough for a lock or a failover to clear,
 #: short enough that a run does not sit idle for long.
 DEFAULT_MAX_BACKOFF = 60.0
+#: The random part of an item's backoff wait: 0.5 is "equal jitter", a wait between half and all
+#: of the exponential step. Retries of many items still spread out, and the waits have a floor,
+#: so the time an item rides out is known (see DEFAULT_MAX_ATTEMPTS).
+ITEM_JITTER = 0.5
 #: Longest message kept from an exception.
 MAX_MESSAGE_CHARS = 2000
 
@@ -54,12 +60,22 @@ class RetryPolicy:
         """Seconds to wait before trying again after failed `attempt`, or None to give up."""
         if not failure.retryable or attempt >= self.max_attempts:
             return None
-        return backoff_delay(attempt, base=self.backoff, cap=self.max_backoff, rand=rand)
+        return backoff_delay(attempt, base=self.backoff, cap=self.max_backoff, rand=rand,
+                             jitter=ITEM_JITTER)
+
+    def min_patience(self) -> float:
+        """The least time, in seconds, between an item's first failure and its giving up."""
+        return sum(backoff_delay(a, base=self.backoff, cap=self.max_backoff, rand=0.0, jitter=ITEM_JITTER)
+                   for a in range(1, self.max_attempts))
 
 
-def backoff_delay(attempt: int, *, base: float, cap: float, rand: float) -> float:
-    """Seconds to wait after failed `attempt` (1-based), full jitter: rand is in [0, 1)."""
-    return rand * min(cap, base * 2 ** (attempt - 1))
+def backoff_delay(attempt: int, *, base: float, cap: float, rand: float, jitter: float = 1.0,
+                  factor: float = 2.0) -> float:
+    """Seconds to wait after failed `attempt` (1-based): the step `base * factor**(attempt-1)`,
+    capped at `cap`, of which the fraction `jitter` is random (`rand` is in [0, 1)). jitter 1.0
+    is full jitter (0 to the step), 0.5 equal jitter (half the step to all of it)."""
+    step = min(cap, base * factor ** (attempt - 1))
+    return step * (1.0 - jitter + jitter * rand)
 
 
 def _class_names(exc: BaseException) -> list[str]:
@@ -82,44 +98,49 @@ def classify_botocore(exc: BaseException) -> Failure | None:
         kind = RETRYABLE if code in _THROTTLING_CODES or status >= 500 or status == 429 else PERMANENT
         return Failure(kind, names[0], _message(exc), code=code or None)
     if any(n in _BOTOCORE_CONNECTION for n in names):
-        return Failure(RETRYABLE, names[0], _message(exc))
+        # The endpoint cannot be reached: not the item's fault (an outage of S3 or the network).
+        return Failure(OUTAGE, names[0], _message(exc), system=STORE)
     return None
 
 
-def classify(exc: BaseException, *, retry_on: Iterable[str] = (),
+def classify(exc: BaseException, *, retry_on: Iterable[str] = (), outage_on: Iterable[str] = (),
              classifiers: Iterable[Classifier] = ()) -> Failure:
     """Turn an exception raised by a handler into a Failure.
 
-    Order: the handler's own word (Retryable/Permanent) first; then the database and S3
-    classifiers; then TimeoutError and ConnectionError as retryable, everything else permanent.
-    A permanent verdict turns retryable when `retry_on` names one of the exception's classes or
-    a prefix of its error code (for example `ORA-01555`).
+    Order: the handler's own word (Retryable, Permanent, Unavailable) first; then the database
+    and S3 classifiers; then ConnectionError as an outage, TimeoutError as retryable, everything
+    else permanent. Then the user's rules, which name exception classes or error-code prefixes
+    (for example `ORA-01555`): `outage_on` makes a failure an outage (unless it is a
+    configuration error), `retry_on` makes a permanent one retryable.
     """
     names = _class_names(exc)
     trace = "".join(tb.format_exception(exc))
     code = getattr(exc, "code", None)
     code = str(code) if code not in (None, "") else None
     if isinstance(exc, Retryable):
-        return Failure(RETRYABLE, names[0], _message(exc), code=code, traceback=trace)
-    if isinstance(exc, Permanent):
+        found = Failure(RETRYABLE, names[0], _message(exc), code=code)
+    elif isinstance(exc, Permanent):
         return Failure(PERMANENT, names[0], _message(exc), code=code, traceback=trace)
-    found = None
-    for classifier in (*classifiers, classify_botocore):
-        found = classifier(exc)
-        if found is not None:
-            break
-    if found is None:
-        kind = RETRYABLE if isinstance(exc, (TimeoutError, ConnectionError)) else PERMANENT
-        found = Failure(kind, names[0], _message(exc), code=code)
-    if found.kind == PERMANENT and _declared_retryable(names, found.code, retry_on):
-        found = Failure(RETRYABLE, found.error_class, found.message, code=found.code,
-                        reconnect=found.reconnect)
-    return Failure(found.kind, found.error_class, found.message, code=found.code,
-                   traceback=trace, reconnect=found.reconnect)
+    elif isinstance(exc, Unavailable):
+        found = Failure(OUTAGE, names[0], _message(exc), code=code, system=exc.system)
+    else:
+        found = None
+        for classifier in (*classifiers, classify_botocore):
+            found = classifier(exc)
+            if found is not None:
+                break
+        if found is None:
+            kind = (OUTAGE if isinstance(exc, ConnectionError)
+                    else RETRYABLE if isinstance(exc, TimeoutError) else PERMANENT)
+            found = Failure(kind, names[0], _message(exc), code=code)
+    if found.kind in (PERMANENT, RETRYABLE) and matches(names, found.code, outage_on):
+        found = replace(found, kind=OUTAGE)
+    elif found.kind == PERMANENT and matches(names, found.code, retry_on):
+        found = replace(found, kind=RETRYABLE)
+    return replace(found, traceback=trace)
 
 
-def _declared_retryable(names: list[str], code: str | None, retry_on: Iterable[str]) -> bool:
-    for rule in retry_on:
-        if rule in names or (code is not None and code.upper().startswith(rule.upper())):
-            return True
-    return False
+def matches(names: list[str], code: str | None, rules: Iterable[str]) -> bool:
+    """Whether a rule of --retry-on or --outage-on names one of the exception's classes
+    (`names`, its MRO) or a prefix of its error code, ignoring case."""
+    return any(rule in names or (code is not None and code.upper().startswith(rule.upper())) for rule in rules)

@@ -53,7 +53,7 @@ def _translate(exc: Exception, what: str) -> Exception:
         if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
             return PreconditionFailed(f"{what}: {code}")
     failure = classify_botocore(exc)
-    if failure is not None and failure.retryable:
+    if failure is not None and (failure.retryable or failure.environment):
         return StoreUnavailable(f"{what}: {failure.error_class}: {failure.message}")
     return ManifestError(f"{what}: {exc}")
 

@@ -1,4 +1,4 @@
-# Benchmarks: the job against its alternatives and the targets it must reach (the README's Performance section).
+# Benchmarks: the job against its alternatives and the targets it must reach (bench/README.md).
 # Never part of `make test`. Included by the top-level Makefile, which defines PYTHON, PY and
 # `venv`; mk/deploy.mk defines `airflow-venv` (Airflow in a virtualenv of its own).
 #

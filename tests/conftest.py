@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from ports import free_port, wait_for_port  # noqa: F401 - re-exported to the test modules
+from ports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

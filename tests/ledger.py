@@ -44,7 +44,8 @@ def applied(path) -> dict[str, int]:
 
 
 def handle(item, ctx):
-    """Payload: track (log every attempt's start in `tried`), seconds (sleep first), crash_on (attempts on which the worker SIGKILLs itself),
+    """Payload: track (log every attempt's start in `tried`), seconds (sleep first), crash_on
+    (attempts on which the worker SIGKILLs itself),
     fail_until (raise Retryable before that attempt), permanent, hang, error (raise that builtin)."""
     p = item.payload
     if p.get("track"):

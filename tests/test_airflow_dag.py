@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, need, run_bulkjob, summary_of, write_items
 
 AIRFLOW_VENV = ROOT / ".venv-airflow"

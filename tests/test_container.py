@@ -14,7 +14,6 @@ import urllib.request
 import uuid
 
 import pytest
-
 from conftest import ROOT, free_port, need, run_bulkjob, status_of
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]

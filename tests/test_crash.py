@@ -12,9 +12,9 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import run_bulkjob, start_bulkjob, status_of, summary_of, write_items
 from ledger import applied
+
 from job.manifest import ShardManifest
 from job.store import LocalStore
 
@@ -131,7 +131,7 @@ def test_second_signal_stops_at_once(tmp_path, env):
     time.sleep(0.3)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=30)
     assert time.monotonic() - sent < 8
     assert proc.returncode == 3
     assert "cut short and not recorded" in err

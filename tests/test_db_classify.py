@@ -15,8 +15,7 @@ import time
 
 import pytest
 
-from job.db import (ConnectTimeout, DbSettings, call_with_timeout, classifiers, db_settings, parse_db_url,
-                    read_password)
+from job.db import ConnectTimeout, DbSettings, call_with_timeout, classifiers, db_settings, parse_db_url, read_password
 from job.errors import UsageError
 from job.outcome import PERMANENT, RETRYABLE
 from job.retry import classify
@@ -199,7 +198,7 @@ def test_call_with_timeout_returns_and_raises():
     assert call_with_timeout(lambda: 42, 1.0, "x") == 42
     with pytest.raises(KeyError):
         call_with_timeout(lambda: {}["k"], 1.0, "x")
-    with pytest.raises(ConnectTimeout, match="no answer within 0.2s"):
+    with pytest.raises(ConnectTimeout, match=r"no answer within 0\.2s"):
         call_with_timeout(lambda: time.sleep(5), 0.2, "sleeping")
 
 

@@ -17,7 +17,6 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import run_bulkjob, start_bulkjob, status_of, summary_of, write_items
 from ledger import applied
 from netproxy import TcpProxy
@@ -92,7 +91,7 @@ def test_1_workers_sigkilled_mid_item_repeatedly(tmp_path, s3):
                 kills += 1
             except ProcessLookupError:
                 pass
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert kills == 10
     assert proc.returncode == 0, err
     assert err.count("(killed by SIGKILL) while running item") == kills
@@ -142,7 +141,7 @@ def test_3_sigterm_drains_within_the_timeout_and_a_restart_finishes(tmp_path, s3
     time.sleep(2.5)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    out, _err = proc.communicate(timeout=30)
     assert time.monotonic() - sent < 5 + 3
     assert proc.returncode == 3
     assert json.loads(out.splitlines()[-1])["status"] == "interrupted"
@@ -155,7 +154,7 @@ def test_3_sigterm_drains_within_the_timeout_and_a_restart_finishes(tmp_path, s3
 # 4 -------------------------------------------------------------------------------------------
 
 def test_4_worker_over_its_memory_limit(tmp_path, s3):
-    server, manifest, env = s3
+    _server, manifest, env = s3
     items = [{"id": i, "payload": {"seconds": 0.01}} for i in range(60)]
     items += [{"id": "poison", "payload": {"allocate_mb": 3000}},
               {"id": "once", "payload": {"allocate_mb": 3000, "allocate_attempts": 1}}]
@@ -173,7 +172,7 @@ def test_4_worker_over_its_memory_limit(tmp_path, s3):
 # 5 -------------------------------------------------------------------------------------------
 
 def test_5_item_that_hangs_forever(tmp_path, s3):
-    server, manifest, env = s3
+    _server, manifest, env = s3
     path = write_items(tmp_path / "items.jsonl",
                        [{"id": "hang", "payload": {"hang": True}}] + [{"id": i, "payload": {"seconds": 0.02}} for i in range(50)])
     proc = run_bulkjob(*job_args(path, manifest, "f5", "--workers", "2", "--item-timeout", "1", "--max-attempts", "2",
@@ -207,7 +206,7 @@ def test_6_s3_unreachable_for_10_seconds(tmp_path, s3, outage):
         os.kill(server.process.pid, signal.SIGCONT)
     else:
         proxy.restore()
-    out, err = proc.communicate(timeout=180)
+    _out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     if outage == "refused":
         assert "will retry" in err

@@ -11,7 +11,6 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import start_bulkjob, summary_of, write_items
 from pg import PgDatabase, PgServer
 
@@ -78,7 +77,7 @@ def test_8a_sessions_killed_mid_item(tmp_path, db):
                           "WHERE datname = current_database() AND pid <> pg_backend_pid() "
                           "AND backend_type = 'client backend'")
         killed += sum(1 for (ok,) in rows if ok)
-    summary, err = finish(proc, db, 400)
+    summary, _err = finish(proc, db, 400)
     assert killed >= 8 and summary["retries"] >= 1
     backends = {b for (b,) in db.execute("SELECT DISTINCT backend FROM ledger")}
     assert len(backends) > 3  # sessions were reopened after each kill
@@ -88,7 +87,7 @@ def test_8b_database_restarted_mid_run(tmp_path, db, own_server):
     proc = start(tmp_path, db, 400)
     time.sleep(2)
     own_server.restart()
-    summary, err = finish(proc, db, 400)
+    summary, _err = finish(proc, db, 400)
     assert summary["retries"] >= 1
 
 
@@ -99,7 +98,7 @@ def test_8c_lock_held_for_5_seconds(tmp_path, db):
     release.start()
     started = time.monotonic()
     proc = start(tmp_path, db, 100)
-    summary, err = finish(proc, db, 100)
+    _summary, err = finish(proc, db, 100)
     release.join()
     holder.close()
     assert time.monotonic() - started >= 5

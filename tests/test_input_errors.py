@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-
 from conftest import run_bulkjob, status_of, summary_of, write_items
 
 
@@ -73,7 +72,7 @@ def test_bad_options_exit_2(tmp_path, env, args, message):
     path = write_items(tmp_path / "items.jsonl", ['{"id": 1}'])
     base = {"--items": str(path), "--handler": "ledger:handle", "--manifest": str(tmp_path / "state"),
             "--run-id": "r1"}
-    for flag, value in zip(args[::2], args[1::2]):
+    for flag, value in zip(args[::2], args[1::2], strict=False):
         base[flag] = value
     argv = [x for pair in base.items() for x in pair] + [a for a in args if a.startswith("--") and a not in base]
     proc = run_bulkjob("run", *argv, "--metrics-port", "0", env=env)

@@ -1,4 +1,4 @@
-"""The Kubernetes manifests in k8s/ and the `kubectl run` command in the README's Deploy section.
+"""The Kubernetes manifests in k8s/ and the `kubectl run` command in docs/operations.md (Deploy).
 
 Schema checks: every object, as written and as kustomize renders it, validated
 offline in strict mode against the oldest Kubernetes the Job needs and the
@@ -16,24 +16,25 @@ import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import kubernetes_validate
 import pytest
 import yaml
-
 from conftest import ROOT, need
+
 from job.config import DEFAULT_DRAIN_TIMEOUT, DEFAULT_METRICS_PORT
-from job.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE_HELD, EXIT_USAGE
+from job.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE, EXIT_USAGE
 
 pytestmark = pytest.mark.timeout(900)  # the first test may build .venv-airflow for kubectl
 
 K8S = ROOT / "k8s"
-README = ROOT / "README.md"
+OPERATIONS = ROOT / "docs" / "operations.md"
 
 
 def deploy_docs() -> str:
-    """The README's "Deploy" section."""
-    text = README.read_text()
+    """The "Deploy" section of docs/operations.md."""
+    text = OPERATIONS.read_text()
     start = text.index("\n## Deploy\n")
     end = text.find("\n## ", start + 1)
     return text[start:end if end != -1 else None]
@@ -183,7 +184,7 @@ def test_pod_failure_policy_maps_the_cli_exit_codes(job):
                 by_code[code] = rule["action"]
     assert by_code == {EXIT_USAGE: "FailJob", EXIT_INTERRUPTED: "Ignore", EXIT_ITEMS_FAILED: "FailIndex"}
     # The lease code is left to the default (count against backoffLimitPerIndex), as documented.
-    assert EXIT_LEASE_HELD not in by_code
+    assert EXIT_LEASE not in by_code
     disruption = [r for r in rules if "onPodConditions" in r]
     assert disruption == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
 
@@ -216,7 +217,7 @@ def test_run_id_is_the_job_name(job):
 class _DiscoveryOnly(BaseHTTPRequestHandler):
     """The three discovery documents `kubectl run` reads even for a client-side dry run."""
 
-    DOCUMENTS = {
+    DOCUMENTS: ClassVar[dict[str, dict]] = {
         "/api": {"kind": "APIVersions", "versions": ["v1"],
                  "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]},
         "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": []},
@@ -246,7 +247,7 @@ def discovery_server():
 
 
 def documented_kubectl_run() -> str:
-    """The `kubectl run` command of the README, exactly as a reader copies it."""
+    """The `kubectl run` command of docs/operations.md, exactly as a reader copies it."""
     blocks = re.findall(r"```sh\n(.*?)```", deploy_docs(), re.DOTALL)
     commands = [b for b in blocks if b.startswith("kubectl run ")]
     assert len(commands) == 1, "the Deploy section should show one `kubectl run` command"

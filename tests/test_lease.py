@@ -7,12 +7,12 @@ import sqlite3
 import time
 
 import pytest
-
 from conftest import start_bulkjob, status_of, write_items
+from ledger import applied
+
 from job.errors import LeaseHeld
 from job.lease import Lease
 from job.store import LocalStore
-from ledger import applied
 
 pytestmark = pytest.mark.faults
 
@@ -91,7 +91,7 @@ def test_a_runner_whose_lease_expired_stops_and_writes_nothing_more(tmp_path, s3
     time.sleep(1.0)
     os.killpg(a.pid, signal.SIGCONT)
     a_out, a_err = a.communicate(timeout=60)
-    b_out, b_err = b.communicate(timeout=120)
+    _b_out, b_err = b.communicate(timeout=120)
     assert a.returncode == 4, a_err
     assert "lost the lease" in a_err
     assert b.returncode == 0, b_err

@@ -9,8 +9,17 @@ import textwrap
 
 import pytest
 
-from job.metrics import (DIR_PREFIX, MAX_ERROR_LABELS, OTHER, ErrorLabels, Histogram, RunMetrics,
-                         error_label, fold_dead_process, prepare_directory)
+from job.metrics import (
+    DIR_PREFIX,
+    MAX_ERROR_LABELS,
+    OTHER,
+    ErrorLabels,
+    Histogram,
+    RunMetrics,
+    error_label,
+    fold_dead_process,
+    prepare_directory,
+)
 from job.outcome import CRASHED, PERMANENT, RETRYABLE, Failure
 
 

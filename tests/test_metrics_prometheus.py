@@ -9,14 +9,20 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port, need, start_bulkjob, status_of, write_items
 from ledger import applied
-from promservers import (Prometheus, Pushgateway, descendants, in_flight_by_pid, metrics_dir_of, parse, scrape,
-                         wait_for_metrics)
+from promservers import (
+    Prometheus,
+    Pushgateway,
+    descendants,
+    in_flight_by_pid,
+    metrics_dir_of,
+    parse,
+    scrape,
+    wait_for_metrics,
+)
 
 pytestmark = pytest.mark.slow
 

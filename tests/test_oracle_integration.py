@@ -4,7 +4,7 @@
     BULKJOB_TEST_ORACLE_PASSWORD=... .venv/bin/python -m pytest tests/test_oracle_integration.py
 
 The user needs CREATE TABLE, CREATE SEQUENCE and ALTER SYSTEM (to kill a session): SYSTEM of an
-Oracle Database Free container has them (the README's Databases section has the recipe). Every object is
+Oracle Database Free container has them (docs/databases.md has the recipe). Every object is
 created with a per-test prefix and dropped afterwards. Skipped when the URL is not set.
 """
 
@@ -17,8 +17,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import run_bulkjob, summary_of, write_items
+
 from job.db import parse_db_url
 from job.db.worktable import DDL
 from job.manifest import ShardManifest

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_bulkjob, start_bulkjob, summary_of, write_items
+
 from job.db.worktable import DDL
 from job.manifest import ShardManifest
 from job.store import LocalStore
@@ -247,7 +247,7 @@ def test_work_table_resumes_after_sigterm(tmp_path, pg_db):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, err[-3000:]
     states = dict(pg_db.execute("SELECT state, COUNT(*) FROM bulk_work GROUP BY state"))
     assert states.get("DONE", 0) >= 3 and states.get("DONE", 0) + states.get("PENDING", 0) + \

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, bulkjob_env, write_items
+
 from job.progress import format_duration, progress_bar, progress_line
 
 
@@ -52,6 +52,6 @@ def test_terminal_gets_a_bar_and_logs_get_lines(tmp_path):
     assert proc.returncode == 0
     assert b"\r[" in seen and b"items/s" not in seen and b"/s eta" in seen
     # stderr to a pipe: plain progress lines
-    proc = subprocess.run(argv + ["--run-id", "piped"], capture_output=True, text=True, env=bulkjob_env(), cwd=ROOT)
+    proc = subprocess.run([*argv, "--run-id", "piped"], capture_output=True, text=True, env=bulkjob_env(), cwd=ROOT)
     assert proc.returncode == 0
     assert "\r" not in proc.stderr and "progress: 4/4 (4 done, 0 failed, 0 pending)" in proc.stderr

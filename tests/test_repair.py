@@ -1,7 +1,6 @@
 """A damaged manifest: refused with exit 2 and nothing changed; --manifest-repair recovers."""
 
 import pytest
-
 from conftest import run_bulkjob, status_of, summary_of, write_items
 from ledger import applied
 

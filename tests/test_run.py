@@ -4,11 +4,10 @@ import csv
 import io
 import json
 import re
-import time
 import sqlite3
+import time
 
 import pytest
-
 from conftest import run_bulkjob, start_bulkjob, status_of, summary_of, write_items
 from ledger import applied
 

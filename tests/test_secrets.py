@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, run_bulkjob, start_bulkjob, write_items
-from job.redact import REDACTED, field_values, scrub, scrub_text, secrets_of
 from promservers import Pushgateway, descendants, wait_for_metrics
+
+from job.redact import REDACTED, field_values, scrub, scrub_text, secrets_of
 
 DB_PASSWORD = "db-pass-Wq7Zk2"
 S3_SECRET = "s3-secret-Hc5Rt9"

@@ -8,8 +8,8 @@ import sqlite3
 import threading
 
 import pytest
-
 from conftest import run_bulkjob, summary_of, write_items
+
 from job.db.worktable import DDL
 from job.demo import BAD_TARGET, create
 from job.manifest import ShardManifest

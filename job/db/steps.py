@@ -25,7 +25,7 @@ STEP_BACKOFF = 0.5
 STEP_MAX_BACKOFF = 4.0
 
 
-def steps_handler(path: str, db: DbSettings | None = None) -> "StepsHandler":
+def steps_handler(path: str, db: DbSettings | None = None) -> StepsHandler:
     """The handler for `--handler sql:PATH`: parses and checks the file; does not connect."""
     if db is None:
         raise UsageError(f"--handler sql:{path} needs --db")

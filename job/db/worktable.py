@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
-from ..manifest import DONE, FAILED
+from ..manifest import DONE, FAILED, ItemStates
 from ..outcome import RETRYABLE
 from ..retry import backoff_delay
-from . import (DatabaseUnavailable, DbSettings, batches, bind_marker, close_quietly, dialect_of,
-               read_password)
+from . import DatabaseUnavailable, DbSettings, batches, bind_marker, close_quietly, dialect_of, read_password
 from .stepsfile import is_identifier
 
 log = logging.getLogger("bulkjob.worktable")
@@ -157,13 +156,13 @@ class ItemLines:
         with open(self.path, "rb") as f:
             yield iter(f)
 
-    def finished_earlier(self, latest: dict[str, dict[str, Any]], *, retry_failed: bool) -> int:
+    def finished_earlier(self, latest: ItemStates, *, retry_failed: bool) -> int:
         """Items this run finished (and wrote back) before a restart: the query no longer
         returns them, yet they are part of the shard's total."""
-        return sum(1 for item_id, record in latest.items() if item_id not in self.ids
-                   and (record["state"] == DONE or (record["state"] == FAILED and not retry_failed)))
+        return sum(1 for item_id, known in latest.items() if item_id not in self.ids
+                   and (known.state == DONE or (known.state == FAILED and not retry_failed)))
 
-    def writeback(self) -> "WorkTableWriter | None":
+    def writeback(self) -> WorkTableWriter | None:
         """A started writer of states for a work table; None for --items-sql."""
         if not self.items.table:
             return None

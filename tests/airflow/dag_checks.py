@@ -24,9 +24,9 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", os.path.join(os.environ["AIRFLOW_HOME"], "dags"))
 os.environ.setdefault("AIRFLOW_CONN_KUBERNETES_DEFAULT", '{"conn_type": "kubernetes", "extra": {"namespace": "bulk"}}')
 
-import kubernetes_validate  # noqa: E402
-import pytest  # noqa: E402
-from kubernetes.client import ApiClient  # noqa: E402
+import kubernetes_validate
+import pytest
+from kubernetes.client import ApiClient
 
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILE = ROOT / "airflow_dag.py"
@@ -150,7 +150,7 @@ def test_each_shard_pod_runs_the_image_as_uid_1002_with_its_arguments(rendered_p
     assert len(rendered_pods) == SHARD_COUNT
     for index, pod in enumerate(rendered_pods):
         spec = pod["spec"]
-        job, sidecar = spec["containers"]
+        job, _sidecar = spec["containers"]
         assert spec["securityContext"] == {
             "runAsNonRoot": True,
             "runAsUser": 1002,
