@@ -17,7 +17,7 @@ import pytest
 
 from job.db import ConnectTimeout, DbSettings, call_with_timeout, classifiers, db_settings, parse_db_url, read_password
 from job.errors import UsageError
-from job.outcome import PERMANENT, RETRYABLE
+from job.outcome import CONFIG, DATABASE, OUTAGE, PERMANENT, RETRYABLE
 from job.retry import classify
 
 oracledb = pytest.importorskip("oracledb")
@@ -181,7 +181,7 @@ def test_connect_to_silent_listener_times_out(in_thread):
     assert isinstance(box.get("error"), ConnectTimeout), box
     assert box["seconds"] < 5
     failure = oracle_failure(box["error"])
-    assert (failure.kind, failure.code, failure.reconnect) == (RETRYABLE, "CONNECT-TIMEOUT", True)
+    assert (failure.kind, failure.code, failure.reconnect, failure.connecting) == (OUTAGE, "CONNECT-TIMEOUT", True, True)
     # An alarm set before (pytest-timeout's) is put back, not lost.
     alarm_after = signal.getitimer(signal.ITIMER_REAL)[0]
     assert (alarm_after > 0) == (alarm_before > 0) and alarm_after <= alarm_before
@@ -214,8 +214,10 @@ def pg_failure(exc):
     ("55P03", 'could not obtain lock on relation "t"', RETRYABLE, False),
     ("57014", "canceling statement due to statement timeout", RETRYABLE, False),
     ("57014", "canceling statement due to user request", PERMANENT, False),
-    ("57P01", "terminating connection due to administrator command", RETRYABLE, True),
-    ("08006", "connection failure", RETRYABLE, True),
+    ("57P01", "terminating connection due to administrator command", OUTAGE, True),
+    ("08006", "connection failure", OUTAGE, True),
+    ("28P01", 'password authentication failed for user "app"', CONFIG, False),
+    ("3D000", 'database "nope" does not exist', CONFIG, False),
     ("23505", 'duplicate key value violates unique constraint "t_pkey"', PERMANENT, False),
     ("42P01", 'relation "nope" does not exist', PERMANENT, False),
 ])
@@ -228,9 +230,11 @@ def test_postgres_sqlstates(state, message, kind, reconnect):
 def test_postgres_connection_errors_without_sqlstate():
     psycopg = pytest.importorskip("psycopg")
     closed = pg_failure(psycopg.OperationalError("the connection is closed"))
-    assert closed.kind == RETRYABLE and closed.reconnect
+    assert closed.kind == OUTAGE and closed.reconnect and closed.system == DATABASE
     login = pg_failure(psycopg.OperationalError('FATAL:  password authentication failed for user "app"'))
-    assert login.kind == PERMANENT
+    assert login.kind == CONFIG
+    missing = pg_failure(psycopg.OperationalError('connection failed: FATAL:  database "x" does not exist'))
+    assert missing.kind == CONFIG
 
 
 def test_sqlite_locked_is_retryable_and_constraint_permanent(tmp_path):

@@ -18,8 +18,8 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ..errors import EXIT_INTERRUPTED, BulkjobError, Permanent, UsageError
-from ..outcome import PERMANENT, RETRYABLE, Failure
+from ..errors import EXIT_UNAVAILABLE, BulkjobError, Permanent, Unreachable, UsageError
+from ..outcome import DATABASE, OUTAGE, PERMANENT, Failure
 
 #: Default seconds to wait for a connection, TCP connect and login together: a listener that
 #: accepts and never answers must cost a worker this long, not forever.
@@ -42,13 +42,11 @@ _DEFAULT_PORTS = {"oracle": 1521, "postgres": 5432}
 class ConnectTimeout(BulkjobError, TimeoutError):
     """Raised when connecting to the database took longer than --connect-timeout."""
 
-    exit_code = EXIT_INTERRUPTED
+    exit_code = EXIT_UNAVAILABLE
 
 
-class DatabaseUnavailable(BulkjobError):
-    """Raised in the parent when the database could not be reached to read items."""
-
-    exit_code = EXIT_INTERRUPTED
+class DatabaseUnavailable(Unreachable):
+    """Raised in the parent when the database could not be reached (preflight, reading items)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,10 +163,28 @@ def dialect_of(settings: DbSettings) -> ModuleType:
         raise UsageError(f"--db {settings.dialect}: driver not installed: {e}{extra}") from None
 
 
+def preflight(settings: DbSettings) -> None:
+    """Connect with the session settings, run the dialect's trivial query, close. Raises what
+    the driver raised (classify it with `classifiers(settings)`)."""
+    dialect = dialect_of(settings)
+    conn = dialect.connect(settings, read_password(settings))
+    try:
+        cur = conn.cursor()
+        try:
+            cur.execute(dialect.TRIVIAL_QUERY)
+            cur.fetchall()
+        finally:
+            cur.close()
+        conn.rollback()
+    finally:
+        close_quietly(conn)
+
+
 def classify_common(exc: BaseException) -> Failure | None:
     """Errors of ours about the connection, whatever the dialect."""
     if isinstance(exc, ConnectTimeout):
-        return Failure(RETRYABLE, "ConnectTimeout", str(exc), code="CONNECT-TIMEOUT", reconnect=True)
+        return Failure(OUTAGE, "ConnectTimeout", str(exc), code="CONNECT-TIMEOUT", reconnect=True,
+                       system=DATABASE, connecting=True)
     return None
 
 
@@ -184,14 +200,28 @@ class Database:
         self.settings = settings
         self.dialect = dialect_of(settings)
         self._conn = None
+        #: The last call of connection() failed while opening a session (not in mid-item).
+        self.connect_failed = False
 
     def connection(self):
         """The open DB-API connection; (re)connects when there is none or it is known dead."""
         if self._conn is not None and not self.dialect.usable(self._conn):
             self._discard()
         if self._conn is None:
+            self.connect_failed = True
             self._conn = self.dialect.connect(self.settings, read_password(self.settings))
+        self.connect_failed = False
         return self._conn
+
+    def in_transaction(self) -> bool:
+        """Whether the session holds changes that are neither committed nor rolled back."""
+        if self._conn is None:
+            return False
+        try:
+            return self.dialect.uncommitted(self._conn)
+        except Exception:
+            self._discard()  # a session that cannot even say is dead: nothing was kept
+            return False
 
     def after_failure(self, failure: Failure) -> None:
         """Leave no half-done transaction for the next item; drop a dead session."""

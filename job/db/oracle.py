@@ -22,6 +22,8 @@ SAVEPOINT = "SAVEPOINT {name}"
 ROLLBACK_TO = "ROLLBACK TO SAVEPOINT {name}"
 #: Oracle has no RELEASE SAVEPOINT: savepoints live until the transaction ends.
 RELEASE = None
+#: What the preflight runs to see that a session works.
+TRIVIAL_QUERY = "SELECT 1 FROM DUAL"
 NOW = "SYSTIMESTAMP"
 
 #: The session is gone or was never made: reconnect, then retry. Thin mode raises most of
@@ -91,6 +93,11 @@ def connect(settings: DbSettings, password: str | None):
 def usable(conn) -> bool:
     """False when the driver already knows the session is dead (no round trip)."""
     return conn.is_healthy()
+
+
+def uncommitted(conn) -> bool:
+    """Oracle opens a transaction with the first DML statement, not with a query."""
+    return conn.transaction_in_progress
 
 
 def begin(conn) -> None:

@@ -14,13 +14,15 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from ..outcome import PERMANENT, RETRYABLE, Failure
+from ..outcome import CONFIG, DATABASE, OUTAGE, PERMANENT, RETRYABLE, Failure
 from . import DbSettings, RowError, executemany_with_savepoints, prepare_session
 
 PARAMSTYLE = "pyformat"
 SAVEPOINT = "SAVEPOINT {name}"
 ROLLBACK_TO = "ROLLBACK TO SAVEPOINT {name}"
 RELEASE = "RELEASE SAVEPOINT {name}"
+#: What the preflight runs to see that a session works.
+TRIVIAL_QUERY = "SELECT 1"
 NOW = "now()"
 APPLICATION_NAME = "bulkjob"
 
@@ -38,6 +40,15 @@ RECONNECT = frozenset({
     "57P02",  # crash_shutdown
     "57P03",  # cannot_connect_now (starting up, recovering)
 })
+#: The server refuses our settings: the same ones will be refused again.
+CONFIGURATION = frozenset({
+    "28P01",  # invalid_password
+    "28000",  # invalid_authorization_specification
+    "3D000",  # invalid_catalog_name: no such database
+})
+#: What libpq says (no SQLSTATE: the connection never got that far) when it refuses our settings.
+_CONFIG_TEXTS = ("authentication failed", "no password supplied", "password authentication")
+_MISSING = re.compile(r'(database|role) "[^"]*" does not exist')
 #: A 57014 query_canceled is ours to retry only when our statement_timeout caused it; a cancel
 #: by an operator (pg_cancel_backend) means stop.
 _STATEMENT_TIMEOUT_TEXT = "statement timeout"
@@ -77,6 +88,20 @@ def usable(conn) -> bool:
     return not conn.closed and not conn.broken
 
 
+def uncommitted(conn) -> bool:
+    """A transaction that wrote something (it has a transaction id), or one that failed. A
+    transaction that only read is rolled back here: there is nothing in it to lose."""
+    status = conn.info.transaction_status
+    if status == psycopg.pq.TransactionStatus.INERROR:
+        return True
+    if status != psycopg.pq.TransactionStatus.INTRANS:
+        return False
+    wrote = conn.execute("SELECT txid_current_if_assigned() IS NOT NULL").fetchone()[0]
+    if not wrote:
+        conn.rollback()
+    return bool(wrote)
+
+
 def begin(conn) -> None:
     """psycopg starts a transaction with the first statement: nothing to do."""
 
@@ -90,13 +115,15 @@ def classify(exc: BaseException) -> Failure | None:
     message = str(exc)
     if state is None:
         if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
-            # Login refused: the same password will be refused again.
-            if "authentication failed" in message or "no password supplied" in message:
-                return Failure(PERMANENT, name, message)
-            return Failure(RETRYABLE, name, message, reconnect=True)
+            # Login refused, or no such database or role: the same settings fail again.
+            if any(text in message for text in _CONFIG_TEXTS) or _MISSING.search(message):
+                return Failure(CONFIG, name, message, system=DATABASE)
+            return Failure(OUTAGE, name, message, reconnect=True, system=DATABASE)
         return Failure(PERMANENT, name, message)
+    if state in CONFIGURATION:
+        return Failure(CONFIG, name, message, code=state, system=DATABASE)
     if state.startswith("08") or state in RECONNECT:
-        return Failure(RETRYABLE, name, message, code=state, reconnect=True)
+        return Failure(OUTAGE, name, message, code=state, reconnect=True, system=DATABASE)
     if state in SAME_SESSION or (state == "57014" and _STATEMENT_TIMEOUT_TEXT in message):
         return Failure(RETRYABLE, name, message, code=state)
     return Failure(PERMANENT, name, message, code=state)

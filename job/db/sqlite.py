@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
-from ..outcome import PERMANENT, RETRYABLE, Failure
+from ..outcome import CONFIG, DATABASE, PERMANENT, RETRYABLE, Failure
 from . import DbSettings, RowError, executemany_with_savepoints, prepare_session
 
 PARAMSTYLE = "named"
@@ -20,6 +20,8 @@ SAVEPOINT = "SAVEPOINT {name}"
 ROLLBACK_TO = "ROLLBACK TO SAVEPOINT {name}"
 #: Not released: RELEASE of the outermost savepoint would commit the transaction.
 RELEASE = None
+#: What the preflight runs to see that a session works.
+TRIVIAL_QUERY = "SELECT 1"
 NOW = "CURRENT_TIMESTAMP"
 
 #: Default seconds a statement waits for another connection's lock before SQLITE_BUSY: a few
@@ -27,6 +29,7 @@ NOW = "CURRENT_TIMESTAMP"
 DEFAULT_BUSY_TIMEOUT = 5.0
 #: Primary result codes for "another connection holds the lock".
 _BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+_CANTOPEN = 14
 #: A WAL read snapshot that went stale cannot be upgraded to a write: only a new transaction helps.
 RESTART_TRANSACTION = frozenset({"SQLITE_BUSY_SNAPSHOT"})
 
@@ -49,6 +52,11 @@ def usable(conn) -> bool:
     return True
 
 
+def uncommitted(conn) -> bool:
+    """Python's sqlite3 opens a transaction before the first INSERT, UPDATE or DELETE only."""
+    return conn.in_transaction
+
+
 def begin(conn) -> None:
     """Take the write lock up front (BEGIN IMMEDIATE): waiting happens here, under the busy
     timeout, and never in the middle of a transaction that already read (which SQLite cannot
@@ -69,6 +77,9 @@ def classify(exc: BaseException) -> Failure | None:
         or "database table is locked" in message
     if busy:
         return Failure(RETRYABLE, name, message, code=code or "SQLITE_BUSY")
+    if number is not None and number & 0xFF == _CANTOPEN:
+        # A mistyped path, or a file the pod cannot read: not the item's fault.
+        return Failure(CONFIG, name, message, code=code or "SQLITE_CANTOPEN", system=DATABASE)
     return Failure(PERMANENT, name, message, code=code)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..manifest import DONE, FAILED, ItemStates
-from ..outcome import RETRYABLE
+from ..outcome import OUTAGE, RETRYABLE
 from ..retry import backoff_delay
 from . import DatabaseUnavailable, DbSettings, batches, bind_marker, close_quietly, dialect_of, read_password
 from .stepsfile import is_identifier
@@ -193,7 +193,7 @@ def open_db_items(settings: DbSettings, items: DbItems, *, retry_failed: bool
                 conn.rollback()
         except Exception as e:
             failure = dialect.classify(e)
-            if isinstance(e, TimeoutError) or (failure is not None and failure.kind == RETRYABLE):
+            if isinstance(e, TimeoutError) or (failure is not None and failure.kind in (RETRYABLE, OUTAGE)):
                 raise DatabaseUnavailable(f"{items.name}: {e}") from e
             raise UsageError(f"{items.name}: {type(e).__name__}: {e}") from e
         yield items.name, ItemLines(path, frozenset(ids), settings, items, error_column)
