@@ -90,7 +90,7 @@ IMAGE_ENV = "BULKJOB_IMAGE"
 #: The image when IMAGE_ENV is not set.
 DEFAULT_IMAGE = "registry.example.com/bulkjob:0.1.0"
 
-# Pod Security Standards "restricted", the same as k8s/job.yaml.
+# Pod Security Standards "restricted", the same as k8s/job/job.yaml.
 POD_SECURITY_CONTEXT = k8s.V1PodSecurityContext(
     run_as_non_root=True,
     run_as_user=RUN_AS,

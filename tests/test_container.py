@@ -32,7 +32,7 @@ BASE_SCRIPT = ROOT / "scripts" / "base-image.sh"
 #: (no container network; the S3 server listens on the host's loopback).
 PODMAN = ["podman", "--runtime", "runc"]
 CI_HOST = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "--network", "host"]
-#: What a pod of k8s/job.yaml gets, scaled down: UID 1002, read-only root, /tmp writable, limits.
+#: What a pod of k8s/job/job.yaml gets, scaled down: UID 1002, read-only root, /tmp writable, limits.
 AS_IN_KUBERNETES = ["--user", "1002:0", "--read-only", "--tmpfs", "/tmp", "--memory", "512m", "--cpus", "1"]
 
 
@@ -144,6 +144,38 @@ def test_local_base_has_the_security_archive_and_the_recipe_stamp(image):
     assert proc.stdout.strip() == recipe
     proc = subprocess.run([str(BASE_SCRIPT), LOCAL_BASE], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "is up to date" in proc.stdout, proc.stdout + proc.stderr
+
+
+#: What the Airflow provider (cncf.kubernetes 10.25, mk/airflow-requirements.txt) runs in its XCom
+#: sidecar, which airflow_dag.py runs on this image: the sidecar's command, then, through exec,
+#: the read of the summary and the stop (pgrep first, which this image lacks, then the fallback).
+XCOM_SIDECAR_COMMAND = 'trap "exit 0" INT; while true; do sleep 1; done;'
+XCOM_READ = ("if [ -s /airflow/xcom/return.json ]; then cat /airflow/xcom/return.json; "
+             "else echo __airflow_xcom_result_empty__; fi")
+XCOM_KILL = "kill -2 $(pgrep -u $(id -u) -f 'sh')"
+XCOM_KILL_FALLBACK = ('for f in /proc/[0-9]*/comm; do '
+                      '[ -O $f ] && read c < $f && [ "$c" = "sh" ] && pid=${f%/comm} && kill -2 ${pid##*/}; done')
+
+
+def test_image_serves_as_the_airflow_xcom_sidecar(image, container_name):
+    start = subprocess.run([*PODMAN, "run", "--detach", "--name", container_name, *CI_HOST, *AS_IN_KUBERNETES,
+                            "--tmpfs", "/airflow/xcom:mode=1777", "--entrypoint", "sh", image, "-c",
+                            XCOM_SIDECAR_COMMAND], capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr
+    summary_line = '{"run_id": "r", "exit_code": 0}'
+
+    def exec_sh(script, **kwargs):
+        return subprocess.run([*PODMAN, "exec", "-i", container_name, "/bin/sh"], input=script + "\n",
+                              capture_output=True, text=True, timeout=60, **kwargs)
+
+    assert exec_sh(XCOM_READ).stdout.strip() == "__airflow_xcom_result_empty__"
+    exec_sh(f"echo '{summary_line}' > /airflow/xcom/return.json")
+    assert exec_sh(XCOM_READ).stdout.strip() == summary_line
+    # The provider runs the fallback when the first command writes to stderr.
+    assert exec_sh(XCOM_KILL).stderr
+    exec_sh(XCOM_KILL_FALLBACK)
+    waited = subprocess.run([*PODMAN, "wait", container_name], capture_output=True, text=True, timeout=60)
+    assert waited.stdout.strip() == "0", waited.stdout + waited.stderr
 
 
 def test_root_filesystem_stays_read_only_and_tmp_writable(image, container_name):

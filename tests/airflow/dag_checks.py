@@ -59,7 +59,7 @@ UNTRUSTED_CONF = {"image": "evil.example.com/steal-credentials:latest"}
 PODMONITOR = ROOT / "k8s" / "monitoring" / "podmonitor.yaml"
 #: What Airflow 3 names a manually triggered run: the job must take it as a run id.
 RUN_ID = "manual__2026-11-25T08:12:24.614558+00:00"
-#: The oldest Kubernetes with every Job feature k8s/job.yaml uses, and the newest schema bundled.
+#: The oldest Kubernetes with every Job feature k8s/job/job.yaml uses, and the newest schema bundled.
 K8S_VERSIONS = ["1.33", kubernetes_validate.utils.latest_version()]
 
 
