@@ -64,7 +64,7 @@ class Task:
     #: Its start must be durable in the manifest before it is handed out (see `careful`).
     record_start: bool = False
 
-    def wire(self) -> tuple:
+    def wire(self) -> tuple[str, dict[str, Any], int, dict[str, Any] | None]:
         return (self.item_id, self.payload, self.attempt, self.progress)
 
     @property
@@ -222,25 +222,25 @@ class Scheduler:
         if self.breaker.open:
             if not self.breaker.probe_due(now):
                 return []
-            task = self._next(now)
-            if task is None:
+            probe = self._next(now)
+            if probe is None:
                 return []
-            if task.suspect and busy:
-                self._held = task
+            if probe.suspect and busy:
+                self._held = probe
                 return []
-            self.breaker.probe_sent(task.item_id)
-            return self._mark([self._go_alone(task) if task.suspect else task])
+            self.breaker.probe_sent(probe.item_id)
+            return self._mark([self._go_alone(probe) if probe.suspect else probe])
         batch: list[Task] = []
         while len(batch) < room:
-            task = self._next(now)
-            if task is None:
+            found = self._next(now)
+            if found is None:
                 break
-            if task.suspect:
+            if found.suspect:
                 if busy or batch:
-                    self._held = task
+                    self._held = found
                     break
-                return self._mark([self._go_alone(task)])
-            batch.append(task)
+                return self._mark([self._go_alone(found)])
+            batch.append(found)
         return self._mark(batch)
 
     def _go_alone(self, task: Task) -> Task:
