@@ -10,19 +10,24 @@ from __future__ import annotations
 import os
 
 import boto3
+from botocore import handlers
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import ManifestError, PreconditionFailed, StoreUnavailable, UsageError
 from .retry import classify_botocore
 
-#: Seconds to wait for a TCP connection; an unreachable endpoint must not stall a checkpoint long.
+#: Seconds to wait for a TCP connection, for reads that no lease depends on (the items file,
+#: `bulkjob status`): an unreachable endpoint must not stall them long.
 CONNECT_TIMEOUT = 5
-#: Seconds to wait for a response: bounds a server that accepts and then hangs. With two
-#: attempts, a lease renewal (every ttl/3 = 10 s by default) still lands before the lease runs out.
+#: Seconds to wait for a response in those reads: bounds a server that accepts and then hangs.
 READ_TIMEOUT = 10
-#: botocore's own attempts per request; the checkpoint writer retries on top with its backoff.
+#: botocore's own attempts per request in those reads.
 CLIENT_ATTEMPTS = 2
+#: Of a bounded request's time (`request_timeout`, see job.lease), the share given to the TCP
+#: connect; the rest waits for the response. One attempt: the lease's heartbeat and the
+#: manifest's writer retry on their own clocks, so that no retry runs past the lease.
+CONNECT_SHARE = 0.4
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
@@ -34,16 +39,32 @@ def split_s3_url(url: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-def make_client(endpoint_url: str | None = None):
+def client_limits(request_timeout: float | None) -> tuple[float, float, int]:
+    """(connect timeout, read timeout, attempts) for requests that must each end within
+    `request_timeout` seconds, or the defaults for None."""
+    if request_timeout is None:
+        return CONNECT_TIMEOUT, READ_TIMEOUT, CLIENT_ATTEMPTS
+    connect = request_timeout * CONNECT_SHARE
+    return connect, request_timeout - connect, 1
+
+
+def make_client(endpoint_url: str | None = None, request_timeout: float | None = None):
     """A boto3 S3 client with bounded timeouts; credentials and region the usual boto3 way."""
+    connect, read, attempts = client_limits(request_timeout)
     config = Config(
-        connect_timeout=CONNECT_TIMEOUT,
-        read_timeout=READ_TIMEOUT,
-        retries={"mode": "standard", "total_max_attempts": CLIENT_ATTEMPTS},
+        connect_timeout=connect,
+        read_timeout=read,
+        retries={"mode": "standard", "total_max_attempts": attempts},
     )
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    if request_timeout is not None:
+        # botocore sends a PUT's body only after "100 Continue" or a wait of 1 s, which a
+        # server that hangs turns into 1 s more per request. Our objects are small: send them
+        # at once, so that connect + read timeout bounds the request.
+        client.meta.events.unregister("before-call.s3", handlers.add_expect_header)
+    return client
 
 
 def _translate(exc: Exception, what: str) -> Exception:
@@ -59,18 +80,27 @@ def _translate(exc: Exception, what: str) -> Exception:
 
 
 class S3Store:
-    """Objects in one S3 bucket."""
+    """Objects in one S3 bucket.
 
-    def __init__(self, bucket: str, *, endpoint_url: str | None = None) -> None:
+    With `request_timeout`, every request ends within that many seconds (connect plus read
+    timeout, one attempt), as long as the body goes out at the link's speed: what the lease's
+    timing needs. Without it, the client's defaults (two attempts of 5 + 10 s) suit reads.
+    """
+
+    def __init__(self, bucket: str, *, endpoint_url: str | None = None,
+                 request_timeout: float | None = None) -> None:
         self.bucket = bucket
         self.url = f"s3://{bucket}"
         self._endpoint_url = endpoint_url
+        self._request_timeout = request_timeout
+        connect, read, attempts = client_limits(request_timeout)
+        self.request_timeout = (connect + read) * attempts
         self._client = None
 
     @property
     def client(self):
         if self._client is None:
-            self._client = make_client(self._endpoint_url)
+            self._client = make_client(self._endpoint_url, self._request_timeout)
         return self._client
 
     def get(self, key: str) -> tuple[bytes, str] | None:

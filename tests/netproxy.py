@@ -19,7 +19,7 @@ class TcpProxy:
         self.port = probe.getsockname()[1]
         probe.close()
         self.url = f"http://{host}:{self.port}"
-        self.mode = "pass"  # pass | hang
+        self.mode = "pass"  # pass | hang | deaf
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
@@ -62,6 +62,13 @@ class TcpProxy:
         self.restore()
         self.mode = "hang"
 
+    def deaf(self) -> None:
+        """Forward requests but drop every answer: a write lands while its client times out
+        (an ambiguous write)."""
+        self.cut()
+        self.restore()
+        self.mode = "deaf"
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -80,7 +87,16 @@ class TcpProxy:
             with self._lock:
                 self._conns.append(upstream)
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+            back = self._drain if self.mode == "deaf" else self._pipe
+            threading.Thread(target=back, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _drain(src: socket.socket, _dst: socket.socket) -> None:
+        try:
+            while src.recv(65536):
+                pass
+        except OSError:
+            pass
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
