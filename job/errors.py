@@ -91,7 +91,19 @@ class PreconditionFailed(BulkjobError):
     """Raised by a store when a conditional write lost to another writer."""
 
 
+class Fenced(BulkjobError):
+    """Raised inside a background writer when the lease's fence closed before a write; nothing
+    was written and the batch is kept."""
+
+
 class LeaseHeld(BulkjobError):
     """Raised when another runner holds this run's shard."""
+
+    exit_code = EXIT_LEASE
+
+
+class LeaseLost(BulkjobError):
+    """Raised by the lease's fence once another runner has the shard: nothing may be written
+    again by this one."""
 
     exit_code = EXIT_LEASE

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -31,6 +32,10 @@ class FaultyS3:
         self.rand = random.Random(seed)
         self.injected = {503: 0, 500: 0}
         self.forwarded_puts = 0
+        #: The next this many PUTs are forwarded, but their answers dropped (the connection is
+        #: closed): a write that landed while its client saw an error.
+        self.unheard_puts = 0
+        self.landed_unheard = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,6 +63,14 @@ class FaultyS3:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
+                if self.command == "PUT" and proxy.unheard_puts > 0:
+                    # The write landed; its answer is lost on the way back.
+                    proxy.unheard_puts -= 1
+                    proxy.landed_unheard += 1
+                    conn.close()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
