@@ -13,19 +13,16 @@ import contextlib
 import json
 import logging
 import os
-import random
 import tempfile
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import Fenced, UsageError
 from ..manifest import DONE, FAILED, ItemStates
 from ..outcome import OUTAGE, RETRYABLE
-from ..retry import backoff_delay
+from ..writer import BackgroundWriter
 from . import DatabaseUnavailable, DbSettings, batches, bind_marker, close_quietly, dialect_of, read_password
 from .stepsfile import is_identifier
 
@@ -162,11 +159,12 @@ class ItemLines:
         return sum(1 for item_id, known in latest.items() if item_id not in self.ids
                    and (known.state == DONE or (known.state == FAILED and not retry_failed)))
 
-    def writeback(self) -> WorkTableWriter | None:
-        """A started writer of states for a work table; None for --items-sql."""
+    def writeback(self, fence: Callable[[], bool] | None = None) -> WorkTableWriter | None:
+        """A started writer of states for a work table, writing only while `fence()` allows
+        (the lease); None for --items-sql."""
         if not self.items.table:
             return None
-        writer = WorkTableWriter(self.settings, self.items.table, error_column=self.error_column)
+        writer = WorkTableWriter(self.settings, self.items.table, error_column=self.error_column, fence=fence)
         writer.start()
         return writer
 
@@ -216,39 +214,36 @@ def update_sql(table: str, *, paramstyle: str, now: str, error_column: bool) -> 
         return bind_marker(name, paramstyle)
 
     error = f", error = {b('error')}" if error_column else ""
+    # A DONE row never changes again: a runner that lost its lease cannot turn another's DONE
+    # into RUNNING or ERR, and a rerun that writes DONE again changes nothing.
     return (f"UPDATE {table} SET state = {b('state')}, updated_at = {now}{error} "
-            f"WHERE work_id = {b('work_id')}")
+            f"WHERE work_id = {b('work_id')} AND state <> 'DONE'")
 
 
-class WorkTableWriter:
+class WorkTableWriter(BackgroundWriter[dict[str, tuple[str, str | None]]]):
     """Writes item states to the work table from a thread of the parent, in batches.
 
-    Changes to one item coalesce (RUNNING then DONE before a flush is one write). A failed
-    write keeps its rows and is tried again with backoff on a new connection.
+    Built on job.writer: changes to one item coalesce (RUNNING then DONE before a flush is one
+    write); each batch of WRITEBACK_BATCH rows is checked against `fence` (the lease) and
+    committed on its own; a failed write keeps its rows (a newer state wins) and is tried
+    again with backoff on a new connection. The UPDATE never changes a DONE row.
     """
 
     def __init__(self, settings: DbSettings, table: str, *, error_column: bool,
-                 interval: float = WRITEBACK_INTERVAL, batch: int = WRITEBACK_BATCH) -> None:
+                 interval: float = WRITEBACK_INTERVAL, batch: int = WRITEBACK_BATCH,
+                 fence: Callable[[], bool] | None = None) -> None:
+        super().__init__(name="worktable", interval=interval, retry_base=WRITEBACK_RETRY_BASE,
+                         retry_cap=WRITEBACK_RETRY_CAP, fence=fence)
         self.settings = settings
         self.table = table
         self.dialect = dialect_of(settings)
         self.error_column = error_column
         self.sql = update_sql(table, paramstyle=self.dialect.PARAMSTYLE, now=self.dialect.NOW,
                               error_column=error_column)
-        self.interval = interval
         self.batch = batch
         self._pending: dict[str, tuple[str, str | None]] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closing = False
         self._conn = None
-        self._thread: threading.Thread | None = None
         self.rows_written = 0
-        self.failures = 0
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="bulkjob-worktable", daemon=True)
-        self._thread.start()
 
     def taken(self, item_id: str) -> None:
         self._add(item_id, RUNNING, None)
@@ -262,45 +257,32 @@ class WorkTableWriter:
 
     @property
     def unsaved(self) -> int:
-        with self._lock:
+        with self.lock:
             return len(self._pending)
 
     def close(self, timeout: float) -> bool:
-        """Write what is left (for up to `timeout` seconds); whether everything was written."""
-        self._closing = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        if self._conn is not None and (self._thread is None or not self._thread.is_alive()):
+        """Write what is left (for up to `timeout` seconds); whether everything was written.
+        Call it before the lease is released: nothing is written once the fence is closed."""
+        ok = super().close(timeout)
+        if self._conn is not None and not self.alive:
             self._drop()
-        return self.unsaved == 0
+        return ok
 
     def _add(self, item_id: str, state: str, error: str | None) -> None:
-        with self._lock:
+        with self.lock:
             self._pending[item_id] = (state, error)
-            if len(self._pending) >= self.batch:
-                self._wake.set()
+            self._ticket()
+            full = len(self._pending) >= self.batch
+        if full:
+            self.wake()
 
-    def _run(self) -> None:
-        failures_in_row = 0
-        while True:
-            self._wake.wait(self.interval)
-            self._wake.clear()
-            closing_now = self._closing
-            if self._flush():
-                failures_in_row = 0
-                if closing_now:
-                    return
-                continue
-            failures_in_row += 1
-            time.sleep(backoff_delay(failures_in_row, base=WRITEBACK_RETRY_BASE, cap=WRITEBACK_RETRY_CAP,
-                                     rand=random.random()))
+    def _collect(self):
+        if not self._pending:
+            return None
+        pending, self._pending = self._pending, {}
+        return pending, self._added
 
-    def _flush(self) -> bool:
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        if not pending:
-            return True
+    def _write(self, pending: dict[str, tuple[str, str | None]]) -> None:
         rows = []
         for item_id, (state, error) in pending.items():
             row = {"work_id": item_id, "state": state}
@@ -310,21 +292,26 @@ class WorkTableWriter:
         try:
             if self._conn is None:
                 self._conn = self.dialect.connect(self.settings, read_password(self.settings))
-            with closing(self._conn.cursor()) as cur:
-                for _, chunk in batches(rows, self.batch):
+            first = True
+            for _, chunk in batches(rows, self.batch):
+                if not first:
+                    self.check_fence()
+                first = False
+                with closing(self._conn.cursor()) as cur:
                     cur.executemany(self.sql, chunk)
-            self._conn.commit()
-        except Exception as e:
-            self.failures += 1
-            log.warning("could not write %d state(s) to %s: %s: %s; will retry", len(rows), self.table,
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self._conn.commit()
+        except Fenced:
+            raise
+        except Exception:
             self._drop()
-            with self._lock:
-                for item_id, value in pending.items():
-                    self._pending.setdefault(item_id, value)  # a newer state wins
-            return False
-        self.rows_written += len(rows)
-        return True
+            raise
+
+    def _written(self, pending: dict[str, tuple[str, str | None]]) -> None:
+        self.rows_written += len(pending)
+
+    def _kept(self, pending: dict[str, tuple[str, str | None]]) -> None:
+        for item_id, value in pending.items():
+            self._pending.setdefault(item_id, value)  # a newer state wins
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

@@ -1,0 +1,207 @@
+"""The one background-writer shape (job.writer), and the work table's write-back built on it (the
+checkpointer's tests are in test_manifest.py). Real faults: a full tmpfs (ENOSPC), a real
+PostgreSQL, a fence that closes."""
+
+import logging
+import threading
+import time
+
+import pytest
+from tmpfs import fill, small_tmpfs
+
+from job.errors import LeaseLost
+from job.store import LocalStore
+from job.writer import BackgroundWriter
+
+
+class ObjectWriter(BackgroundWriter[list]):
+    """Writes each batch of strings as one object of a LocalStore: real I/O, real errors."""
+
+    def __init__(self, store: LocalStore, **kwargs) -> None:
+        kwargs.setdefault("interval", 0.05)
+        kwargs.setdefault("retry_base", 0.05)
+        kwargs.setdefault("retry_cap", 0.2)
+        super().__init__(name="objects", **kwargs)
+        self.store = store
+        self.pending: list[str] = []
+        self.batch_no = 0
+        self.attempts: list[float] = []
+        self.fail_next_with: BaseException | None = None
+
+    def add(self, text: str) -> None:
+        with self.lock:
+            self.pending.append(text)
+            self._ticket()
+
+    def _collect(self):
+        if not self.pending:
+            return None
+        batch, self.pending = self.pending, []
+        return batch, self._added
+
+    def _write(self, batch):
+        self.attempts.append(time.monotonic())
+        if self.fail_next_with is not None:
+            exc, self.fail_next_with = self.fail_next_with, None
+            raise exc
+        self.store.put_new(f"b/{self.batch_no:06d}", "\n".join(batch).encode() * 50)
+
+    def _written(self, batch):
+        self.batch_no += 1
+
+    def _kept(self, batch):
+        self.pending[:0] = batch
+
+    @property
+    def unsaved(self):
+        with self.lock:
+            return len(self.pending)
+
+    def texts(self) -> list[str]:
+        out = []
+        for key in self.store.list("b/"):
+            data = self.store.get(key)[0].decode()
+            out += data[: len(data) // 50].split("\n")
+        return out
+
+
+def test_batches_are_written_and_flush_waits_for_them(tmp_path):
+    writer = ObjectWriter(LocalStore(tmp_path / "s"), interval=3600)
+    writer.start()
+    for n in range(10):
+        writer.add(f"r{n}")
+    assert writer.unsaved == 10
+    assert writer.flush(5)  # does not wait for the hour-long interval
+    assert writer.texts() == [f"r{n}" for n in range(10)] and writer.unsaved == 0
+    assert writer.close(5) and not writer.alive
+
+
+def test_a_closed_fence_holds_every_write_and_an_open_one_lets_them_go(tmp_path):
+    open_ = threading.Event()
+    writer = ObjectWriter(LocalStore(tmp_path / "s"), fence=open_.is_set)
+    writer.start()
+    writer.add("a")
+    assert not writer.flush(0.5)
+    assert writer.texts() == [] and writer.attempts == [] and writer.fenced_since is not None
+    assert writer.failures == 0 and writer.failing_since is None  # held back, not failing
+    open_.set()
+    assert writer.flush(5) and writer.texts() == ["a"] and writer.fenced_since is None
+    writer.close(1)
+
+
+def test_a_lost_lease_ends_writing_at_once(tmp_path):
+    def fence():
+        raise LeaseLost("another runner took it")
+
+    writer = ObjectWriter(LocalStore(tmp_path / "s"), fence=fence)
+    writer.start()
+    writer.add("a")
+    started = time.monotonic()
+    assert not writer.close(60)  # no waiting for a lease that will not come back
+    assert time.monotonic() - started < 1.0
+    assert writer.gone and writer.texts() == [] and writer.unsaved == 1 and not writer.alive
+
+
+def test_no_exception_ends_the_thread(tmp_path, caplog):
+    writer = ObjectWriter(LocalStore(tmp_path / "s"))
+    writer.fail_next_with = ZeroDivisionError("a bug in a write")
+    writer.start()
+    writer.add("a")
+    with caplog.at_level(logging.WARNING, logger="bulkjob.writer"):
+        assert writer.flush(5)
+    assert writer.failures == 1 and writer.texts() == ["a"] and writer.alive
+    assert "ZeroDivisionError: a bug in a write" in caplog.text and "Traceback" in caplog.text
+    writer.close(1)
+
+
+def test_failed_writes_back_off_with_the_one_backoff(tmp_path):
+    writer = ObjectWriter(LocalStore(tmp_path / "s"), retry_base=0.1, retry_cap=0.4, rand=lambda: 1.0)
+    writer.store.put_new("b/000000", b"taken")  # every write meets an existing object
+    writer.start()
+    writer.add("a")
+    time.sleep(1.6)
+    gaps = [b - a for a, b in zip(writer.attempts, writer.attempts[1:], strict=False)]
+    assert len(gaps) >= 3
+    # backoff_delay with equal jitter and rand 1: 0.1, 0.2, 0.4, 0.4 (capped), plus the tick.
+    for gap, step in zip(gaps, (0.1, 0.2, 0.4, 0.4), strict=False):
+        assert step <= gap < step + 0.1
+    assert writer.failing_since is not None and "exists already" in writer.last_error
+    writer.close(0)
+
+
+def test_a_full_disk_is_retried_reported_and_loses_nothing(tmp_path, caplog):
+    with small_tmpfs(tmp_path / "small", 256) as mnt:
+        writer = ObjectWriter(LocalStore(mnt / "state"))
+        writer.start()
+        writer.add("first")
+        assert writer.flush(5)
+        filler = fill(mnt)
+        with caplog.at_level(logging.WARNING, logger="bulkjob.writer"):
+            for n in range(100):
+                writer.add(f"r{n}")
+            assert not writer.flush(1.0)
+        assert writer.alive and writer.failures >= 2 and writer.failing_since is not None
+        assert "No space left on device" in writer.last_error and "will retry" in caplog.text
+        filler.unlink()
+        assert writer.flush(5) and writer.failing_since is None
+        assert writer.texts() == ["first"] + [f"r{n}" for n in range(100)]
+        writer.close(1)
+
+
+# -- the work table's write-back -------------------------------------------------------------
+
+@pytest.fixture
+def work_table(pg_db, monkeypatch):
+    from job.db import parse_db_url
+    from job.db.worktable import DDL
+
+    for statement in DDL["postgres"].split(";"):
+        if statement.strip():
+            pg_db.execute(statement)
+    pg_db.execute("INSERT INTO bulk_work (work_id, state) SELECT 'w' || n, 'PENDING' FROM generate_series(1, 2000) n")
+    monkeypatch.setenv("BULKJOB_DB_PASSWORD", pg_db.env["BULKJOB_DB_PASSWORD"])
+    return pg_db, parse_db_url(pg_db.url)
+
+
+def table_states(pg_db) -> dict[str, str]:
+    return dict(pg_db.execute("SELECT work_id, state FROM bulk_work"))
+
+
+def test_the_write_back_never_changes_a_done_row(work_table):
+    from job.db.worktable import WorkTableWriter
+
+    pg_db, settings = work_table
+    pg_db.execute("UPDATE bulk_work SET state = 'DONE' WHERE work_id IN ('w1', 'w2')")
+    old = WorkTableWriter(settings, "bulk_work", error_column=True, interval=3600)
+    old.start()
+    old.taken("w1")  # a runner that lost its lease, writing late
+    old.finished("w2", "failed", {"class": "X", "message": "late"})
+    old.taken("w3")
+    assert old.close(10)
+    states = table_states(pg_db)
+    assert (states["w1"], states["w2"], states["w3"]) == ("DONE", "DONE", "RUNNING")
+    assert pg_db.execute("SELECT error FROM bulk_work WHERE work_id = 'w2'") == [(None,)]
+
+
+def test_the_write_back_checks_the_fence_before_each_batch(work_table):
+    from job.db.worktable import WorkTableWriter
+
+    pg_db, settings = work_table
+    batches = []
+
+    def fence():
+        batches.append(time.monotonic())
+        if len(batches) > 2:
+            raise LeaseLost("another runner took the shard")
+        return True
+
+    writer = WorkTableWriter(settings, "bulk_work", error_column=False, interval=3600, batch=500, fence=fence)
+    for n in range(1, 2001):
+        writer.finished(f"w{n}", "done")
+    writer.start()
+    writer.close(10)
+    # The fence was asked before the first batch and before each next one: two of four
+    # batches went out, then nothing more.
+    assert len(batches) == 3 and writer.gone
+    assert sorted(table_states(pg_db).values()).count("DONE") == 1000
+    assert writer.unsaved == 2000  # kept, never written by this runner
