@@ -3,12 +3,21 @@
 Layout, under `<prefix>/<run id>/shard-<index>-of-<count>/`:
 
 - `meta.json`: the shard's identity (run id, shard, items source, total) and its start time.
-- `seg-<seq>.jsonl`: one object per checkpoint, holding only the records that changed since
-  the previous one: a header line `{"seq", "records", "written_at"}`, then one record a line.
-- `snap-<seq>.jsonl.gz`: every record up to checkpoint `seq`. Every `COMPACT_EVERY` checkpoints
-  one is written in place of a segment (the earlier snapshot's gzip members plus the new lines,
-  so nothing is recompressed), and the segments it covers are deleted: resuming reads one
-  snapshot and a few segments, not thousands of small objects.
+- `lease.json`: the shard's lease (job.lease).
+- `seg-g<generation>-<seq>.jsonl.gz`: one object per checkpoint, holding only the records that
+  changed since the previous one: a header line `{"format", "gen", "seq", "records",
+  "written_at"}`, then one record a line, gzip-compressed.
+- `snap-g<generation>-<seq>.jsonl.gz`: a compaction, one record per item. A header (its own
+  gzip member) lists the objects it `covers` and its sections, each a gzip member: per
+  generation, a `records` section (whole records) and `done` sections (ids only: the items
+  done with no result, one section per attempts count).
+
+`generation` is the lease's (job.lease): every object a runner writes carries its generation
+and is created with If-None-Match, so a runner that lost its lease cannot overwrite another
+generation's records, and a compaction deletes only what it folded. Records are applied in the
+order (generation, seq): a later generation wins for the same item. An object that a snapshot
+covers is not read again; every other object is. Objects of the first format (`seg-<seq>.jsonl`,
+`snap-<seq>.jsonl.gz`) are read as generation 0.
 
 A record is `{"id", "state", "attempts", "at", ...}` with `state` one of `done`, `failed`,
 `partial` (an attempt failed and the item will be tried again; `progress` keeps what it
@@ -19,30 +28,52 @@ was written: if no later record follows, the runner died with it), plus `result`
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ManifestCorrupt, ManifestError, StoreUnavailable, UsageError
+from .errors import ManifestCorrupt, ManifestError, PreconditionFailed, UsageError
+from .itemstates import (
+    DONE,
+    FAILED,
+    PARTIAL,
+    RUNNING,
+    STATES,
+    ItemState,
+    ItemStates,
+    PackedItemStates,
+    StatesBuilder,
+    item_state,
+)
+from .records import (
+    FORMAT,
+    ObjectName,
+    Section,
+    Unit,
+    as_record,
+    encode_record,
+    feed,
+    parse_name,
+    salvage_segment,
+    salvage_snapshot,
+    salvaged,
+    segment_header,
+    segment_name,
+    snapshot_header,
+    snapshot_name,
+    unit_records,
+)
 from .store import Store
 
-#: Manifest format version, in meta.json; a newer one is refused rather than misread.
-FORMAT = 1
-#: A snapshot replaces a segment every this many checkpoints: bounds the objects a resume reads
-#: (at most this many segments plus one snapshot) while keeping the snapshot rewrite rare.
+__all__ = ["COMPACT_EVERY", "DONE", "FAILED", "FORMAT", "PARTIAL", "RUNNING", "STATES", "ItemState",
+           "ItemStates", "Loaded", "ShardManifest", "Unit", "check_run_id", "encode_record", "item_state",
+           "list_shards", "segment_name", "shard_dir", "snapshot_name"]
+
+#: A compaction folds the manifest once this many segments are live: bounds the objects a
+#: resume reads while keeping the rewrite of every item rare.
 COMPACT_EVERY = 64
-
-DONE = "done"
-FAILED = "failed"
-PARTIAL = "partial"
-RUNNING = "running"
-STATES = frozenset({DONE, FAILED, PARTIAL, RUNNING})
-
-_SEG = re.compile(r"seg-(\d{10})\.jsonl$")
-_SNAP = re.compile(r"snap-(\d{10})\.jsonl\.gz$")
 _SHARD_DIR = re.compile(r"shard-(\d{5})-of-(\d{5})/")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 
@@ -56,29 +87,9 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def encode_record(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
-
-
 def shard_dir(prefix: str, run_id: str, shard_index: int, shard_count: int) -> str:
     base = f"{prefix}/" if prefix else ""
     return f"{base}{run_id}/shard-{shard_index:05d}-of-{shard_count:05d}/"
-
-
-@dataclass(frozen=True, slots=True)
-class ItemState:
-    """What the run needs to know of an item recorded earlier: its state, the attempts it has
-    used, the progress to resume from, and the error of a failed item (for the work table)."""
-
-    state: str
-    attempts: int
-    progress: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-
-
-def item_state(record: dict[str, Any]) -> ItemState:
-    return ItemState(record["state"], int(record.get("attempts") or 0), record.get("progress"),
-                     record.get("error"))
 
 
 @dataclass(slots=True)
@@ -86,86 +97,73 @@ class Loaded:
     """What a shard's manifest holds, as read at start (or by status/report)."""
 
     meta: dict[str, Any] | None
-    #: Records in write order; fold by id, last wins.
-    records: list[dict[str, Any]] = field(default_factory=list)
-    #: Highest checkpoint sequence number found (0 when none).
-    seq: int = 0
-    #: The newest snapshot's bytes (gzip members) and the segment lines after it, kept so that
-    #: the next snapshot appends instead of rewriting.
-    snapshot_gz: bytes = b""
-    lines_since_snapshot: list[bytes] = field(default_factory=list)
+    #: The live objects' records in the order they apply (their compressed bytes are kept: a
+    #: compaction folds them, and `records` and `items()` read them again).
+    units: list[Unit] = field(default_factory=list)
+    #: Keys covered by the live snapshots that still exist: the next compaction deletes them.
+    carried: list[str] = field(default_factory=list)
+    #: The highest sequence number of each generation found.
+    seqs: dict[int, int] = field(default_factory=dict)
     updated_at: float | None = None
-    segments_since_snapshot: int = 0
     #: Records in the newest checkpoint: about what one checkpoint interval held before a restart.
     last_checkpoint_records: int = 0
+    #: Objects skipped as damaged (with --manifest-repair).
+    damaged: list[str] = field(default_factory=list)
+    _states: PackedItemStates | None = None
+
+    def states(self) -> ItemStates:
+        """The state of every recorded item, for the run's decisions (about 20 bytes per item)."""
+        if self._states is None:
+            builder = StatesBuilder()
+            for unit in self.units:
+                feed(builder, unit)
+            self._states = builder.build(self._replay_ids)
+        return self._states
+
+    def _replay_ids(self) -> Iterator[tuple[int, str, dict[str, Any] | None]]:
+        ordinal = 0
+        for unit in self.units:
+            for item_id, _state, _attempts, record, _raw in unit_records(unit):
+                yield ordinal, item_id, record
+                ordinal += 1
+
+    @property
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every record of the live objects in write order, not folded (read again each time)."""
+        for unit in self.units:
+            for item_id, state, attempts, record, _raw in unit_records(unit, whole=True):
+                yield as_record(item_id, state, attempts, record)
+
+    def last_records(self, state: str | None = None) -> Iterator[dict[str, Any]]:
+        """The last record of each item, whole, all or those in `state`, read again from the
+        objects one at a time (for reports: failed items are few)."""
+        states = self.states()
+        assert isinstance(states, PackedItemStates)
+        ordinal = 0
+        for unit in self.units:
+            for item_id, record_state, attempts, record, _raw in unit_records(unit, whole=True):
+                if (state is None or record_state == state) and states.is_last(item_id, ordinal):
+                    yield as_record(item_id, record_state, attempts, record)
+                ordinal += 1
 
     def latest(self) -> dict[str, dict[str, Any]]:
-        """The last record of each item."""
+        """The last record of each item (whole records in memory: for tools and tests)."""
         folded: dict[str, dict[str, Any]] = {}
         for record in self.records:
             folded[record["id"]] = record
         return folded
 
-    def states(self) -> ItemStates:
-        """The state of every recorded item, for the run's decisions."""
-        return ItemStates({item_id: item_state(r) for item_id, r in self.latest().items()})
+    @property
+    def max_generation(self) -> int:
+        return max(self.seqs, default=0)
 
+    @property
+    def seq(self) -> int:
+        """The highest sequence number of the newest generation (0 when none)."""
+        return self.seqs.get(self.max_generation, 0)
 
-class ItemStates:
-    """The last state of each recorded item: what a resuming run asks of the manifest."""
-
-    def __init__(self, states: dict[str, ItemState]) -> None:
-        self._states = states
-
-    def get(self, item_id: str) -> ItemState | None:
-        return self._states.get(item_id)
-
-    def __len__(self) -> int:
-        return len(self._states)
-
-    def count(self, state: str) -> int:
-        return sum(1 for s in self._states.values() if s.state == state)
-
-    def items(self, state: str | None = None):
-        """(id, ItemState) pairs, all or those in `state`."""
-        return ((i, s) for i, s in self._states.items() if state is None or s.state == state)
-
-
-def _parse_lines(data: bytes, key: str, *, first_line: int = 1) -> Iterator[dict[str, Any]]:
-    for number, line in enumerate(data.splitlines(), start=first_line):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise ManifestCorrupt(f"{key}: line {number} is not valid JSON ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str) \
-                or record.get("state") not in STATES:
-            raise ManifestCorrupt(f"{key}: line {number} is not a manifest record")
-        yield record
-
-
-def parse_segment(data: bytes, key: str) -> tuple[dict[str, Any], list[bytes], list[dict[str, Any]]]:
-    """Header, raw record lines and parsed records of one segment; ManifestCorrupt if damaged."""
-    header_line, _, body = data.partition(b"\n")
-    try:
-        header = json.loads(header_line)
-        expected = int(header["records"])
-    except (ValueError, KeyError, TypeError):
-        raise ManifestCorrupt(f"{key}: the header line is damaged") from None
-    lines = [line for line in body.split(b"\n") if line]
-    if len(lines) != expected:
-        raise ManifestCorrupt(f"{key}: truncated, {len(lines)} of {expected} records")
-    records = list(_parse_lines(body, key, first_line=2))
-    return header, [line + b"\n" for line in lines], records
-
-
-def parse_snapshot(data: bytes, key: str) -> list[dict[str, Any]]:
-    try:
-        text = gzip.decompress(data)
-    except (OSError, EOFError) as e:
-        raise ManifestCorrupt(f"{key}: not a complete gzip stream ({e})") from None
-    return list(_parse_lines(text, key))
+    def next_seq(self, generation: int) -> int:
+        return self.seqs.get(generation, 0) + 1
 
 
 class ShardManifest:
@@ -182,6 +180,20 @@ class ShardManifest:
     def url(self) -> str:
         return f"{self.store.url.rstrip('/')}/{self.dir}"
 
+    @property
+    def lease_key(self) -> str:
+        return self.dir + "lease.json"
+
+    def lease(self, **kwargs: Any):
+        """The shard's Lease (job.lease): its generations continue above the manifest's."""
+        from .lease import Lease
+
+        return Lease(self.store, self.lease_key, generation_floor=self.max_generation, **kwargs)
+
+    def max_generation(self) -> int:
+        """The highest generation among the manifest's objects (0 when none)."""
+        return max((n.gen for k in self.store.list(self.dir) if (n := parse_name(k))), default=0)
+
     def read_meta(self) -> dict[str, Any] | None:
         found = self.store.get(self.dir + "meta.json")
         if found is None:
@@ -195,13 +207,19 @@ class ShardManifest:
         return meta
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        self.store.put(self.dir + "meta.json", json.dumps({"format": FORMAT, **meta}, indent=1).encode())
+        self.store.put(self.dir + "meta.json", json.dumps({**meta, "format": FORMAT}, indent=1).encode())
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove temporary files a crashed writer left in the shard's directory (a local store)."""
+        remove = getattr(self.store, "remove_leftovers", None)
+        return remove(self.dir) if remove is not None else []
 
     def load(self, *, repair: bool = False) -> Loaded:
-        """Read meta, the newest snapshot and the segments after it.
+        """Read meta and every live object (see the module's docstring), and check each.
 
-        With `repair`, damaged objects are skipped (their readable records kept) instead of
-        raising ManifestCorrupt; the caller writes a fresh snapshot afterwards.
+        With `repair`, damaged objects are skipped (their readable records kept where they can
+        be told apart) instead of raising ManifestCorrupt; the caller folds what was read into
+        a new snapshot afterwards (`repair()`).
         """
         keys = self.store.list(self.dir)
         try:
@@ -210,100 +228,125 @@ class ShardManifest:
             if not repair:
                 raise
             meta = None  # the run writes a new one
-        snaps = sorted((int(m.group(1)), k) for k in keys if (m := _SNAP.search(k)))
-        segs = sorted((int(m.group(1)), k) for k in keys if (m := _SEG.search(k)))
+        names = [n for k in keys if (n := parse_name(k))]
         loaded = Loaded(meta=meta)
-        snap_seq = 0
-        for seq, key in reversed(snaps):
-            found = self.store.get(key)
+        for n in names:
+            loaded.seqs[n.gen] = max(loaded.seqs.get(n.gen, 0), n.seq)
+        existing = set(keys)
+        snapshots: dict[str, tuple[ObjectName, bytes, dict[str, Any], list[Section]]] = {}
+        rescued: list[Unit] = []
+        covered: set[str] = set()
+        for n in names:
+            if n.kind != "snap":
+                continue
+            found = self.store.get(n.key)
             if found is None:
                 continue
             try:
-                loaded.records = parse_snapshot(found[0], key)
+                header, sections = snapshot_header(found[0], n)
             except ManifestCorrupt:
                 if not repair:
                     raise
+                loaded.damaged.append(n.key)
+                rescued.append(salvage_snapshot(n, found[0]))
                 continue
-            loaded.snapshot_gz = found[0]
-            snap_seq = seq
-            break
-        loaded.seq = snap_seq
-        for seq, key in segs:
-            if seq <= snap_seq:
+            snapshots[n.key] = (n, found[0], header, sections)
+            if n.fmt == 1:
+                covered.update(m.key for m in names if m.fmt == 1 and m.seq <= n.seq and m.key != n.key)
+            else:
+                covered.update(self.dir + c for c in header.get("covers", ()))
+        loaded.carried = sorted(covered & existing)
+        units: list[Unit] = list(rescued)
+        for key, (_name, data, header, sections) in snapshots.items():
+            if key in covered:
                 continue
-            found = self.store.get(key)
+            updated = header.get("updated_at")
+            if updated is not None:
+                loaded.updated_at = max(loaded.updated_at or 0.0, float(updated))
+            for s in sections:
+                units.append(Unit(key, s.gen, s.upto, s.kind, s.attempts, data, s.offset, s.offset + s.length,
+                                  expected=s.records))
+        for n in names:
+            if n.kind != "seg" or n.key in covered:
+                continue
+            found = self.store.get(n.key)
             if found is None:
                 continue
             try:
-                header, lines, records = parse_segment(found[0], key)
+                header = segment_header(found[0], n)
             except ManifestCorrupt:
                 if not repair:
                     raise
-                lines, records = _salvage(found[0])
-                header = {}
-            loaded.records.extend(records)
-            loaded.last_checkpoint_records = len(records)
-            loaded.lines_since_snapshot.extend(lines)
-            loaded.segments_since_snapshot += 1
-            loaded.seq = max(loaded.seq, seq)
-            loaded.updated_at = header.get("written_at", loaded.updated_at)
+                loaded.damaged.append(n.key)
+                units.append(salvage_segment(n, found[0]))
+                continue
+            written = header.get("written_at")
+            if written is not None:
+                loaded.updated_at = max(loaded.updated_at or 0.0, float(written))
+            units.append(Unit(n.key, n.gen, n.seq, "segment", 0, found[0], 0, len(found[0]),
+                              compressed=n.fmt == 2, expected=int(header["records"])))
+        units.sort(key=lambda u: u.order)
+        loaded.units = units
+        segments = [u for u in units if u.kind == "segment"]
+        if segments:
+            loaded.last_checkpoint_records = max(segments[-1].expected, 0)
+        builder = StatesBuilder()
+        for unit in units:
+            try:
+                feed(builder, unit)
+            except ManifestCorrupt:
+                if not repair:
+                    raise
+                loaded.damaged.append(unit.key)
+        if repair and loaded.damaged:
+            # Keep only what reads cleanly, unit by unit, for the fold that follows.
+            loaded.units = [salvaged(u) for u in units]
+            builder = StatesBuilder()
+            for unit in loaded.units:
+                feed(builder, unit)
+        loaded._states = builder.build(loaded._replay_ids)
         return loaded
 
-    def repair(self) -> tuple[int, int]:
-        """Fold every record that can still be read into one new snapshot, replacing all
-        snapshots and segments (damaged ones included). Returns (records kept, objects read)."""
+    def write_segment(self, generation: int, seq: int, data: bytes) -> int:
+        """Create segment (generation, seq) from `encode_segment` bytes; returns the bytes written.
+
+        A 412 means the name exists: a write of ours that landed though we did not hear back
+        (nobody else writes this generation), recognised by its bytes."""
+        return self._create(self.dir + segment_name(generation, seq), data)
+
+    def write_snapshot(self, generation: int, seq: int, data: bytes) -> int:
+        """Create snapshot (generation, seq) from compaction bytes; returns the bytes written."""
+        return self._create(self.dir + snapshot_name(generation, seq), data)
+
+    def _create(self, key: str, data: bytes) -> int:
+        try:
+            self.store.put_new(key, data)
+        except PreconditionFailed:
+            found = self.store.get(key)
+            if found is None or found[0] != data:
+                raise ManifestError(f"{key} exists with other content: two runners share a generation") from None
+        return len(data)
+
+    def repair(self, *, generation: int) -> tuple[int, int]:
+        """Fold every record that can still be read into one new snapshot of `generation` (the
+        lease's, taken first), replacing every snapshot and segment, damaged ones included.
+        Returns (items kept, objects read)."""
+        from .compaction import fold
+
         keys = self.store.list(self.dir)
-        numbered = [int(m.group(1)) for k in keys if (m := _SEG.search(k)) or (m := _SNAP.search(k))]
+        objects = [k for k in keys if parse_name(k)]
         loaded = self.load(repair=True)
-        lines = [encode_record(record) for record in loaded.latest().values()]
-        self.write_snapshot(max(numbered, default=0) + 1, b"", lines)
+        seq = loaded.next_seq(generation)
+        key = self.dir + snapshot_name(generation, seq)
+        folded = fold(loaded.units, key=key, generation=generation, seq=seq,
+                      covers=[k[len(self.dir):] for k in objects], updated_at=loaded.updated_at)
+        self.write_snapshot(generation, seq, folded.data)
+        self.store.delete(objects)
         try:
             self.read_meta()
         except ManifestCorrupt:
             self.store.delete([self.dir + "meta.json"])  # the run writes a new one
-        return len(lines), len(numbered)
-
-    def write_segment(self, seq: int, lines: list[bytes], *, written_at: float) -> int:
-        """Write checkpoint `seq` holding `lines`; returns the bytes written."""
-        header = json.dumps({"seq": seq, "records": len(lines), "written_at": written_at}).encode()
-        body = header + b"\n" + b"".join(lines)
-        self.store.put(f"{self.dir}seg-{seq:010d}.jsonl", body)
-        return len(body)
-
-    def write_snapshot(self, seq: int, snapshot_gz: bytes, lines: list[bytes]) -> tuple[bytes, int]:
-        """Write snapshot `seq` = old snapshot + `lines`, then delete what it covers.
-
-        Returns the new snapshot's bytes (kept for the next one) and the bytes written.
-        """
-        data = snapshot_gz + gzip.compress(b"".join(lines), compresslevel=5) if lines else snapshot_gz
-        self.store.put(f"{self.dir}snap-{seq:010d}.jsonl.gz", data)
-        # Delete only after the snapshot is safely written: a crash in between leaves objects
-        # that load() ignores (their seq is not above the snapshot's).
-        try:
-            covered = []
-            for key in self.store.list(self.dir):
-                if (m := _SEG.search(key)) and int(m.group(1)) <= seq:
-                    covered.append(key)
-                elif (m := _SNAP.search(key)) and int(m.group(1)) < seq:
-                    covered.append(key)
-            self.store.delete(covered)
-        except (StoreUnavailable, ManifestError):
-            pass  # leftovers are ignored by load() and deleted by the next snapshot
-        return data, len(data)
-
-
-def _salvage(data: bytes) -> tuple[list[bytes], list[dict[str, Any]]]:
-    """The records of a damaged segment that still parse (for --manifest-repair)."""
-    lines, records = [], []
-    for line in data.split(b"\n")[1:]:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("id"), str) and record.get("state") in STATES:
-            lines.append(line + b"\n")
-            records.append(record)
-    return lines, records
+        return folded.items, len(objects)
 
 
 def list_shards(store: Store, prefix: str, run_id: str) -> list[tuple[int, int]]:

@@ -9,26 +9,45 @@ import time
 from typing import Any
 
 from .errors import UsageError
-from .manifest import DONE, FAILED, ShardManifest, list_shards
+from .lease import parse_lease
+from .manifest import DONE, FAILED, ItemStates, ShardManifest, list_shards
 from .store import Store
 
 #: Characters that make a spreadsheet read a CSV cell as a formula.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: Seconds a lock on the lease may be held before status calls it stuck: it is held for one
+#: read and one rename.
+STUCK_LOCK = 5.0
 
 
-def shard_status(meta: dict[str, Any] | None, latest: dict[str, dict[str, Any]],
-                 updated_at: float | None) -> dict[str, Any]:
-    """Counts for one shard from its meta and the last record of each item."""
-    done = sum(1 for r in latest.values() if r["state"] == DONE)
-    failed = sum(1 for r in latest.values() if r["state"] == FAILED)
+def shard_status(meta: dict[str, Any] | None, states: ItemStates, updated_at: float | None) -> dict[str, Any]:
+    """Counts for one shard from its meta and the state of each item."""
+    done, failed = states.count(DONE), states.count(FAILED)
     total = int((meta or {}).get("total", done + failed))
-    times = [r.get("at") for r in latest.values() if r.get("at")]
+    attempts = getattr(states, "attempts", None)
+    if attempts is None:
+        attempts = sum(s.attempts for _, s in states.items())
     return {
         "total": total, "done": done, "failed": failed, "pending": max(0, total - done - failed),
-        "attempts": sum(int(r.get("attempts", 0)) for r in latest.values()),
-        "started_at": (meta or {}).get("created_at"),
-        "updated_at": max([t for t in (updated_at, *times) if t is not None], default=None),
+        "attempts": attempts, "started_at": (meta or {}).get("created_at"), "updated_at": updated_at,
     }
+
+
+def lease_status(store: Store, manifest: ShardManifest) -> dict[str, Any] | None:
+    """What the shard's lease says (holder, generation, released, renewed_at by the holder's
+    clock), and on a local directory who holds its lock now; None when there is no lease."""
+    found = store.get(manifest.lease_key)
+    state = parse_lease(found[0]) if found else None
+    if state is None:
+        return None
+    out: dict[str, Any] = {"holder": state.holder, "generation": state.generation, "released": state.released,
+                           "renewed_at": state.renewed_at, "ttl": state.ttl}
+    holder_of_lock = getattr(store, "lock_holder", None)
+    if holder_of_lock is not None:
+        lock = holder_of_lock(manifest.lease_key)
+        if lock is not None:
+            out["lock"] = lock
+    return out
 
 
 def run_status(store: Store, prefix: str, run_id: str) -> dict[str, Any]:
@@ -37,9 +56,11 @@ def run_status(store: Store, prefix: str, run_id: str) -> dict[str, Any]:
         raise UsageError(f"no manifest for run {run_id!r} in {store.url}")
     result: dict[str, Any] = {"run_id": run_id, "shards": []}
     for index, count in shards:
-        loaded = ShardManifest(store, prefix, run_id, index, count).load()
-        row = shard_status(loaded.meta, loaded.latest(), loaded.updated_at)
-        result["shards"].append({"shard": index, "shard_count": count, **row})
+        manifest = ShardManifest(store, prefix, run_id, index, count)
+        loaded = manifest.load()
+        row = shard_status(loaded.meta, loaded.states(), loaded.updated_at)
+        result["shards"].append({"shard": index, "shard_count": count, **row,
+                                 "lease": lease_status(store, manifest)})
     for key in ("total", "done", "failed", "pending", "attempts"):
         result[key] = sum(s[key] for s in result["shards"])
     starts = [s["started_at"] for s in result["shards"] if s["started_at"]]
@@ -57,9 +78,7 @@ def failed_rows(store: Store, prefix: str, run_id: str) -> list[dict[str, Any]]:
     rows = []
     for index, count in shards:
         loaded = ShardManifest(store, prefix, run_id, index, count).load()
-        for record in loaded.latest().values():
-            if record["state"] != FAILED:
-                continue
+        for record in loaded.last_records(FAILED):
             error = record.get("error") or {}
             rows.append({"id": record["id"], "shard": index, "attempts": record.get("attempts", 0),
                          "error_kind": error.get("kind"), "error_class": error.get("class"),
@@ -112,4 +131,24 @@ def render_status(status: dict[str, Any]) -> str:
                      f"{format_time(s['updated_at']):<20}")
     lines.append(f"{'all':>9} {status['total']:>9} {status['done']:>9} {status['failed']:>9} "
                  f"{status['pending']:>9} {status['attempts']:>9}")
+    for s in status["shards"]:
+        lines += lease_lines(s["shard"], s.get("lease"))
     return "\n".join(lines)
+
+
+def lease_lines(shard: int, lease: dict[str, Any] | None) -> list[str]:
+    """What status says of a shard's lease: who holds it (unless released), and a lock on it
+    that someone holds for more than a moment (a stopped process)."""
+    if lease is None:
+        return []
+    out = []
+    h = lease["holder"]
+    if not lease["released"]:
+        out.append(f"shard {shard}: lease generation {lease['generation']} held by pod {h.get('pod')} "
+                   f"(host {h.get('host')}, pid {h.get('pid')}), last renewed {format_time(lease['renewed_at'])} "
+                   f"by its clock; it lasts {lease['ttl']:g}s after a renewal")
+    lock = lease.get("lock")
+    if lock is not None and lock.get("held_for", 0) >= STUCK_LOCK:
+        out.append(f"shard {shard}: the lease's lock file is held by pid {lock.get('pid')} on {lock.get('host')} "
+                   f"for {lock['held_for']:.0f}s: a stopped process? (takeovers wait for it)")
+    return out
