@@ -92,6 +92,18 @@ def targets(r: dict) -> list[Verdict]:
                             5.0, "s"))
     elif og:
         out.append(Verdict("items failed by a database outage = 0", og["skipped"], None))
+    sc = r.get("scale")
+    if sc:
+        n = f"{sc['items']:,}"
+        for key, what in (("all_done", "all done"), ("half_done", "half done")):
+            out.append(_at_most(f"resumed {n}-item run ({what}): parent peak < 250 MB", sc[key]["parent_mb"], 250,
+                                "MB", 0))
+        out.append(_at_most(f"resumed {n}-item run (all done): to its end <= 0.15 x the fresh run",
+                            sc["all_done"]["ratio"], 0.15, "x"))
+        out.append(_at_most(f"resumed {n}-item run (half done): to its first new item <= 0.15 x the fresh run",
+                            sc["half_done"]["ratio"], 0.15, "x"))
+        out.append(_at_most(f"manifest of a finished {n}-item run < 40 bytes per item",
+                            sc["manifest"]["bytes_per_item"], 40, "B/item", 1))
     return out
 
 
@@ -191,6 +203,20 @@ def table(r: dict) -> list[tuple[str, str, str]]:
                  (w, "database back to next item done", f"{back:.2f} s" if back is not None else "never")]
     elif og:
         rows.append(("10 outage", "database outage", og["skipped"]))
+    sc = r.get("scale")
+    if sc:
+        w = "11 scale"
+        f, a, h, mf = sc["fresh"], sc["all_done"], sc["half_done"], sc["manifest"]
+        rows += [(w, f"{sc['items']:,} no-op items, fresh: process start to exit; parent peak",
+                  f"{f['wall']:.1f} s; {f['parent_mb']:.0f} MB"),
+                 (w, "manifest of the finished run: objects, bytes per item",
+                  f"{mf['objects']}, {mf['bytes_per_item']:.1f} B"),
+                 (w, "resumed, all done: process start to exit (x fresh); parent peak",
+                  f"{a['wall']:.1f} s ({a['ratio']:.2f}); {a['parent_mb']:.0f} MB"),
+                 (w, f"resumed, half done ({h['stopped_after']:,} stopped by SIGTERM): start to first new item "
+                     "(x fresh); parent peak", f"{h['to_first_new_item']:.1f} s ({h['ratio']:.2f}); {h['parent_mb']:.0f} MB"),
+                 (w, "of which: reading the manifest into item states (all done / half done, timed apart)",
+                  f"{a['manifest_load']:.1f} s / {h['manifest_load']:.1f} s")]
     return rows
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 
 #: What a request touched, from its key: the manifest's parts, the lease, or anything else.
-_KINDS = (("seg", re.compile(r"/seg-\d+\.jsonl$")), ("snap", re.compile(r"/snap-\d+\.jsonl\.gz$")),
+_KINDS = (("seg", re.compile(r"/seg-[^/]*\.jsonl(\.gz)?$")), ("snap", re.compile(r"/snap-[^/]*\.jsonl\.gz$")),
           ("meta", re.compile(r"/meta\.json$")), ("lease", re.compile(r"/lease\.json$")))
 
 

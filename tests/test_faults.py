@@ -275,5 +275,6 @@ def test_11_bad_input_at_scale(tmp_path):
     assert len(rows) == bad and {r["error_kind"] for r in rows} == {"invalid"}
     # Ids never became paths: the run's directory holds only the manifest's own objects.
     names = {p.name for p in (tmp_path / "st").rglob("*") if p.is_file()}
-    assert all(n == "meta.json" or n.startswith(("seg-", "snap-")) for n in names), names
+    assert all(n in ("meta.json", "lease.json", "lease.json.lock") or n.startswith(("seg-", "snap-"))
+               for n in names), names
     assert [p.name for p in (tmp_path / "st").iterdir()] == ["f11"]

@@ -465,3 +465,46 @@ def test_a_runner_whose_lease_expired_stops_and_writes_nothing_more(tmp_path, s3
     assert all(first[i] > stopped_at - 0.2 - 0.5 for i in repeated)
     assert status_of(f"s3://{s3_bucket}/m", "stolen", env=s3_server.env)["done"] == 300
     assert json.loads(a_out.splitlines()[-1])["status"] == "lease_lost"
+
+
+# -- what status shows -----------------------------------------------------------------------
+
+def test_status_shows_the_lease_holder_and_a_lock_held_by_a_stopped_process(tmp_path):
+    from conftest import run_bulkjob
+
+    from job.checkpoint import Checkpointer
+
+    store = LocalStore(tmp_path / "st")
+    manifest = ShardManifest(store, "", "shown", 0, 1)
+    lease = manifest.lease(ttl=30)
+    lease.acquire()
+    cp = Checkpointer(manifest, manifest.load(), generation=lease.generation, interval=3600, fence=lease.fence)
+    cp.start()
+    cp.add({"id": "a", "state": "done", "attempts": 1})
+    assert cp.close(10)
+    script = textwrap.dedent(f"""
+        import time
+        from job.store import LocalStore
+        store = LocalStore({str(tmp_path / "st")!r})
+        with store._locked(store._path({manifest.lease_key!r})):
+            print("holding", flush=True)
+            time.sleep(600)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        holder.send_signal(signal.SIGSTOP)
+        time.sleep(5.5)
+        shown = run_bulkjob("status", "--manifest", str(tmp_path / "st"), "--run-id", "shown")
+        assert shown.returncode == 0, shown.stderr
+        assert f"lease generation 1 held by pod {lease.holder['pod']}" in shown.stdout
+        assert f"pid {os.getpid()}" in shown.stdout
+        assert f"lock file is held by pid {holder.pid}" in shown.stdout and "a stopped process?" in shown.stdout
+        as_json = status_of(str(tmp_path / "st"), "shown")
+        assert as_json["done"] == 1 and as_json["shards"][0]["lease"]["lock"]["pid"] == holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    assert lease.release()
+    shown = run_bulkjob("status", "--manifest", str(tmp_path / "st"), "--run-id", "shown")
+    assert "held by" not in shown.stdout and "lock file" not in shown.stdout
