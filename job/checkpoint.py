@@ -18,7 +18,7 @@ from typing import Any
 
 from . import manifest as manifest_module
 from .compaction import Folded, fold
-from .errors import ManifestError
+from .errors import LeaseLost
 from .manifest import Loaded, ShardManifest
 from .records import Unit, encode_record, encode_segment, segment_name, snapshot_name
 from .retry import backoff_delay
@@ -59,8 +59,8 @@ class Checkpointer(BackgroundWriter[_Segment]):
                  observe: Callable[[float, bool, int], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if loaded.max_generation > generation:
-            raise ManifestError(f"{manifest.url} holds generation {loaded.max_generation}, newer than this "
-                                f"runner's lease ({generation}): another runner has the shard")
+            raise LeaseLost(f"{manifest.url} holds generation {loaded.max_generation}, newer than this "
+                            f"runner's lease ({generation}): another runner has the shard")
         super().__init__(name="checkpoint", interval=interval, retry_base=RETRY_BASE, retry_cap=RETRY_CAP,
                          fence=fence, clock=clock)
         self.manifest = manifest

@@ -55,6 +55,8 @@ PERIOD_SHARE = 1 / 6
 #: Longest one store request may take (connect + read timeout, one attempt), TTL/6 (5 s):
 #: shorter than the margin, so a write sent before `valid_until` lands before `hard_deadline`.
 REQUEST_SHARE = 1 / 6
+#: Seconds between two warnings about renewals that keep failing (one per period is noise).
+RENEWAL_WARNING_EVERY = 60.0
 #: The margin between `valid_until` and `hard_deadline`, TTL/4 (7.5 s): one request's time
 #: plus TTL/12 (2.5 s) for the thread between its check and its send, and for the drift of
 #: two hosts' monotonic clocks (at most 500 ppm under NTP: 15 ms in 30 s).
@@ -197,6 +199,7 @@ class Lease:
         self._lost: str | None = None
         self._released = False
         self._was_valid = False
+        self._warned_at = float("-inf")
         self._lock = threading.RLock()
         self._stop = threading.Event()
         #: Never set: acquire() waits on it (a sleep that libfaketime and signals leave alone).
@@ -368,10 +371,14 @@ class Lease:
             except PreconditionFailed:
                 self._resolve_conflict()
             except (BulkjobError, OSError) as e:
-                log.warning("could not renew the lease (%s); it stays valid for %.1fs more, then suspends",
-                            e, max(0.0, self.valid_until - self.clock()))
+                now = self.clock()
+                if now - self._warned_at >= RENEWAL_WARNING_EVERY:
+                    self._warned_at = now
+                    log.warning("could not renew the lease (%s); it stays valid for %.1fs more, then suspends",
+                                e, max(0.0, self.valid_until - now))
             else:
                 self._ack(renewal, etag)
+                self._warned_at = float("-inf")
         return self._note_status()
 
     def _resolve_conflict(self) -> None:

@@ -14,7 +14,7 @@ from tmpfs import fill, small_tmpfs
 
 from job import manifest as manifest_module
 from job.checkpoint import Checkpointer
-from job.errors import ManifestCorrupt, ManifestError, UsageError
+from job.errors import LeaseLost, ManifestCorrupt, ManifestError, UsageError
 from job.itemstates import ItemStates, item_state
 from job.manifest import DONE, FAILED, PARTIAL, RUNNING, ShardManifest, check_run_id
 from job.records import encode_record, encode_segment, segment_name, snapshot_name
@@ -178,7 +178,7 @@ def test_resume_continues_with_the_next_generation(store):
         assert cp.close(10)
     loaded = m.load()
     assert loaded.seqs == {1: 1, 2: 1} and len(loaded.states()) == 10
-    with pytest.raises(ManifestError, match="newer than this runner's lease"):
+    with pytest.raises(LeaseLost, match="newer than this runner's lease"):
         Checkpointer(m, loaded, generation=1, interval=1)
 
 
