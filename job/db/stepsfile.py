@@ -2,14 +2,21 @@
 
 A steps file is plain SQL. A line `-- step: NAME` starts a step; a step holds one or more
 statements ended by `;`, or by a line holding only `/`. On Oracle, a PL/SQL block (DECLARE or
-BEGIN, or CREATE [OR REPLACE] FUNCTION/PROCEDURE/PACKAGE/TRIGGER/TYPE) keeps its inner `;` and
-ends at the `/` line. Quotes, comments, Oracle q'[...]' and PostgreSQL $$...$$ are respected.
+BEGIN, after optional <<labels>>; CREATE [OR REPLACE] FUNCTION/PROCEDURE/PACKAGE/TRIGGER/TYPE;
+or a query that starts WITH FUNCTION/PROCEDURE) keeps its inner `;` and ends at the `/` line.
+Quotes, comments, Oracle q'[...]' and PostgreSQL $$...$$ are respected.
 
 Per item, `:name` binds take their values from the payload (only the binds a statement uses
-are passed), and `{name}` placeholders are replaced by the payload's value only when it is a
-plain identifier (`schema.table`, letters, digits, _ $ #): anything else is refused before
-any SQL runs. Transactions are bulkjob's (see --commit), so COMMIT, ROLLBACK and SAVEPOINT
-are refused in a steps file.
+are passed; on Oracle they are sent as :b1, :b2 ..., so a key such as `date` or `level`, a
+reserved word there, works). `{name}` placeholders are filled with a quoted identifier only
+when the file declares them (`-- allow name: ...`, see job.db.identifiers) and the value is
+among the declared ones; anything else fails the item as invalid before any SQL runs.
+
+Refused when the file loads, with its line: transaction control (COMMIT, ROLLBACK, SAVEPOINT
+... are bulkjob's, see --commit), COMMIT or ROLLBACK inside an Oracle block or a PostgreSQL DO
+block unless the step declares `-- commits: yes`, positional binds (`:1`), and the commands of
+SQL*Plus, psql and the sqlite3 shell, which are not SQL. A procedure that commits cannot be
+seen from here: a step that calls one must declare `-- commits: yes`.
 
 Pure: no database, no I/O but reading the file.
 """
@@ -23,13 +30,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import Permanent, UsageError
-from . import bind_marker
+from ..errors import UsageError
+from . import InvalidPayload, bind_marker
+from .identifiers import Allowed, parse_allowed, quote
 
-#: Longest identifier accepted for a {placeholder}: Oracle's and PostgreSQL's limits are lower.
+#: Longest name accepted by `is_identifier` (--work-table).
 MAX_IDENTIFIER_CHARS = 128
 
 _STEP_LINE = re.compile(r"[ \t]*--[ \t]*step:[ \t]*(?P<name>[^\r\n]*?)[ \t]*\r?(?:\n|$)", re.I)
+_ALLOW_LINE = re.compile(r"[ \t]*--[ \t]*allow[ \t]+(?P<name>[A-Za-z_][A-Za-z0-9_]*)[ \t]*:"
+                         r"(?P<spec>[^\r\n]*)\r?(?:\n|$)", re.I)
+_COMMITS_LINE = re.compile(r"[ \t]*--[ \t]*commits:[ \t]*(?P<value>[^\r\n]*?)[ \t]*\r?(?:\n|$)", re.I)
+_LABEL = re.compile(r"<<[ \t]*[A-Za-z][A-Za-z0-9_$#]*[ \t]*>>")
+_CLIENT_LINE = re.compile(r"[ \t]*(?P<sign>[@!\\.]?)(?P<first>[A-Za-z]*)(?:[ \t]+(?P<second>[A-Za-z]+))?")
+_BLOCK_TX = re.compile(r"\b(COMMIT|ROLLBACK)\b", re.I)
+_BODY_NOISE = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'", re.S)
 _SLASH_LINE = re.compile(r"[ \t]*/[ \t]*\r?(?:\n|$)")
 _STEP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$#]*")
@@ -40,6 +55,21 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$#]*(?:\.[A-Za-z_][A-Za-z0-9_$#]*
 _Q_CLOSERS = {"[": "]", "{": "}", "(": ")", "<": ">"}
 _PLSQL_UNITS = frozenset({"FUNCTION", "PROCEDURE", "PACKAGE", "TRIGGER", "TYPE", "LIBRARY", "JAVA"})
 _TRANSACTION_CONTROL = frozenset({"COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "END", "ABORT"})
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+#: SQL*Plus commands, which SQL*Plus runs itself and never sends: in a steps file they would
+#: reach the server and fail every item.
+_SQLPLUS = _words("""
+ACCEPT APPEND ARCHIVE ATTRIBUTE BREAK BTITLE CHANGE CLEAR COL COLUMN COMPUTE CONN CONNECT COPY
+DEF DEFINE DEL DESC DESCRIBE DISC DISCONNECT EDIT EXEC EXECUTE EXIT GET HOST INPUT LIST PASSWORD
+PAUSE PRINT PRO PROMPT QUIT RECOVER REM REMARK REPFOOTER REPHEADER RUN SAVE SET SHO SHOW
+SHUTDOWN SPO SPOOL STA START STARTUP STORE TIMING TTITLE UNDEF UNDEFINE VAR VARIABLE WHENEVER
+XQUERY
+""")
+#: What may follow SET in Oracle SQL (anything else after SET is SQL*Plus's).
+_SQL_SET = frozenset({"TRANSACTION", "ROLE", "CONSTRAINT", "CONSTRAINTS"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,21 +80,25 @@ class Statement:
     parts: tuple[tuple[str, str], ...]
     binds: tuple[str, ...]
     placeholders: tuple[str, ...]
+    #: COMMIT or ROLLBACK found inside this statement's block, or None.
+    commits: str | None = None
 
-    def render(self, values: Mapping[str, str], binds: Mapping[str, Any], paramstyle: str
-               ) -> tuple[str, dict[str, Any] | None]:
-        """The SQL for the driver, and its bind values (None when it has no binds)."""
+    def render(self, values: Mapping[str, str], binds: Mapping[str, Any], paramstyle: str, *,
+               numbered: bool = False) -> tuple[str, dict[str, Any] | None]:
+        """The SQL for the driver, and its bind values (None when it has no binds). `values`
+        are the quoted identifiers; `numbered` sends the binds as :b1, :b2 ... in their order."""
+        names = {name: f"b{i}" for i, name in enumerate(self.binds, 1)} if numbered else {}
         out = []
         for kind, value in self.parts:
             if kind == "bind":
-                out.append(bind_marker(value, paramstyle))
+                out.append(bind_marker(names.get(value, value), paramstyle))
             elif kind == "ident":
                 out.append(values[value])
             elif paramstyle == "pyformat" and self.binds:
                 out.append(value.replace("%", "%%"))
             else:
                 out.append(value)
-        params = {name: binds[name] for name in self.binds} if self.binds else None
+        params = {names.get(name, name): binds[name] for name in self.binds} if self.binds else None
         return "".join(out), params
 
 
@@ -73,6 +107,9 @@ class Step:
     name: str
     line: int
     statements: tuple[Statement, ...]
+    #: The step declares `-- commits: yes`: it ends transactions itself (a block that commits,
+    #: a procedure that does), which only --commit step allows.
+    commits: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +124,9 @@ class StepsFile:
 
     source: str
     steps: tuple[Step, ...]
+    dialect: str = "sqlite"
+    #: The `-- allow` declaration of each placeholder.
+    allowed: tuple[Allowed, ...] = ()
 
     @property
     def binds(self) -> tuple[str, ...]:
@@ -97,28 +137,34 @@ class StepsFile:
         return tuple(dict.fromkeys(p for s in self.steps for st in s.statements for p in st.placeholders))
 
     def problems(self, payload: Mapping[str, Any]) -> list[str]:
-        """Why this payload cannot run the file (missing binds, unsafe identifiers); [] if it can."""
+        """Why this payload cannot run the file (missing binds, identifiers outside their
+        declaration); [] if it can."""
         problems = []
+        allowed = {a.name: a for a in self.allowed}
         for name in self.placeholders:
-            value = payload.get(name)
-            if value is None:
+            if name not in payload:
                 problems.append(f"{{{name}}}: the payload has no {name!r}")
-            elif not is_identifier(value):
-                problems.append(f"{{{name}}}: {value!r} is not a plain SQL identifier; refused")
+                continue
+            problem = allowed[name].problem(payload[name], self.dialect)
+            if problem is not None:
+                problems.append(problem)
         for name in self.binds:
             if _lookup(payload, name) is _MISSING:
                 problems.append(f":{name}: the payload has no {name!r}")
         return problems
 
     def render(self, payload: Mapping[str, Any], paramstyle: str) -> list[RenderedStep]:
-        """Every step's SQL for one item; raises Permanent (before any SQL runs) if it cannot."""
+        """Every step's SQL for one item; raises InvalidPayload (before any SQL runs) if it
+        cannot."""
         problems = self.problems(payload)
         if problems:
             code = "SQL-IDENTIFIER" if problems[0].startswith("{") else "SQL-BIND"
-            raise Permanent("; ".join(problems), code=code)
-        values = {name: payload[name] for name in self.placeholders}
+            raise InvalidPayload("; ".join(problems), code=code)
+        values = {name: quote(payload[name], self.dialect) for name in self.placeholders}
         binds = {name: bind_value(_lookup(payload, name)) for name in self.binds}
-        return [RenderedStep(step.name, tuple(st.render(values, binds, paramstyle) for st in step.statements))
+        numbered = self.dialect == "oracle"
+        return [RenderedStep(step.name, tuple(st.render(values, binds, paramstyle, numbered=numbered)
+                                              for st in step.statements))
                 for step in self.steps]
 
 
@@ -139,10 +185,39 @@ def bind_value(value: Any) -> Any:
 
 
 def is_identifier(value: Any) -> bool:
-    """Whether `value` may be pasted into SQL as an identifier: `name` or `schema.name` of ASCII
-    letters, digits, `_`, `$`, `#`, not starting with a digit, at most 128 characters."""
+    """Whether an operator's option (--work-table) may be pasted into SQL as a table name:
+    `name` or `schema.name` of ASCII letters, digits, `_`, `$`, `#`, not starting with a digit,
+    at most 128 characters. Payload values go through `-- allow` declarations instead."""
     return (isinstance(value, str) and len(value) <= MAX_IDENTIFIER_CHARS
             and _IDENTIFIER.fullmatch(value) is not None)
+
+
+def client_command(first: str, second: str | None, sign: str, dialect: str) -> str | None:
+    """The command of a SQL client (SQL*Plus, psql, the sqlite3 shell) that a statement starting
+    with `sign` (@ ! \\ . or nothing), word `first` and word `second` is, or None for SQL."""
+    if dialect == "oracle":
+        if sign in ("@", "!"):
+            return sign
+        word = first.upper()
+        if sign == "" and word in _SQLPLUS and not (word == "SET" and (second or "").upper() in _SQL_SET):
+            return word
+    elif dialect == "postgres" and sign == "\\":
+        return "\\" + first
+    elif dialect == "sqlite" and sign == ".":
+        return "." + first
+    return None
+
+
+def _client_message(command: str, dialect: str) -> str:
+    client = {"oracle": "a SQL*Plus command", "postgres": "a psql meta-command",
+              "sqlite": "a sqlite3 shell command"}[dialect]
+    hint = ""
+    if command in ("EXEC", "EXECUTE"):
+        hint = " (for a call, write a block: `BEGIN name(...); END;` and a line holding only `/`)"
+    elif command == "SET":
+        hint = " (substitution variables do not exist here: `&` is sent as it is)"
+    return (f"{command}: {client}, not SQL: bulkjob sends each statement to the database as it is; "
+            f"remove it{hint}")
 
 
 class _Parser:
@@ -157,7 +232,11 @@ class _Parser:
         self.step_name: str | None = None
         self.step_line = 0
         self.statements: list[Statement] = []
+        self.step_commits: bool | None = None
         self.names: set[str] = set()
+        self.allowed: dict[str, Allowed] = {}
+        #: Where each placeholder is first used, for the message when it is not declared.
+        self.placeholder_lines: dict[str, int] = {}
         self._reset(0)
 
     def _reset(self, start: int) -> None:
@@ -170,6 +249,9 @@ class _Parser:
         self.has_content = False
         self.plsql = False
         self.first_line = 0
+        #: COMMIT or ROLLBACK seen after the first word (inside a block, if this is one).
+        self.tx_word: str | None = None
+        self.autonomous = False
 
     def error(self, pos: int, message: str) -> UsageError:
         return UsageError(f"{self.source}:{self.line_of(pos)}: {message}")
@@ -196,18 +278,9 @@ class _Parser:
         text, i, n = self.text, 0, len(self.text)
         while i < n:
             if i == 0 or text[i - 1] == "\n":
-                marker = _STEP_LINE.match(text, i)
-                if marker:
-                    self.end_statement(i)
-                    self.start_step(marker.group("name"), i)
-                    i = marker.end()
-                    self._reset(i)
-                    continue
-                slash = _SLASH_LINE.match(text, i)
-                if slash:
-                    self.end_statement(i)
-                    i = slash.end()
-                    self._reset(i)
+                at = self.line_start(i)
+                if at is not None:
+                    i = at
                     continue
             i = self.token(i)
         self.end_statement(n)
@@ -215,7 +288,68 @@ class _Parser:
             self.close_step(n)
         if not self.steps:
             raise UsageError(f"{self.source}: no steps (start each step with a line `-- step: NAME`)")
-        return StepsFile(self.source, tuple(self.steps))
+        self.check_declarations()
+        return StepsFile(self.source, tuple(self.steps), self.dialect,
+                         tuple(self.allowed[name] for name in self.placeholder_lines))
+
+    def line_start(self, i: int) -> int | None:
+        """Handle a line that means something as a whole (a step, a declaration, a `/`, a
+        client's command); the position after it, or None for an ordinary line."""
+        text = self.text
+        marker = _STEP_LINE.match(text, i)
+        if marker:
+            self.end_statement(i)
+            self.start_step(marker.group("name"), i)
+            self._reset(marker.end())
+            return marker.end()
+        allow = _ALLOW_LINE.match(text, i)
+        if allow:
+            self.declare(allow.group("name"), allow.group("spec"), i)
+            return allow.end()
+        commits = _COMMITS_LINE.match(text, i)
+        if commits:
+            self.declare_commits(commits.group("value"), i)
+            return commits.end()
+        slash = _SLASH_LINE.match(text, i)
+        if slash:
+            self.end_statement(i)
+            self._reset(slash.end())
+            return slash.end()
+        if not self.has_content:
+            line = _CLIENT_LINE.match(text, i)
+            command = client_command(line.group("first"), line.group("second"), line.group("sign"), self.dialect)
+            if command is not None:
+                raise self.error(i, _client_message(command, self.dialect))
+        return None
+
+    def declare(self, name: str, spec: str, pos: int) -> None:
+        if name in self.allowed:
+            raise self.error(pos, f"-- allow {name}: declared twice (lines {self.allowed[name].line} "
+                                  f"and {self.line_of(pos)})")
+        line = self.line_of(pos)
+        self.allowed[name] = parse_allowed(name, spec, dialect=self.dialect, line=line,
+                                           where=f"{self.source}:{line}")
+
+    def declare_commits(self, value: str, pos: int) -> None:
+        if self.step_name is None:
+            raise self.error(pos, "-- commits: belongs inside a step (after its `-- step: NAME` line)")
+        if value.lower() not in ("yes", "no"):
+            raise self.error(pos, f"-- commits: {value!r}: expected yes or no")
+        if self.step_commits is not None:
+            raise self.error(pos, f"-- commits: given twice in step {self.step_name!r}")
+        self.step_commits = value.lower() == "yes"
+
+    def check_declarations(self) -> None:
+        """Every placeholder declared, every declaration used."""
+        for name, line in self.placeholder_lines.items():
+            if name not in self.allowed:
+                raise UsageError(
+                    f"{self.source}:{line}: {{{name}}} is not declared: add a line `-- allow {name}: "
+                    f"NAME, NAME` (the names it may take) or `-- allow {name}: /PATTERN/` (a regular "
+                    "expression the whole name must match); the payload's name is then sent quoted")
+        for name, allowed in self.allowed.items():
+            if name not in self.placeholder_lines:
+                raise UsageError(f"{self.source}:{allowed.line}: -- allow {name}: the file has no {{{name}}}")
 
     def token(self, i: int) -> int:
         """Consume one token at `i`; returns the position after it."""
@@ -245,12 +379,21 @@ class _Parser:
                 end = text.find(tag.group(), tag.end())
                 if end < 0:
                     raise self.error(i, f"unterminated {tag.group()} quote")
+                self.block_body(text[tag.end():end])
                 self.emit(text[i:end + len(tag.group())], pos=i)
                 return end + len(tag.group())
+        if c == "<" and nxt == "<" and self.dialect == "oracle" and not self.words:
+            label = _LABEL.match(text, i)
+            if label:  # <<name>> before a block: the block's first word comes next
+                self.emit(label.group(), pos=i)
+                return label.end()
         if c == ":":
             if nxt == ":":
                 self.emit("::", pos=i)
                 return i + 2
+            if nxt.isdigit() and self.dialect != "postgres" and not _is_word_char(prev) and not self.stored_unit():
+                raise self.error(i, f":{nxt}: positional binds cannot be filled from a payload; name the bind "
+                                    "after the payload's key (`:day` takes the payload's \"day\")")
             name = _BIND.match(text, i + 1)
             if name and not _is_word_char(prev) and not self.stored_unit():
                 self.flush_sql()
@@ -264,14 +407,20 @@ class _Parser:
                 self.flush_sql()
                 self.parts.append(("ident", placeholder.group(1)))
                 self.placeholders[placeholder.group(1)] = None
+                self.placeholder_lines.setdefault(placeholder.group(1), self.line_of(i))
                 self.mark_content(i)
                 return placeholder.end()
         if c == ";":
             return self.semicolon(i)
         word = _WORD.match(text, i) if not _is_word_char(prev) else None
         if word:
+            upper = word.group().upper()
+            if self.words and upper in ("COMMIT", "ROLLBACK") and self.tx_word is None:
+                self.tx_word = upper
+            elif upper == "AUTONOMOUS_TRANSACTION":
+                self.autonomous = True
             if len(self.words) < 6:
-                self.words.append(word.group().upper())
+                self.words.append(upper)
             self.emit(word.group(), pos=i)
             return word.end()
         self.emit(c, content=not c.isspace(), pos=i)
@@ -290,6 +439,7 @@ class _Parser:
             return end + 2
         backslash = self.dialect == "postgres" and _prefixed(text, i, "e")
         end = self.find_closing(i, "'", doubled=True, backslash=backslash)
+        self.block_body(text[i + 1:end - 1].replace("''", "'"))
         self.emit(text[i:end], pos=i)
         return end
 
@@ -307,6 +457,28 @@ class _Parser:
             j += 1
         raise self.error(i, f"unterminated {quote} quote")
 
+    def block_body(self, body: str) -> None:
+        """A quoted body of a PostgreSQL DO block: note a COMMIT or ROLLBACK in its code."""
+        if self.dialect == "postgres" and self.words[:1] == ["DO"] and self.tx_word is None:
+            found = _BLOCK_TX.search(_BODY_NOISE.sub(" ", body))
+            if found:
+                self.tx_word = found.group(1).upper()
+
+    def with_function(self) -> bool:
+        """An Oracle query that declares PL/SQL functions first: `WITH FUNCTION f ... END; SELECT`."""
+        words = self.words
+        return (self.dialect == "oracle" and words[:1] == ["WITH"] and words[1:2] in (["FUNCTION"], ["PROCEDURE"])
+                and words[2:3] != ["AS"])
+
+    def executable_block(self) -> bool:
+        """A block whose COMMIT or ROLLBACK ends the item's transaction when it runs (not a stored
+        unit's text, not an autonomous transaction)."""
+        if self.autonomous:
+            return False
+        if self.dialect == "oracle":
+            return self.plsql and not self.stored_unit() and not self.with_function()
+        return self.dialect == "postgres" and self.words[:1] == ["DO"]
+
     def stored_unit(self) -> bool:
         """A CREATE of a PL/SQL unit: its text goes to Oracle as is (`:new` is not a bind)."""
         if self.dialect != "oracle" or self.words[:1] != ["CREATE"]:
@@ -321,7 +493,7 @@ class _Parser:
     def plsql_start(self) -> bool:
         if self.dialect != "oracle" or not self.words:
             return False
-        return self.words[0] in ("DECLARE", "BEGIN") or self.stored_unit()
+        return self.words[0] in ("DECLARE", "BEGIN") or self.stored_unit() or self.with_function()
 
     def semicolon(self, i: int) -> int:
         if not self.plsql and self.plsql_start():
@@ -347,6 +519,10 @@ class _Parser:
                 or (words[:1] == ["BEGIN"] and not self.plsql):
             raise UsageError(f"{self.source}:{self.first_line}: {words[0]}: transaction control is "
                              "bulkjob's (see --commit); remove it from the steps file")
+        command = client_command(words[0] if words else "", words[1] if len(words) > 1 else None, "",
+                                 self.dialect)
+        if command is not None:
+            raise UsageError(f"{self.source}:{self.first_line}: {_client_message(command, self.dialect)}")
         if self.step_name is None:
             raise UsageError(f"{self.source}:{self.first_line}: SQL before the first `-- step: NAME` line")
         parts = list(self.parts)
@@ -355,10 +531,14 @@ class _Parser:
             parts.pop()
         if parts and parts[-1][0] == "sql":
             parts[-1] = ("sql", parts[-1][1].rstrip())
+            if self.with_function() and parts[-1][1].endswith(";"):
+                # The query after the functions is SQL: its `;` (kept as PL/SQL's) is not sent.
+                parts[-1] = ("sql", parts[-1][1][:-1].rstrip())
         if parts and parts[0][0] == "sql":
             parts[0] = ("sql", parts[0][1].lstrip())
+        commits = self.tx_word if self.executable_block() else None
         self.statements.append(Statement(self.first_line, tuple(parts), tuple(self.binds),
-                                         tuple(self.placeholders)))
+                                         tuple(self.placeholders), commits))
 
     def start_step(self, name: str, pos: int) -> None:
         if self.step_name is not None:
@@ -369,11 +549,19 @@ class _Parser:
             raise self.error(pos, f"step {name!r} appears twice")
         self.names.add(name)
         self.step_name, self.step_line, self.statements = name, self.line_of(pos), []
+        self.step_commits = None
 
     def close_step(self, pos: int) -> None:
         if not self.statements:
             raise UsageError(f"{self.source}:{self.step_line}: step {self.step_name!r} has no SQL")
-        self.steps.append(Step(self.step_name, self.step_line, tuple(self.statements)))
+        commits = bool(self.step_commits)
+        for statement in self.statements:
+            if statement.commits and not commits:
+                raise UsageError(
+                    f"{self.source}:{statement.line}: {statement.commits} inside a block: transaction "
+                    "control is bulkjob's (see --commit); remove it, or declare `-- commits: yes` in "
+                    f"step {self.step_name!r} (which needs --commit step)")
+        self.steps.append(Step(self.step_name, self.step_line, tuple(self.statements), commits))
 
 
 def _is_word_char(c: str) -> bool:
