@@ -45,6 +45,7 @@ def manifest_text(tmp_path) -> str:
 
 
 LOAD = """\
+-- allow target: totals
 -- step: stage
 DELETE FROM stage WHERE k = :k;
 INSERT INTO stage (k, v) SELECT k, v FROM src WHERE k = :k;
