@@ -13,6 +13,11 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
 
+# Every image of this stage carries the label, so that `make image` can remove
+# them once the final image is built: nothing runs them, and untagged they
+# would be left dangling.
+LABEL io.bulkjob.stage=build
+
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
@@ -25,19 +30,32 @@ RUN apt-get update -qq \
 
 RUN python3 -m venv /opt/venv
 
-COPY . /src
+# The dependencies first, from the checked-in lock (make lock): every
+# distribution pinned and hash-checked, so the image gets exactly the files
+# the lock names or the build fails. This layer stays cached until the lock
+# changes. setuptools in the lock is the build backend: the job itself is
+# built without build isolation, so nothing unpinned is fetched.
 # oracledb runs in thin mode: no Oracle Client libraries in the image.
-# pip is dropped afterwards: nothing installs at run time.
 # Behind a TLS-intercepting proxy, pass the CA bundle that trusts it as the
 # build secret "ca-bundle" (--secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt);
 # a secret never lands in a layer. Without it pip uses the base's CAs.
+COPY requirements-image.lock /tmp/requirements-image.lock
 RUN --mount=type=secret,id=ca-bundle,required=false \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
- && /opt/venv/bin/pip install --quiet '/src[postgres]' \
+ && /opt/venv/bin/pip install --quiet --require-hashes --no-deps --only-binary=:all: \
+        -r /tmp/requirements-image.lock
+
+# pip and setuptools are dropped afterwards: nothing installs at run time.
+COPY . /src
+RUN /opt/venv/bin/pip install --quiet --no-deps --no-build-isolation --no-index /src \
+ && /opt/venv/bin/pip check \
  && /opt/venv/bin/pip uninstall --quiet -y pip setuptools \
  && chmod -R a+rX,go-w /opt/venv
 
 FROM ${BASE_IMAGE}
+
+# The same for this stage: an older image that a rebuild untags goes too.
+LABEL io.bulkjob.stage=image
 
 # PYTHONDONTWRITEBYTECODE: the root filesystem is read-only at run time and
 # the venv's modules are compiled at build time.
@@ -52,6 +70,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 COPY --from=build /usr/bin/tini /usr/bin/tini
 COPY --from=build /opt/venv /opt/venv
+COPY LICENSE /usr/share/doc/bulkjob/LICENSE
 
 # Any UID in group 0 works too (OpenShift's arbitrary UIDs): the venv is
 # owned by root:0 and readable by group and others, writable by neither.

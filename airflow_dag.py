@@ -6,13 +6,21 @@ its part of the manifest instead of starting over. A last task reads the
 summaries the shards push as XCom and fails the DAG run, with one line per
 shard, when any of them did not finish cleanly.
 
-Before the first run:
+bulkjob's exit code decides what Airflow does with a shard's task: 1 (items
+failed) and 2 (bad usage, configuration or input) fail it at once, since a
+retry would end the same way; 3, 4, 5 and 70 are retried (EXIT_CODES).
+
+Before the first run (docs/operations.md, Airflow):
+  * `kubectl apply -k k8s/base` in the pods' namespace (the ServiceAccount);
   * a Kubernetes Secret `bulkjob` with the keys aws-access-key-id,
     aws-secret-access-key and db-password (k8s/secret.example.yaml);
   * an Airflow pool `oracle_dml` whose size is the number of shards allowed to
     run at once across all DAG runs; each shard opens at most `workers`
     database sessions, so the pool caps sessions at size x workers:
-    `airflow pools set oracle_dml 4 "bulkjob shards"`.
+    `airflow pools set oracle_dml 4 "bulkjob shards"`;
+  * the image in BULKJOB_IMAGE, in the environment of the DAG processor and
+    the workers (see IMAGE_ENV): the image is the deployer's choice, never a
+    trigger-time param, since the pods get the database password and S3 keys.
 
 Works with Airflow 3 (airflow.sdk) and the cncf.kubernetes provider 10.25, and
 with Airflow 2.10 and the provider 10.10 (see SIDECAR_SECURITY for a limit).
@@ -21,6 +29,7 @@ with Airflow 2.10 and the provider 10.10 (see SIDECAR_SECURITY for a limit).
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,12 +42,13 @@ except ImportError:  # Airflow 2.10
     from airflow.models.param import Param
 
 try:
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
 except ImportError:  # Airflow 2.10 and 3.0
-    from airflow.exceptions import AirflowFailException
+    from airflow.exceptions import AirflowException, AirflowFailException
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.cncf.kubernetes.secret import Secret
+from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 from kubernetes.client import models as k8s
 
 DAG_ID = "bulk_controller"
@@ -59,16 +69,28 @@ DRAIN_TIMEOUT_SECONDS = 45
 TERMINATION_GRACE_SECONDS = 60
 #: Written by the job (also when items failed); read by the provider's sidecar.
 XCOM_PATH = "/airflow/xcom/return.json"
-#: `bulkjob run` exit codes, for the messages of the last task.
-EXIT_MEANINGS = {
-    0: "done, failures within --max-failures",
-    1: "items failed beyond --max-failures",
-    2: "bad usage, configuration or input; nothing ran",
-    3: "interrupted; a rerun with the same run id resumes",
-    4: "another runner holds this shard",
+#: `bulkjob run`'s exit codes: code -> (the summary's status, what it means, whether a retry
+#: can help). A copy of job/exits.py, which a DAGs folder without bulkjob cannot import; a
+#: test keeps the two equal. A code that is not worth retrying fails the task at once.
+EXIT_CODES: dict[int, tuple[str, str, bool]] = {
+    0: ("ok", "every item is done (failures within --max-failures)", False),
+    1: ("failed", "items failed for good beyond --max-failures, and nothing else", False),
+    2: ("error", "bad usage, configuration or input; no item was run or charged", False),
+    3: ("interrupted", "stopped by SIGTERM or SIGINT; progress saved", True),
+    4: ("lease_lost", "another runner holds this shard's lease, or took it over", True),
+    5: ("unavailable", "the database or the store stayed unreachable past --outage-timeout; progress saved", True),
+    70: ("internal_error", "a bug in bulkjob; progress saved where it could be", True),
 }
+#: The codes that fail a shard's task without retries.
+NOT_RETRIED = frozenset(code for code, (_, _, retry) in EXIT_CODES.items() if code != 0 and not retry)
+#: The environment variable, read when the DAG file is parsed, that names the image. Only the
+#: deployer sets it (in the DAG processor's and the workers' environment, the same value):
+#: whoever can trigger the DAG cannot choose what runs with the Secret's credentials.
+IMAGE_ENV = "BULKJOB_IMAGE"
+#: The image when IMAGE_ENV is not set.
+DEFAULT_IMAGE = "registry.example.com/bulkjob:0.1.0"
 
-# Pod Security Standards "restricted", the same as k8s/job.yaml.
+# Pod Security Standards "restricted", the same as k8s/job/job.yaml.
 POD_SECURITY_CONTEXT = k8s.V1PodSecurityContext(
     run_as_non_root=True,
     run_as_user=RUN_AS,
@@ -92,6 +114,16 @@ CONTAINER_RESOURCES = k8s.V1ResourceRequirements(
 # manifest goes to /tmp.
 TMP_VOLUME = k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi"))
 TMP_MOUNT = k8s.V1VolumeMount(name="tmp", mount_path="/tmp")
+# The XCom sidecar: unless the kubernetes connection names its own
+# (xcom_sidecar_container_image and xcom_sidecar_container_resources in its
+# extra), it runs the job's image, already on the node (rather than alpine
+# from Docker Hub), with requests equal to limits, so that the pod is
+# Guaranteed like its job container. It runs `sh` and `sleep` and reads the
+# summary file: a few MiB. Its CPU limit is no concern: it sleeps.
+SIDECAR_RESOURCES = k8s.V1ResourceRequirements(
+    requests={"cpu": "10m", "memory": "32Mi"},
+    limits={"cpu": "10m", "memory": "32Mi"},
+)
 # The XCom sidecar must pass the same admission policy. Older providers
 # (10.10, the newest that Airflow 2.10 installs, among them) cannot set its
 # security context: there the sidecar runs without one, which a namespace
@@ -106,6 +138,65 @@ SECRETS = [
     Secret("env", "AWS_SECRET_ACCESS_KEY", SECRET_NAME, "aws-secret-access-key"),
     Secret("env", "BULKJOB_DB_PASSWORD", SECRET_NAME, "db-password"),
 ]
+
+
+def deployed_image(environ: Mapping[str, str]) -> str:
+    """The image the shard pods run: IMAGE_ENV from the environment, else DEFAULT_IMAGE.
+
+    Raises ValueError when IMAGE_ENV is set but blank or holds whitespace.
+    """
+    image = environ.get(IMAGE_ENV, DEFAULT_IMAGE)
+    if not image or image != image.strip() or any(c.isspace() for c in image):
+        raise ValueError(f"{IMAGE_ENV} must name an image, not {image!r}")
+    return image
+
+
+def base_container_exit_code(pod: k8s.V1Pod | None, container_name: str) -> int | None:
+    """The exit code of the pod's `container_name`, or None when it has not terminated."""
+    statuses = (pod.status.container_statuses if pod is not None and pod.status else None) or []
+    for status in statuses:
+        if status.name == container_name and status.state and status.state.terminated:
+            return status.state.terminated.exit_code
+    return None
+
+
+class ShardPodOperator(KubernetesPodOperator):
+    """The KubernetesPodOperator of one shard, with bulkjob's exit codes and a Guaranteed pod.
+
+    * A shard whose job exits with a code in NOT_RETRIED fails its task without retries
+      (AirflowFailException, which Airflow never retries and never hands to a retry policy);
+      any other failure, exit 137 and a pod that never ran included, is the provider's own
+      AirflowException, retried up to `retries` times.
+    * The XCom sidecar gets the job's image and SIDECAR_RESOURCES unless the connection sets
+      its own (the provider's `xcom_sidecar_container_image` / `_resources` extras).
+    """
+
+    def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, *args: Any, **kwargs: Any) -> None:
+        # The provider decides "failed" here, from the base container's status, after it
+        # pushed the summary as XCom; its skip_on_exit_code works the same way.
+        try:
+            super().cleanup(pod, remote_pod, *args, **kwargs)
+        except AirflowFailException:
+            raise
+        except AirflowException as e:
+            code = base_container_exit_code(remote_pod, self.base_container_name)
+            if code not in NOT_RETRIED:
+                raise
+            raise AirflowFailException(
+                f"bulkjob exited {code} ({EXIT_CODES[code][1]}): not retried, a retry would end the same "
+                f"way. {e}"
+            ) from e
+
+    def build_pod_request_obj(self, *args: Any, **kwargs: Any) -> k8s.V1Pod:
+        pod = super().build_pod_request_obj(*args, **kwargs)
+        for c in pod.spec.containers:
+            if c.name != PodDefaults.SIDECAR_CONTAINER_NAME:
+                continue
+            if not self.hook.get_xcom_sidecar_container_image():
+                c.image = self.image
+            if not self.hook.get_xcom_sidecar_container_resources():
+                c.resources = SIDECAR_RESOURCES
+        return pod
 
 
 def shard_arguments(
@@ -164,7 +255,9 @@ def shard_problems(summaries: Sequence[Mapping[str, Any] | None], *, manifest: s
         failed = summary.get("failed", 0)
         if code == 0 and not failed:
             continue
-        line = f"shard {index}: exit code {code} ({EXIT_MEANINGS.get(code, 'unexpected exit code')})"
+        meaning = EXIT_CODES[code][1] if code in EXIT_CODES else "unexpected exit code"
+        line = f"shard {index}: exit code {code} ({meaning}"
+        line += "; not retried)" if code in NOT_RETRIED else ")"
         if summary.get("error"):
             line += f": {summary['error']}"
         if failed:
@@ -203,7 +296,6 @@ with DAG(
         ),
         "shard_count": Param(4, type="integer", minimum=1, maximum=64, description="Pods to split the items over"),
         "workers": Param(2, type="integer", minimum=1, maximum=64, description="Worker processes per pod"),
-        "image": Param("registry.example.com/bulkjob:0.1.0", type="string"),
     },
 ) as dag:
 
@@ -233,10 +325,10 @@ with DAG(
         workers="{{ params.workers }}",
     )
 
-    shards = KubernetesPodOperator.partial(
+    shards = ShardPodOperator.partial(
         task_id=SHARD_TASK_ID,
         name="bulkjob",
-        image="{{ params.image }}",
+        image=deployed_image(os.environ),
         labels={"app.kubernetes.io/name": "bulkjob", "app.kubernetes.io/component": "worker"},
         ports=[k8s.V1ContainerPort(name="metrics", container_port=METRICS_PORT)],
         env_vars={"AWS_DEFAULT_REGION": "eu-west-1"},
@@ -259,9 +351,9 @@ with DAG(
         # Keep a failed pod for its logs and events; a succeeded one is noise.
         on_finish_action="delete_succeeded_pod",
         pool=POOL,
-        # A retry resumes the manifest: exit 3 (interrupted) loses nothing,
-        # exit 1 and 2 fail again quickly. The backoff spaces out retries that
-        # meet a database or S3 outage.
+        # For exits 3, 4, 5 and 70, and pods that died or never started
+        # (exit 1 and 2 are not retried: ShardPodOperator). A retry resumes
+        # the manifest; the backoff spaces out retries that meet an outage.
         retries=3,
         retry_delay=timedelta(minutes=1),
         retry_exponential_backoff=True,

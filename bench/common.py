@@ -198,7 +198,8 @@ def run_job(items: Path, handler: str, *, manifest: str, run_id: str, workers: i
     if "metrics on http://" not in err:
         raise RuntimeError(f"bulkjob run {run_id}: metrics were not served:\n{err[-2000:]}")
     if read_records:
-        run.records = [r for r in manifest_records(manifest, run_id) if r["at"] >= started - 0.001]
+        run.records = [r for r in manifest_records(manifest, run_id)
+                       if r["state"] == "done" and r["at"] >= started - 0.001]
     return run
 
 

@@ -84,6 +84,14 @@ def targets(r: dict) -> list[Verdict]:
     s = r.get("startup")
     if s:
         out.append(_at_most("start-up to first item < 1 s", s["to_first_item"], 1.0, "s"))
+    og = r.get("outage")
+    if og and "skipped" not in og:
+        out.append(_at_most(f"items failed by a {og['down']:.0f} s database outage = 0", og["failed"], 0, "items", 0))
+        back = og["to_next_item_done"]
+        out.append(_at_most("database back to next item done <= 5 s (defaults)", back if back is not None else 1e9,
+                            5.0, "s"))
+    elif og:
+        out.append(Verdict("items failed by a database outage = 0", og["skipped"], None))
     return out
 
 
@@ -171,6 +179,18 @@ def table(r: dict) -> list[tuple[str, str, str]]:
         rows += [(w, "process start to first item done (median)", f"{s['to_first_item']:.2f} s"),
                  (w, "of which: interpreter / CLI to manifest ready / pool to first item",
                   f"{s['interpreter']:.2f} / {s['cli_to_manifest_ready']:.2f} / {s['pool_to_first_item']:.2f} s")]
+    og = r.get("outage")
+    if og and "skipped" not in og:
+        w = "10 outage"
+        back = og["to_next_item_done"]
+        rows += [(w, f"{og['items']:,} one-statement items, {og['workers']} workers, PostgreSQL stopped "
+                     f"{og['down']:.0f} s: failed / done / committed once",
+                  f"{og['failed']} / {og['done']:,} / {og['distinct']:,} of {og['committed']:,} rows"),
+                 (w, "attempts charged / refunded; pause (probes)",
+                  f"{og['attempts']:,} / {og['refunded']}; {og['pause_seconds']:.1f} s ({og['probes']})"),
+                 (w, "database back to next item done", f"{back:.2f} s" if back is not None else "never")]
+    elif og:
+        rows.append(("10 outage", "database outage", og["skipped"]))
     return rows
 
 

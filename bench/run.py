@@ -18,11 +18,11 @@ import time
 import traceback
 from pathlib import Path
 
-from . import profile, workloads
+from . import outage, profile, workloads
 from .common import ROOT, S3Server
 from .report import render_markdown, render_text, targets
 
-ALL = ("startup", "overhead", "profile", "peers", "io", "database", "resume", "memory")
+ALL = ("startup", "overhead", "profile", "peers", "io", "database", "resume", "memory", "outage")
 
 
 def hardware() -> dict:
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         "database": lambda: workloads.database(b, count=50 if q else 500),
         "resume": lambda: workloads.resume_and_checkpoints(b, count=20000 if q else 100000, stop_at=19800 if q else 99000),
         "memory": lambda: workloads.memory(b, counts=(10000, 100000) if q else (10000, 100000, 1000000)),
+        "outage": lambda: outage.database_outage(b, count=3000 if q else 8000, down=5.0 if q else 10.0),
     }
     total_started = time.monotonic()
     try:

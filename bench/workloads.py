@@ -263,7 +263,7 @@ def resume_and_checkpoints(b: Bench, *, count: int = 100000, stop_at: int = 9900
                      env=b.s3.env, read_records=False)
     second_requests = b.s3.requests()
     records = manifest_records(manifest, run_id)
-    new = [r for r in records if r["at"] >= second.started]
+    new = [r for r in records if r["state"] == "done" and r["at"] >= second.started]
     first_new = min(r["at"] for r in new)
     ready = second.log_line_time(f"run {run_id} shard")
     return {

@@ -39,6 +39,10 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._pending: list[bytes] = []
         self._unwritten: list[bytes] = []
+        self._running: list[dict[str, Any]] = []
+        #: The running records the last checkpoint held: a change alone is worth a checkpoint
+        #: (an item that runs for minutes, alone, must leave its trace too).
+        self._running_written: list[dict[str, Any]] = []
         self._seq = loaded.seq
         self._snapshot = loaded.snapshot_gz
         self._since_snapshot = list(loaded.lines_since_snapshot)
@@ -63,6 +67,18 @@ class Checkpointer:
         with self._lock:
             self._pending.append(line)
             self._idle.clear()
+
+    def set_running(self, records: list[dict[str, Any]]) -> None:
+        """The attempts running now, one `running` record each: every checkpoint writes them
+        first, so that a run killed with them leaves a trace of what it was doing, and any
+        record added since (done, failed) comes after them and wins."""
+        self._running = records
+
+    def write_now(self, records: list[dict[str, Any]], timeout: float) -> bool:
+        """Add `records` and wait until they are durable; False if that took over `timeout`."""
+        for record in records:
+            self.add(record)
+        return self.flush(timeout)
 
     @property
     def unsaved(self) -> int:
@@ -102,21 +118,27 @@ class Checkpointer:
         with self._lock:
             self._unwritten.extend(self._pending)
             self._pending.clear()
-            if not self._unwritten:
+            # Read after the pending lines: a record that ends a running attempt is either
+            # among `lines` (written after this list) or not yet added, and then it was running.
+            running_now = self._running
+            if not self._unwritten and running_now == self._running_written:
                 self._idle.set()
                 return True
             lines = list(self._unwritten)
+        running = [encode_record(r) for r in running_now]
         if not self._may_write():
             return False
         seq = self._seq + 1
         started = time.monotonic()
         try:
+            written = running + lines
             if self._segments + 1 >= COMPACT_EVERY:
-                self._snapshot, size = self.manifest.write_snapshot(seq, self._snapshot, self._since_snapshot + lines)
+                self._snapshot, size = self.manifest.write_snapshot(seq, self._snapshot,
+                                                                    self._since_snapshot + written)
                 since, segments = [], 0
             else:
-                size = self.manifest.write_segment(seq, lines, written_at=time.time())
-                since, segments = self._since_snapshot + lines, self._segments + 1
+                size = self.manifest.write_segment(seq, written, written_at=time.time())
+                since, segments = self._since_snapshot + written, self._segments + 1
         except BulkjobError as e:
             self.failures += 1
             self._observe(time.monotonic() - started, False, 0)
@@ -124,6 +146,7 @@ class Checkpointer:
             return False
         self._observe(time.monotonic() - started, True, size)
         with self._lock:
+            self._running_written = running_now
             del self._unwritten[:len(lines)]
             self._seq, self._since_snapshot, self._segments = seq, since, segments
             self.writes += 1

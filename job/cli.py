@@ -21,6 +21,7 @@ from .config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MANIFEST,
     DEFAULT_METRICS_PORT,
+    DEFAULT_OUTAGE_TIMEOUT,
     DEFAULT_PREFETCH,
     DEFAULT_PROGRESS_INTERVAL,
     RunConfig,
@@ -141,6 +142,11 @@ def main() -> None:
 @option("--retry-failed", is_flag=True, help="On a resumed run, try permanently failed items again.")
 @option("--retry-on", multiple=True, metavar="NAME|CODE",
         help="Exception class name or error-code prefix to treat as retryable (repeatable).")
+@option("--outage-on", multiple=True, metavar="NAME|CODE",
+        help="Exception class name or error-code prefix meaning the environment is unavailable: the run "
+             "pauses and the item keeps its attempts (repeatable).")
+@option("--outage-timeout", type=click.FloatRange(min=0), default=DEFAULT_OUTAGE_TIMEOUT, show_default=True,
+        metavar="SECONDS", help="How long an outage may last before the run stops with exit 5, progress saved.")
 @option("--skip-invalid", is_flag=True, help="Record invalid input lines as failed items and run the rest.")
 @option("--manifest-repair", is_flag=True,
         help="Before running, rebuild a damaged manifest from every record that can still be read.")
@@ -223,7 +229,8 @@ def run(**opts) -> None:
             _fail(e, e.exit_code, run_id=run_id, shard=shard_index, xcom_path=xcom_path)
     worker_settings = WorkerSettings(
         handler=opts["handler"], run_id=run_id, shard_index=shard_index, shard_count=opts["shard_count"],
-        retry_on=tuple(opts["retry_on"]), log_format=opts["log_format"], log_level=opts["log_level"].upper(),
+        retry_on=tuple(opts["retry_on"]), outage_on=tuple(opts["outage_on"]), log_format=opts["log_format"],
+        log_level=opts["log_level"].upper(),
         log_file=opts["log_file"], log_file_max_bytes=opts["log_file_max_bytes"],
         log_file_backups=opts["log_file_backups"], redact_fields=tuple(opts["redact"]),
         memory_limit=opts["worker_memory_limit"], max_items_per_worker=opts["max_items_per_worker"],
@@ -238,7 +245,7 @@ def run(**opts) -> None:
         retry_on=tuple(opts["retry_on"]), xcom_path=xcom_path, s3_endpoint_url=opts["s3_endpoint_url"],
         progress_interval=opts["progress_interval"], prefetch=opts["prefetch"],
         max_item_bytes=opts["max_item_bytes"], lease_ttl=opts["lease_ttl"],
-        manifest_repair=opts["manifest_repair"], db_items=items_from_db,
+        manifest_repair=opts["manifest_repair"], outage_timeout=opts["outage_timeout"], db_items=items_from_db,
         worker=worker_settings)
     from .engine import Run
     from .summary import write_summary

@@ -24,6 +24,9 @@ DEFAULT_PROGRESS_INTERVAL = 30.0
 #: Tasks a worker may hold, the running one included; 0 adapts it to the items' duration
 #: (see job.engine.QUEUED_SECONDS).
 DEFAULT_PREFETCH = 0
+#: Default seconds an outage may last before the run gives up with exit 5 (progress saved): a
+#: database restart or failover takes seconds to minutes; much longer is for a person to see.
+DEFAULT_OUTAGE_TIMEOUT = 900.0
 #: Where Airflow's KubernetesPodOperator reads a task's XCom value from.
 AIRFLOW_XCOM_PATH = Path("/airflow/xcom/return.json")
 
@@ -83,6 +86,8 @@ class WorkerSettings:
     shard_index: int
     shard_count: int
     retry_on: tuple[str, ...] = ()
+    #: Exception classes or code prefixes that mean "the environment is unavailable" (--outage-on).
+    outage_on: tuple[str, ...] = ()
     log_format: str = "text"
     log_level: str = "INFO"
     log_file: str | None = None
@@ -129,6 +134,7 @@ class RunConfig:
     max_item_bytes: int = 1024 * 1024
     lease_ttl: float = 30.0
     manifest_repair: bool = False
+    outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT
     #: Items from the database (a `job.db.worktable.DbItems`) instead of `items`.
     db_items: object | None = None
     worker: WorkerSettings = field(default=None)  # type: ignore[assignment]

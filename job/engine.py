@@ -1,19 +1,18 @@
-"""The run: the parent process's loop that plans, dispatches, retries, records and drains.
+"""The run: the parent's event loop. Pool events go in, the scheduler's decisions come out.
 
-The parent decides and the workers execute. Only this loop schedules retries (a retry waits
-in a heap here, never in a sleeping worker), only it adds manifest records, and it records a
-dead worker's item as a failed attempt.
+The parent decides and the workers execute. Only this loop hands out attempts, only it adds
+manifest records, and it records a dead worker's item as a failed attempt. What to do next
+(retry, refund, pause for an outage, probe) is job.scheduler's decision; this module does the
+I/O that follows from it.
 """
 
 from __future__ import annotations
 
-import heapq
+import contextlib
 import logging
-import math
 import random
 import signal
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,47 +20,43 @@ from typing import Any
 from . import items as items_module
 from .checkpoint import Checkpointer
 from .config import RunConfig
-from .errors import (
-    EXIT_INTERRUPTED,
-    EXIT_ITEMS_FAILED,
-    EXIT_LEASE,
-    EXIT_OK,
-    ManifestCorrupt,
-    StoreUnavailable,
-    UsageError,
-)
+from .errors import ManifestCorrupt, UsageError
+from .exits import EXIT_INTERNAL, EXIT_OK, run_exit_code, status_of
 from .lease import Lease
 from .manifest import DONE, FAILED, PARTIAL, RUNNING, ItemStates, ShardManifest, list_shards
 from .observe import NullObserver, Observer
 from .outcome import CRASHED, INVALID, TIMEOUT, Failure, Outcome
-from .pool import Died, Finished, Pool, Task
+from .pool import Died, Finished, Pool
 from .progress import Progress
+from .retry import classify
+from .scheduler import FAIL, REFUND, RETRY, STOP, Outage, Scheduler, Task
 from .signals import Signals
 from .sources import open_source
+from .startup import check_database, patiently
 from .store import open_store
 from .worker import load_handler
 
 log = logging.getLogger("bulkjob")
 
-#: Seconds to keep retrying the store at start (reading the manifest, writing meta) before the
-#: run gives up with exit 3: long enough to ride out a short outage, short enough to fail fast.
-STARTUP_STORE_PATIENCE = 60.0
 #: Seconds the final flush may take after a normal end, and after an interruption (when the
 #: pod's grace period is running out).
 FINAL_FLUSH_TIMEOUT = 120.0
 INTERRUPTED_FLUSH_TIMEOUT = 10.0
 #: Longest the loop sleeps without looking at the clock (retries due, progress, timeouts).
 MAX_TICK = 0.5
-#: Adaptive prefetch (--prefetch 0): the work queued at each worker, in seconds of item time.
-#: Enough that a worker finishing a short item finds the next one waiting instead of a round
-#: trip through the parent; little enough that a drain or the run's uneven tail costs at most
-#: that much. Bounded by MIN_DEPTH (the running item plus one) and MAX_DEPTH tasks.
-QUEUED_SECONDS = 0.02
-MIN_DEPTH = 2
-MAX_DEPTH = 64
 #: Workers that die before ever becoming ready, per pool slot, before the run gives up: a
 #: handler whose import crashes the process would otherwise restart workers forever.
 MAX_START_FAILURES_PER_SLOT = 3
+#: After a run that died without a word, how many tasks go out with their start recorded
+#: first: twice what the dead run's last checkpoint held (about what it did unrecorded before
+#: it died), plus this many per worker, and never fewer than CAREFUL_MIN in all.
+CAREFUL_PER_WORKER = 4
+CAREFUL_MIN = 16
+#: Seconds the loop may wait for a start record to be durable before it tries again later.
+START_RECORD_TIMEOUT = 5.0
+#: Longest traceback kept with a failed item in the manifest and the log: its last lines
+#: (where the error was raised) matter most.
+MAX_TRACEBACK_CHARS = 4000
 
 
 @dataclass(slots=True)
@@ -72,26 +67,12 @@ class Counts:
     skipped_already_done: int = 0
     retries: int = 0
     attempts: int = 0
+    #: Attempts that met an outage or a configuration error: not charged to their items.
+    refunded: int = 0
 
     @property
     def pending(self) -> int:
         return max(0, self.total - self.done - self.failed)
-
-
-def _with_store_retries(what: str, fn, *args, **kwargs):
-    """Call `fn`, retrying StoreUnavailable with backoff for STARTUP_STORE_PATIENCE seconds."""
-    deadline = time.monotonic() + STARTUP_STORE_PATIENCE
-    attempt = 0
-    while True:
-        try:
-            return fn(*args, **kwargs)
-        except StoreUnavailable as e:
-            attempt += 1
-            if time.monotonic() > deadline:
-                raise
-            delay = min(10.0, 0.5 * 2 ** attempt)
-            log.warning("%s: store unavailable (%s); retrying in %.1fs", what, e, delay)
-            time.sleep(delay)
 
 
 class Run:
@@ -104,13 +85,17 @@ class Run:
         self.started = time.monotonic()
         self.interrupted = False
         self.lease_lost = False
+        self.unavailable = False
         self.unsaved = False
+        #: A configuration error met mid-run (a password changed, an account locked): exit 2.
+        self.config_error: str | None = None
+        self.internal_error = False
         self._rand = random.Random()
-        self._item_seconds: float | None = None
         #: Writes item states back to a --work-table as they change (None otherwise).
         self.writeback = None
+        self.sched: Scheduler | None = None
 
-    # -- planning ---------------------------------------------------------------------------
+    # -- start-up -----------------------------------------------------------------------------
 
     def execute(self) -> tuple[dict[str, Any], int]:
         """Run the shard to its end (or to an interruption); returns (summary, exit code)."""
@@ -123,31 +108,36 @@ class Run:
         finally:
             self.signals.uninstall()
 
+    def _patiently(self, what: str, fn, *args, **kwargs):
+        return patiently(what, lambda: fn(*args, **kwargs), timeout=self.config.outage_timeout,
+                         signals=self.signals, rand=self._rand.random)
+
     def _execute(self) -> tuple[dict[str, Any], int]:
         cfg = self.config
         store, prefix = open_store(cfg.manifest, endpoint_url=cfg.s3_endpoint_url)
         manifest = ShardManifest(store, prefix, cfg.run_id, cfg.shard_index, cfg.shard_count)
         # An unknown handler or a bad steps file is a usage error before anything runs.
         handler = load_handler(cfg.handler, cfg.worker.db)
-        counts = {count for _, count in _with_store_retries("listing the manifest", list_shards,
-                                                            store, prefix, cfg.run_id)}
+        counts = {count for _, count in self._patiently("the manifest store", list_shards, store, prefix,
+                                                        cfg.run_id)}
         if counts - {cfg.shard_count}:
             raise UsageError(
                 f"run {cfg.run_id} was started with --shard-count {min(counts - {cfg.shard_count})}; "
                 f"resume it with the same count, or start a new run id")
         self.lease = Lease(store, manifest.dir + "lease.json", ttl=cfg.lease_ttl)
         if cfg.manifest_repair and not cfg.dry_run:
-            _with_store_retries("taking the lease", self.lease.acquire)
-            kept, objects = _with_store_retries("repairing the manifest", manifest.repair)
+            self._patiently("the manifest store (taking the lease)", self.lease.acquire)
+            kept, objects = self._patiently("the manifest store (repairing)", manifest.repair)
             log.warning("manifest repaired: %d item record(s) kept from %d object(s) in %s",
                         kept, objects, manifest.url)
         try:
-            loaded = _with_store_retries("reading the manifest", manifest.load)
+            loaded = self._patiently("the manifest store", manifest.load)
         except ManifestCorrupt as e:
             raise ManifestCorrupt(f"damaged manifest: {e}. Nothing was changed; run again with "
                                   "--manifest-repair to keep every record that can still be read") from None
         latest = loaded.states()
-        with self._open_items() as (source_name, lines):
+        with contextlib.ExitStack() as stack:
+            source_name, lines = self._patiently("the items source", lambda: stack.enter_context(self._open_items()))
             with lines() as it:
                 scan = items_module.scan(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
                                          max_bytes=cfg.max_item_bytes)
@@ -161,15 +151,19 @@ class Run:
             if cfg.dry_run:
                 self._check_payloads(handler, lines, scan)
                 return self._plan_summary(scan, invalid, source_name, manifest), EXIT_OK
-            meta = dict(loaded.meta or {})
+            if cfg.worker.db is not None:
+                self._patiently("the database", check_database, cfg.worker.db, classify=self._classify)
+            previous = loaded.meta or {}
+            meta = dict(previous)
             meta.update(run_id=cfg.run_id, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
                         items=source_name, handler=cfg.handler, total=self.counts.total,
-                        last_started_at=time.time())
+                        last_started_at=time.time(), state="running")
             meta.setdefault("created_at", meta["last_started_at"])
             if not self.lease.expires_at:
-                _with_store_retries("taking the lease", self.lease.acquire)
+                self._patiently("the manifest store (taking the lease)", self.lease.acquire)
             self.lease.start()
-            _with_store_retries("writing the manifest", manifest.write_meta, meta)
+            self._patiently("the manifest store", manifest.write_meta, meta)
+            self.meta = meta
             log.info("run %s shard %d/%d: %d items, %d already done, %d already failed; manifest %s",
                      cfg.run_id, cfg.shard_index, cfg.shard_count, self.counts.total,
                      self.counts.done, self.counts.failed, manifest.url)
@@ -186,14 +180,35 @@ class Run:
                 todo = self._todo(items_module.iter_items(
                     it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
                     skip_lines=scan.skip_lines), latest)
+                self.sched = Scheduler(todo, policy=cfg.policy, rand=self._rand.random,
+                                       fixed_depth=cfg.prefetch or None)
+                if previous.get("state") == "running":
+                    # The last runner of this shard died without a word (SIGKILL, OOM, node
+                    # loss): whatever killed it may be among the first items again.
+                    self.sched.careful = max(CAREFUL_MIN, 2 * loaded.last_checkpoint_records
+                                             + CAREFUL_PER_WORKER * cfg.workers)
+                    log.warning("the last run of this shard ended without a word; the first %d item(s) "
+                                "go out one per worker, each start recorded first", self.sched.careful)
                 try:
-                    self._loop(todo)
+                    self._loop(self.sched)
+                except UsageError as e:
+                    # Decided on purpose (workers that cannot even start): nothing more can run.
+                    log.error("%s", e)
+                    self.config_error = str(e).splitlines()[0]
                 except Exception:
                     # Save what is done so that a rerun resumes, and say it was cut short.
                     log.exception("internal error; stopping. Progress so far is saved: rerun with "
                                   "--run-id %s to resume", cfg.run_id)
-                    self.interrupted = True
+                    self.internal_error = True
             return self._finish(manifest)
+
+    def _classify(self, exc: BaseException) -> Failure:
+        """A failure of the parent's own database work (preflight), as a worker would see it."""
+        from .db import classifiers
+
+        worker = self.config.worker
+        return classify(exc, retry_on=worker.retry_on, outage_on=worker.outage_on,
+                        classifiers=classifiers(worker.db))
 
     def _count_known(self, latest: ItemStates) -> None:
         self.counts.done = latest.count(DONE)
@@ -202,13 +217,28 @@ class Run:
         self.counts.skipped_already_done = self.counts.done
 
     def _todo(self, items: Iterator[items_module.Item], latest: ItemStates) -> Iterator[Task]:
-        """Items still to run: not done, and not failed unless --retry-failed."""
+        """Items still to run: not done, and not failed unless --retry-failed. An item records
+        its attempts across restarts: its next attempt continues the count."""
+        max_attempts = self.config.policy.max_attempts
         for item in items:
             known = latest.get(item.id)
             if known is None:
                 task = Task(item.id, item.payload, 1)
-            elif known.state in (PARTIAL, RUNNING) or (known.state == FAILED and self.config.retry_failed):
-                task = Task(item.id, item.payload, 1, known.progress)
+            elif known.state == PARTIAL:
+                task = Task(item.id, item.payload, known.attempts + 1, known.progress)
+            elif known.state == RUNNING:
+                # The whole run died while this attempt ran: it counts as crashed.
+                if known.attempts >= max_attempts:
+                    self.counts.attempts += 1
+                    self._record_failed(item.id, known.attempts, Failure(
+                        CRASHED, "RunCrashed", f"the whole run died while this item ran, {known.attempts} "
+                        "time(s) (killed with its pod: out of memory, SIGKILL, node loss)"), known.progress)
+                    continue
+                task = Task(item.id, item.payload, known.attempts + 1, known.progress, suspect=True)
+            elif known.state == FAILED and self.config.retry_failed:
+                # A new set of attempts, numbered after the ones already spent.
+                task = Task(item.id, item.payload, known.attempts + 1, known.progress,
+                            budget_from=known.attempts + 1)
             else:
                 # Finished before a restart but still open in the work table: the write-back
                 # was cut short, so write it now.
@@ -262,22 +292,18 @@ class Run:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def _loop(self, todo: Iterator[Task]) -> None:
+    def _loop(self, sched: Scheduler) -> None:
         cfg = self.config
         # With metrics on, the forkserver imports prometheus_client once (the multiprocess
         # directory is already in its environment), instead of every worker at its start.
         preload = ("job.worker",)
-        if getattr(cfg.worker, "metrics_dir", None):
+        if cfg.worker.metrics_dir:
             preload += ("prometheus_client",)
-        pool = Pool(cfg.workers, cfg.worker, prefetch=cfg.prefetch or MIN_DEPTH, preload=preload)
+        pool = Pool(cfg.workers, cfg.worker, prefetch=sched.worker_depth, preload=preload)
         self._pool = pool
         signals = self.signals
         progress = Progress(self.counts.total, interval=cfg.progress_interval)
-        retry_heap: list[tuple[float, int, Task]] = []
-        unstarted: deque[Task] = deque()
         timed_out: set[int] = set()
-        sequence = 0
-        exhausted = False
         drain_deadline: float | None = None
         start_failures = 0
         self.observer.run_started(total=self.counts.total, pending=self.counts.pending,
@@ -289,14 +315,15 @@ class Run:
             while True:
                 now = time.monotonic()
                 if drain_deadline is None:
-                    exhausted = self._dispatch(pool, todo, retry_heap, unstarted, exhausted, now)
-                    if exhausted and not retry_heap and not unstarted and pool.busy() == 0:
+                    self._dispatch(pool, sched, now)
+                    if sched.finished() and pool.busy() == 0:
                         break
                 elif pool.busy() == 0:
                     break
                 timeout = MAX_TICK
-                if retry_heap:
-                    timeout = min(timeout, max(0.0, retry_heap[0][0] - now))
+                wake = sched.next_wake(now)
+                if wake is not None:
+                    timeout = min(timeout, wake)
                 if cfg.item_timeout:
                     deadline = pool.next_deadline(cfg.item_timeout)
                     if deadline is not None:
@@ -308,12 +335,10 @@ class Run:
                     signals.drain_wakeups()
                 for event in events:
                     if isinstance(event, Finished):
-                        self._on_outcome(event.task, event.outcome, retry_heap, unstarted, sequence)
-                        sequence += 1
+                        self._on_outcome(event.task, event.outcome)
                     else:
-                        start_failures = self._on_death(pool, event, timed_out, retry_heap, unstarted,
-                                                        sequence, start_failures, draining=drain_deadline is not None)
-                        sequence += 1
+                        start_failures = self._on_death(pool, event, timed_out, start_failures,
+                                                        draining=drain_deadline is not None)
                 now = time.monotonic()
                 if cfg.item_timeout:
                     for handle in pool.overdue(cfg.item_timeout, now):
@@ -323,70 +348,111 @@ class Run:
                                         handle.inflight[0].item_id, cfg.item_timeout, handle.pid)
                             pool.kill(handle)
                 pool.start_items_until(self.lease.valid_until)
-                if not self.lease.valid() and drain_deadline is None:
-                    # Another runner has the shard: stop handing out items at once. What is
-                    # running finishes, but nothing more is written to the manifest.
-                    self.lease_lost = True
-                    drain_deadline = now + cfg.drain_timeout
-                    pool.stop_starting_items()
-                elif signals.count and drain_deadline is None:
-                    self.interrupted = True
-                    drain_deadline = now + cfg.drain_timeout
-                    pool.stop_starting_items()
-                    log.warning("%s received: draining %d running item(s) for up to %.0fs "
-                                "(send it again to stop at once)", signal.Signals(signals.last).name,
-                                pool.busy(), cfg.drain_timeout)
+                self.checkpointer.set_running(self._running_records(pool))
+                if drain_deadline is None:
+                    why = self._reason_to_stop(sched, now)
+                    if why is not None:
+                        drain_deadline = now + cfg.drain_timeout
+                        pool.stop_starting_items()
+                        if pool.busy():
+                            log.warning("%s: draining %d running item(s) for up to %.0fs%s", why, pool.busy(),
+                                        cfg.drain_timeout,
+                                        " (send the signal again to stop at once)" if self.interrupted else "")
                 if drain_deadline is not None and (signals.count > 1 or now >= drain_deadline):
-                    running = [w.inflight[0].item_id for w in pool.workers if w.inflight]
+                    running = [w.inflight[0] for w in pool.workers if w.inflight]
                     if running:
                         log.warning("stopping now; %d item(s) cut short and not recorded: %s",
-                                    len(running), ", ".join(running[:10]))
+                                    len(running), ", ".join(t.item_id for t in running[:10]))
                     pool.close(kill=True)
+                    self._cut_short(running)
                     break
-                progress.update(done=self.counts.done, failed=self.counts.failed, pending=self.counts.pending)
+                paused = sched.breaker.outage
+                progress.update(done=self.counts.done, failed=self.counts.failed, pending=self.counts.pending,
+                                retrying=sched.waiting_retries,
+                                paused=_pause_text(paused) if paused is not None else None)
                 self.observer.progress(done=self.counts.done, failed=self.counts.failed,
                                        pending=self.counts.pending, in_flight=pool.busy(),
                                        workers=len(pool.workers))
-            if not self.interrupted:
+            if not (self.interrupted or self.lease_lost):
                 pool.close()
         finally:
             pool.close(kill=True)
-            progress.finish(done=self.counts.done, failed=self.counts.failed, pending=self.counts.pending)
+            paused = sched.breaker.outage
+            progress.finish(done=self.counts.done, failed=self.counts.failed, pending=self.counts.pending,
+                            paused=_pause_text(paused) if paused is not None else None)
 
-    @staticmethod
-    def _dispatch(pool: Pool, todo: Iterator[Task], retry_heap, unstarted: deque, exhausted: bool,
-                  now: float) -> bool:
-        """Fill every free worker slot, a batch per worker in one message: retries that are
-        due first, then tasks sent back unstarted, then new items. Returns whether the new
-        items have run out."""
+    def _reason_to_stop(self, sched: Scheduler, now: float) -> str | None:
+        """Why the run must stop handing out items now, or None to go on."""
+        outage = sched.breaker.outage
+        if not self.lease.valid():
+            # Another runner may have the shard: stop handing out items at once. What is
+            # running finishes, but nothing more is written to the manifest.
+            self.lease_lost = True
+            return "lost the lease on this shard"
+        if self.signals.count:
+            self.interrupted = True
+            return f"{signal.Signals(self.signals.last).name} received"
+        if self.config_error is not None:
+            return "configuration error"
+        if outage is not None and outage.seconds(now) > self.config.outage_timeout:
+            self.unavailable = True
+            log.error("%s unavailable for %.0fs, longer than --outage-timeout %.0fs; progress is saved, "
+                      "run again with --run-id %s once it is back", outage.system or "the environment",
+                      outage.seconds(now), self.config.outage_timeout, self.config.run_id)
+            return "outage too long"
+        return None
+
+    def _dispatch(self, pool: Pool, sched: Scheduler, now: float) -> None:
+        """Fill every free worker slot, a batch per worker in one message. Tasks whose start
+        must be recorded first (after a run that died without a word) are written to the
+        manifest before any of them goes out; if that cannot be done now, they wait."""
+        pool.depth = sched.worker_depth
+        plan: list[tuple[Any, list[Task]]] = []
+        busy = pool.busy()
         for handle in pool.free():
-            batch: list[Task] = []
-            while len(batch) < pool.room(handle) - len(handle.inflight):
-                if retry_heap and retry_heap[0][0] <= now:
-                    batch.append(heapq.heappop(retry_heap)[2])
-                elif unstarted:
-                    batch.append(unstarted.popleft())
-                elif not exhausted and (task := next(todo, None)) is not None:
-                    batch.append(task)
-                else:
-                    exhausted = True
-                    break
+            batch = sched.take(pool.room(handle) - len(handle.inflight), now, busy=busy)
             if not batch:
                 break
+            plan.append((handle, batch))
+            busy += len(batch)
+        if not plan:
+            return
+        starts = [_running_record(t) for _, batch in plan for t in batch if t.record_start]
+        if starts and not self.checkpointer.write_now(starts, START_RECORD_TIMEOUT):
+            log.warning("could not record the start of %d item(s) in the manifest; holding them", len(starts))
+            for _, batch in reversed(plan):
+                sched.put_back(batch)
+            return
+        for handle, batch in plan:
             sent = pool.submit(handle, batch)
             if sent < len(batch):
-                unstarted.extendleft(reversed(batch[sent:]))
-        return exhausted
+                sched.put_back(batch[sent:])
 
-    def _on_outcome(self, task: Task, outcome: Outcome, retry_heap, unstarted, sequence: int) -> None:
+    @staticmethod
+    def _running_records(pool: Pool) -> list[dict[str, Any]]:
+        """A `running` record for the attempt each ready worker is running now."""
+        return [_running_record(w.inflight[0]) for w in pool.workers if w.ready and w.inflight]
+
+    def _cut_short(self, running: list[Task]) -> None:
+        """Attempts the run killed itself at the end of a drain are not the items' fault: their
+        running records are superseded, with the attempt given back."""
+        for task in running:
+            record = {"id": task.item_id, "state": PARTIAL, "attempts": task.attempt - 1,
+                      "at": round(time.time(), 3)}
+            if task.progress:
+                record["progress"] = task.progress
+            self.checkpointer.add(record)
+
+    def _on_outcome(self, task: Task, outcome: Outcome) -> None:
         if outcome.attempt == 0:  # sent back unstarted during a drain
-            unstarted.append(task)
+            self.sched.put_back([task])
             return
-        self.counts.attempts += 1
-        if not self.config.prefetch:
-            self._adapt_depth(outcome.seconds)
         if outcome.failure is None:
+            self.counts.attempts += 1
             self.counts.done += 1
+            ended = self.sched.succeeded(task, outcome.seconds, time.monotonic())
+            if ended is not None:
+                self._resumed(ended)
             record = {"id": task.item_id, "state": DONE, "attempts": task.attempt, "at": round(time.time(), 3),
                       "seconds": round(outcome.seconds, 6)}
             if outcome.result is not None:
@@ -395,50 +461,81 @@ class Run:
             self._write_back(task.item_id, DONE)
             self.observer.item_finished(DONE, outcome.seconds, None)
             return
-        self._on_failure(task, outcome.failure, outcome.seconds, outcome.progress, retry_heap, sequence)
+        self._on_failure(task, outcome.failure, outcome.seconds, outcome.progress)
 
-    def _adapt_depth(self, seconds: float) -> None:
-        """Queue about QUEUED_SECONDS of work at each worker, by a moving average of item time."""
-        self._item_seconds = seconds if self._item_seconds is None else 0.9 * self._item_seconds + 0.1 * seconds
-        self._pool.depth = max(MIN_DEPTH, min(MAX_DEPTH, math.ceil(QUEUED_SECONDS / max(self._item_seconds, 1e-6))))
-
-    def _on_failure(self, task: Task, failure: Failure, seconds: float, progress, retry_heap, sequence: int) -> None:
-        progress = progress if progress is not None else task.progress
-        delay = self.config.policy.next_delay(task.attempt, failure, rand=self._rand.random())
+    def _on_failure(self, task: Task, failure: Failure, seconds: float, progress=None) -> None:
+        sched = self.sched
+        verdict = sched.failed(task, failure, time.monotonic(), progress=progress)
         self.observer.attempt_failed(failure, seconds)
-        if delay is None:
-            self._record_failed(task.item_id, task.attempt, failure, progress, seconds)
+        if verdict.closed is not None:
+            self._resumed(verdict.closed)
+        if verdict.action == REFUND:
+            self.counts.refunded += 1
+            if verdict.opened:
+                self._paused(sched.breaker.outage)
+            else:
+                log.debug("attempt %d met %s (%s): not counted, tried again", task.attempt, failure.kind,
+                          _describe(failure), extra={"item_id": task.item_id, "attempt": task.attempt})
             return
+        if verdict.action == STOP:
+            self.counts.refunded += 1
+            if self.config_error is None:
+                self.config_error = f"{failure.system or 'the environment'} refused our settings: {_describe(failure)}"
+                log.error("%s; stopping: fix the configuration, then run again with --run-id %s",
+                          self.config_error, self.config.run_id)
+            sched.put_back([task])
+            return
+        self.counts.attempts += 1
+        if verdict.action == FAIL:
+            self._record_failed(task.item_id, task.attempt, failure, task.progress, seconds)
+            return
+        assert verdict.action == RETRY
         self.counts.retries += 1
         self.observer.retry_scheduled(failure)
-        if progress:
-            # Kept so that a restart resumes the item where this attempt got to.
-            self.checkpointer.add({"id": task.item_id, "state": PARTIAL, "attempts": task.attempt,
-                                   "at": round(time.time(), 3), "progress": progress,
-                                   "error": failure.as_record()})
-        log.info("attempt %d failed (%s%s: %s); retry in %.2fs", task.attempt, failure.error_class,
-                 f" {failure.code}" if failure.code else "", failure.message, delay,
-                 extra={"item_id": task.item_id, "attempt": task.attempt})
-        retry = Task(task.item_id, task.payload, task.attempt + 1, progress)
-        heapq.heappush(retry_heap, (time.monotonic() + delay, sequence, retry))
+        # Kept so that a restart continues the count (and resumes where the attempt got to).
+        record = {"id": task.item_id, "state": PARTIAL, "attempts": task.attempt, "at": round(time.time(), 3),
+                  "error": failure.as_record()}
+        if task.progress:
+            record["progress"] = task.progress
+        self.checkpointer.add(record)
+        log.debug("attempt %d failed (%s); retry in %.2fs", task.attempt, _describe(failure), verdict.delay,
+                  extra={"item_id": task.item_id, "attempt": task.attempt})
+
+    def _paused(self, outage: Outage | None) -> None:
+        if outage is None:
+            return
+        log.warning("pausing: %s unavailable (%s); items are not charged for it, probing until it is back "
+                    "(at most --outage-timeout %.0fs)", outage.system or "the environment", outage.reason,
+                    self.config.outage_timeout)
+        self._pool.bump_environment()
+        self.observer.paused(outage.system or "environment")
+
+    def _resumed(self, outage: Outage) -> None:
+        seconds = outage.seconds(time.monotonic())
+        log.warning("resuming: %s is back after %.1fs (%d probe(s), %d attempt(s) not charged)",
+                    outage.system or "the environment", seconds, outage.probes, outage.refunded)
+        self.observer.resumed(seconds)
 
     def _record_failed(self, item_id: str, attempts: int, failure: Failure, progress=None,
                        seconds: float = 0.0) -> None:
         self.counts.failed += 1
+        error = failure.as_record()
+        trace = _trimmed(failure.traceback)
+        if trace:
+            error["traceback"] = trace
         record = {"id": item_id, "state": FAILED, "attempts": attempts, "at": round(time.time(), 3),
-                  "error": failure.as_record()}
+                  "error": error}
         if progress:
             record["progress"] = progress
         self.checkpointer.add(record)
         self._write_back(item_id, FAILED, record["error"])
         self.observer.item_finished(FAILED, seconds, failure)
-        log.error("failed after %d attempt(s): %s%s: %s", attempts, failure.error_class,
-                  f" {failure.code}" if failure.code else "", failure.message,
-                  extra={"item_id": item_id, "attempt": attempts})
+        log.warning("failed after %d attempt(s): %s%s", attempts, _describe(failure),
+                    f"\n{trace}" if trace else "", extra={"item_id": item_id, "attempt": attempts})
 
-    def _on_death(self, pool: Pool, event: Died, timed_out: set[int], retry_heap, unstarted,
-                  sequence: int, start_failures: int, *, draining: bool) -> int:
-        unstarted.extend(event.unstarted)
+    def _on_death(self, pool: Pool, event: Died, timed_out: set[int], start_failures: int, *,
+                  draining: bool) -> int:
+        self.sched.put_back(event.unstarted)
         pid = event.handle.pid
         cause = "timeout" if pid in timed_out else "recycle" if event.handle.retiring else "crash"
         timed_out.discard(pid)
@@ -452,8 +549,7 @@ class Run:
                 failure = Failure(CRASHED, "WorkerCrashed", f"worker died ({_exit_text(event.exitcode)})")
                 log.warning("worker %d died (%s) while running item %s", pid, _exit_text(event.exitcode),
                             event.running.item_id)
-            self.counts.attempts += 1
-            self._on_failure(event.running, failure, seconds, None, retry_heap, sequence)
+            self._on_failure(event.running, failure, seconds)
         elif not draining and not event.handle.retiring:
             start_failures += 1
             if start_failures > MAX_START_FAILURES_PER_SLOT * self.config.workers:
@@ -468,36 +564,110 @@ class Run:
 
     def _finish(self, manifest: ShardManifest) -> tuple[dict[str, Any], int]:
         timeout = INTERRUPTED_FLUSH_TIMEOUT if self.interrupted else FINAL_FLUSH_TIMEOUT
+        self.checkpointer.set_running([])
         saved = self.checkpointer.close(0 if self.lease.lost else timeout)
-        self.lease_lost = self.lease.lost
-        self.lease.release()
+        self.lease_lost = self.lease_lost or self.lease.lost
         if not saved and not self.lease_lost:
             self.unsaved = True
             log.error("could not save the last %d record(s) to %s within %.0fs; "
                       "a rerun with the same run id repeats those items",
                       self.checkpointer.unsaved, manifest.url, timeout)
         if self.writeback is not None and not self.writeback.close(timeout):
-            saved = False
+            self.unsaved = True
             log.error("could not write %d item state(s) back to the work table within %.0fs; "
                       "a rerun with the same run id writes them", self.writeback.unsaved, timeout)
-        if self.lease_lost:
-            code, status = EXIT_LEASE, "lease_lost"
-        elif self.interrupted or not saved or self.counts.pending:
-            code, status = EXIT_INTERRUPTED, "interrupted" if self.interrupted else "incomplete"
-        elif self.counts.failed > self.config.max_failures:
-            code, status = EXIT_ITEMS_FAILED, "failed"
+        if saved and not self.lease_lost:
+            self._end_meta(manifest)
+        self.lease.release()
+        if self.internal_error:
+            code = EXIT_INTERNAL
         else:
-            code, status = EXIT_OK, "ok"
-        summary = self.summary(status, code, manifest.url)
+            code = run_exit_code(interrupted=self.interrupted, lease_lost=self.lease_lost,
+                                 unavailable=self.unavailable, unsaved=self.unsaved,
+                                 config_error=self.config_error is not None, failed=self.counts.failed,
+                                 max_failures=self.config.max_failures)
+            if code == EXIT_OK and self.counts.pending:
+                log.error("internal error: the run ended with %d item(s) neither done nor failed",
+                          self.counts.pending)
+                code = EXIT_INTERNAL
+        summary = self.summary(status_of(code), code, manifest.url)
         self.observer.run_finished(summary)
         return summary, code
 
+    def _end_meta(self, manifest: ShardManifest) -> None:
+        """Say in meta.json that this runner ended with its word (no attempt left running), so
+        that the next one starts at full speed."""
+        meta = dict(self.meta, state="ended", last_ended_at=time.time())
+        try:
+            manifest.write_meta(meta)
+        except Exception as e:  # the next run only starts more carefully
+            log.warning("could not mark the shard's end in %smeta.json: %s", manifest.url, e)
+
     def summary(self, status: str, code: int, manifest_url: str | None = None) -> dict[str, Any]:
         counts = asdict(self.counts)
-        return {"run_id": self.config.run_id, "shard": self.config.shard_index,
-                "shard_count": self.config.shard_count, **counts, "pending": self.counts.pending,
-                "seconds": round(time.monotonic() - self.started, 3), "status": status,
-                "exit_code": code, "manifest": manifest_url}
+        summary = {"run_id": self.config.run_id, "shard": self.config.shard_index,
+                   "shard_count": self.config.shard_count, **counts, "pending": self.counts.pending,
+                   "seconds": round(time.monotonic() - self.started, 3), "status": status,
+                   "exit_code": code, "manifest": manifest_url}
+        if self.sched is not None:
+            outages = self.sched.breaker.history + ([self.sched.breaker.outage] if self.sched.breaker.outage else [])
+            summary["outages"] = [_outage_summary(o) for o in outages]
+        error = self._error_line()
+        if error:
+            summary["error"] = error
+        return summary
+
+    def _error_line(self) -> str | None:
+        """One line for the summary: why the run did not end ok."""
+        if self.internal_error:
+            return "internal error (a bug in bulkjob): see the logged traceback; progress is saved"
+        if self.config_error is not None:
+            return self.config_error
+        if self.lease_lost:
+            return "lost the lease on this shard: another runner took it over"
+        if self.unavailable:
+            return f"unavailable for longer than --outage-timeout {self.config.outage_timeout:g}s; progress saved"
+        if self.unsaved:
+            return "could not save progress to the manifest; run again with the same --run-id"
+        if self.interrupted:
+            return "interrupted by a signal; progress saved"
+        if self.counts.failed > self.config.max_failures:
+            return (f"{self.counts.failed} item(s) failed (--max-failures {self.config.max_failures}); "
+                    f"`bulkjob report --run-id {self.config.run_id}` lists them, --retry-failed runs them again")
+        return None
+
+
+def _running_record(task: Task) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": task.item_id, "state": RUNNING, "attempts": task.attempt}
+    if task.progress:
+        record["progress"] = task.progress
+    return record
+
+
+def _describe(failure: Failure) -> str:
+    return f"{failure.error_class}{f' {failure.code}' if failure.code else ''}: {failure.message}"
+
+
+def _pause_text(outage: Outage) -> str:
+    since = time.strftime("%H:%M:%S", time.gmtime(time.time() - outage.seconds(time.monotonic())))
+    return f"{outage.system or 'environment'} unavailable since {since}Z"
+
+
+def _outage_summary(outage: Outage) -> dict[str, Any]:
+    now = time.monotonic()
+    started = time.time() - (now - outage.started)
+    return {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "seconds": round(outage.seconds(now), 3), "system": outage.system, "reason": outage.reason,
+            "probes": outage.probes, "refunded": outage.refunded, "ongoing": outage.ended is None}
+
+
+def _trimmed(trace: str | None) -> str | None:
+    if not trace:
+        return None
+    trace = trace.rstrip()
+    if len(trace) <= MAX_TRACEBACK_CHARS:
+        return trace
+    return "...\n" + trace[-MAX_TRACEBACK_CHARS:]
 
 
 def _exit_text(exitcode: int | None) -> str:
@@ -509,3 +679,4 @@ def _exit_text(exitcode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-exitcode}"
     return f"exit code {exitcode}"
+

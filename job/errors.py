@@ -66,10 +66,14 @@ class ManifestCorrupt(ManifestError):
     """Raised when a manifest object exists but cannot be parsed; nothing is overwritten."""
 
 
-class StoreUnavailable(BulkjobError):
-    """Raised by a store when the backend could not be reached; the caller may retry."""
+class Unreachable(BulkjobError):
+    """Raised when the store or the database could not be reached; the caller may wait and retry."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class StoreUnavailable(Unreachable):
+    """Raised by a store when the backend could not be reached; the caller may retry."""
 
 
 class EnvironmentUnavailable(BulkjobError):

@@ -96,6 +96,8 @@ class Loaded:
     lines_since_snapshot: list[bytes] = field(default_factory=list)
     updated_at: float | None = None
     segments_since_snapshot: int = 0
+    #: Records in the newest checkpoint: about what one checkpoint interval held before a restart.
+    last_checkpoint_records: int = 0
 
     def latest(self) -> dict[str, dict[str, Any]]:
         """The last record of each item."""
@@ -240,6 +242,7 @@ class ShardManifest:
                 lines, records = _salvage(found[0])
                 header = {}
             loaded.records.extend(records)
+            loaded.last_checkpoint_records = len(records)
             loaded.lines_since_snapshot.extend(lines)
             loaded.segments_since_snapshot += 1
             loaded.seq = max(loaded.seq, seq)

@@ -130,9 +130,15 @@ class RunMetrics:
     """The run's numbers as the parent's loop reports them: an Observer that does no I/O."""
 
     def __init__(self, *, run_id: str, shard: int, shard_count: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.run_id, self.shard, self.shard_count = run_id, shard, shard_count
         self._clock = clock
+        self._monotonic = monotonic
+        #: Dispatch paused for an outage: since when (monotonic), of what, and the seconds of
+        #: pauses that have ended.
+        self.paused_since: float | None = None
+        self.paused_system = ""
+        self.paused_seconds = 0.0
         self.started_at = clock()
         self.total: int | None = None
         self.pending = 0
@@ -186,6 +192,19 @@ class RunMetrics:
     def progress(self, *, done: int, failed: int, pending: int, in_flight: int, workers: int) -> None:
         self.pending, self.workers = pending, workers
 
+    def paused(self, system: str) -> None:
+        if self.paused_since is None:
+            self.paused_since, self.paused_system = self._monotonic(), system
+
+    def resumed(self, seconds: float) -> None:
+        if self.paused_since is not None:
+            self.paused_seconds += self._monotonic() - self.paused_since
+            self.paused_since = None
+
+    def total_paused_seconds(self) -> float:
+        ongoing = self._monotonic() - self.paused_since if self.paused_since is not None else 0.0
+        return self.paused_seconds + ongoing
+
     def run_finished(self, summary: dict[str, Any]) -> None:
         self.pending = int(summary.get("pending", self.pending))
         self.workers = 0
@@ -231,6 +250,14 @@ class RunMetrics:
                                     "When an attempt last ended (or the run started), Unix time.",
                                     value=self.last_progress)
         yield GaugeMetricFamily("bulkjob_workers_alive", "Worker processes running.", value=self.workers)
+        paused = GaugeMetricFamily("bulkjob_paused", "1 while dispatch is paused because the database or the "
+                                   "store cannot be reached (items are not charged for it), else 0.",
+                                   labels=["system"])
+        paused.add_metric([self.paused_system if self.paused_since is not None else ""],
+                          0 if final or self.paused_since is None else 1)
+        yield paused
+        yield CounterMetricFamily("bulkjob_paused_seconds", "Seconds dispatch was paused for outages.",
+                                  value=self.total_paused_seconds())
         yield counter("bulkjob_items_finished", "Items finished, by outcome: done, failed (for good), "
                       "skipped (finished by an earlier process of this run).", ["outcome"], self.finished)
         yield counter("bulkjob_attempts", "Attempts ended, by outcome (ok, retryable, permanent, crashed, "
@@ -251,8 +278,9 @@ class RunMetrics:
         if self.ended_at is not None:
             yield GaugeMetricFamily("bulkjob_run_end_time_seconds", "When this process ended the run, Unix time.",
                                     value=self.ended_at)
-            yield GaugeMetricFamily("bulkjob_run_exit_code", "The run's exit code: 0 ok, 1 items failed, "
-                                    "2 usage, 3 interrupted or incomplete, 4 lease held.", value=self.exit_code)
+            yield GaugeMetricFamily("bulkjob_run_exit_code", "The run's exit code: 0 ok, 1 items failed, 2 usage "
+                                    "or configuration, 3 interrupted, 4 lease held or lost, 5 environment "
+                                    "unavailable, 70 internal error.", value=self.exit_code)
 
 
 class PrometheusObserver(RunMetrics):

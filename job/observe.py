@@ -18,6 +18,9 @@ class Observer(Protocol):
     def worker_restarted(self, cause: str, pid: int) -> None: ...
     def checkpoint(self, seconds: float, ok: bool, size: int) -> None: ...
     def progress(self, *, done: int, failed: int, pending: int, in_flight: int, workers: int) -> None: ...
+    # Dispatch paused for an outage of `system` (database, S3, environment), and resumed.
+    def paused(self, system: str) -> None: ...
+    def resumed(self, seconds: float) -> None: ...
     def run_finished(self, summary: dict[str, Any]) -> None: ...
 
 
@@ -43,6 +46,12 @@ class NullObserver:
         pass
 
     def progress(self, *, done: int, failed: int, pending: int, in_flight: int, workers: int) -> None:
+        pass
+
+    def paused(self, system: str) -> None:
+        pass
+
+    def resumed(self, seconds: float) -> None:
         pass
 
     def run_finished(self, summary: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import worker as worker_module
+from .scheduler import Task
 
 #: Start method for workers: forkserver forks from a clean single-threaded server process, so the
 #: parent's threads (checkpoint writer, metrics server) and their locks never leak into a worker,
@@ -31,19 +32,6 @@ PREFETCH_MAX_BYTES = 32 * 1024
 ANSWER, DEATH, EXTRA = "answer", "death", "extra"
 #: Seconds to wait for workers to exit after being told to, before they are killed.
 EXIT_GRACE = 5.0
-
-
-@dataclass(slots=True)
-class Task:
-    """An attempt handed to a worker."""
-
-    item_id: str
-    payload: dict[str, Any]
-    attempt: int
-    progress: dict[str, Any] | None = None
-
-    def wire(self) -> tuple:
-        return (self.item_id, self.payload, self.attempt, self.progress)
 
 
 @dataclass(slots=True)
@@ -102,6 +90,8 @@ class Pool:
             self._ctx.set_forkserver_preload(list(preload))
         self._stop_flag = self._ctx.RawValue("b", 0)
         self._start_deadline = self._ctx.RawValue("d", float("inf"))
+        #: Grows when an outage begins: a worker drops database sessions opened before it.
+        self._environment = self._ctx.RawValue("i", 0)
         self.workers: list[WorkerHandle] = []
         self.started = 0
 
@@ -112,7 +102,8 @@ class Pool:
     def _spawn(self) -> WorkerHandle:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=worker_module.main,
-                                    args=(child_end, self.settings, self._stop_flag, self._start_deadline),
+                                    args=(child_end, self.settings, self._stop_flag, self._start_deadline,
+                                          self._environment),
                                     name="bulkjob-worker", daemon=True)
         process.start()
         child_end.close()
@@ -125,6 +116,12 @@ class Pool:
     def watch(self, obj: Any) -> None:
         """Also wake wait() when `obj` (a socket, a file descriptor) becomes readable."""
         self._selector.register(obj, selectors.EVENT_READ, (EXTRA, obj))
+
+    def bump_environment(self) -> None:
+        """An outage began: sessions opened before it are suspect, so every worker opens a new
+        one before its next item (a server restarted meanwhile would fail the first statement
+        on an old session, and that failure would look like a new outage)."""
+        self._environment.value += 1
 
     def stop_starting_items(self) -> None:
         """Tell workers not to start items already handed to them (they are sent back)."""

@@ -27,19 +27,24 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def progress_line(*, done: int, failed: int, pending: int, total: int, rate: float) -> str:
-    """The one-line report: counts, rate and ETA."""
-    return (f"progress: {done + failed}/{total} ({done} done, {failed} failed, {pending} pending), "
-            f"{rate:.1f} items/s, eta {format_duration(eta_seconds(pending, rate))}")
+def progress_line(*, done: int, failed: int, pending: int, total: int, rate: float, retrying: int = 0,
+                  paused: str | None = None) -> str:
+    """The one-line report: counts, rate and ETA; or that the run is paused, and why."""
+    counts = f"{done + failed}/{total} ({done} done, {failed} failed, {pending} pending"
+    counts += f", {retrying} waiting to retry)" if retrying else ")"
+    if paused:
+        return f"progress: {counts}, paused: {paused}"
+    return f"progress: {counts}, {rate:.1f} items/s, eta {format_duration(eta_seconds(pending, rate))}"
 
 
-def progress_bar(*, done: int, failed: int, pending: int, total: int, rate: float) -> str:
+def progress_bar(*, done: int, failed: int, pending: int, total: int, rate: float, retrying: int = 0,
+                 paused: str | None = None) -> str:
     finished = done + failed
     fraction = finished / total if total else 1.0
     filled = int(fraction * BAR_WIDTH)
     bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-    return (f"[{bar}] {fraction:6.1%} {finished}/{total} failed {failed} "
-            f"{rate:.1f}/s eta {format_duration(eta_seconds(pending, rate))}")
+    tail = f"paused: {paused}" if paused else f"{rate:.1f}/s eta {format_duration(eta_seconds(pending, rate))}"
+    return f"[{bar}] {fraction:6.1%} {finished}/{total} failed {failed} {tail}"
 
 
 class Progress:
@@ -54,7 +59,8 @@ class Progress:
         self._last = self.started
         self._base = None
 
-    def update(self, *, done: int, failed: int, pending: int, force: bool = False) -> None:
+    def update(self, *, done: int, failed: int, pending: int, retrying: int = 0, paused: str | None = None,
+               force: bool = False) -> None:
         now = time.monotonic()
         if self._base is None:
             self._base = done + failed  # items finished before this run do not count for the rate
@@ -62,7 +68,8 @@ class Progress:
             return
         self._last = now
         rate = (done + failed - self._base) / max(now - self.started, 1e-9)
-        counts = dict(done=done, failed=failed, pending=pending, total=self.total, rate=rate)
+        counts = dict(done=done, failed=failed, pending=pending, total=self.total, rate=rate, retrying=retrying,
+                      paused=paused)
         if self.tty:
             self.stream.write("\r" + progress_bar(**counts) + "\x1b[K")
         else:
@@ -72,8 +79,8 @@ class Progress:
             return
         self.stream.flush()
 
-    def finish(self, *, done: int, failed: int, pending: int) -> None:
-        self.update(done=done, failed=failed, pending=pending, force=True)
+    def finish(self, *, done: int, failed: int, pending: int, paused: str | None = None) -> None:
+        self.update(done=done, failed=failed, pending=pending, paused=paused, force=True)
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()

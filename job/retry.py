@@ -124,20 +124,22 @@ def classify(exc: BaseException, *, retry_on: Iterable[str] = (), outage_on: Ite
     elif isinstance(exc, Unavailable):
         found = Failure(OUTAGE, names[0], _message(exc), code=code, system=exc.system)
     else:
-        found = None
-        for classifier in (*classifiers, classify_botocore):
-            found = classifier(exc)
-            if found is not None:
-                break
-        if found is None:
-            kind = (OUTAGE if isinstance(exc, ConnectionError)
-                    else RETRYABLE if isinstance(exc, TimeoutError) else PERMANENT)
-            found = Failure(kind, names[0], _message(exc), code=code)
+        found = _first_verdict(exc, (*classifiers, classify_botocore)) or Failure(
+            OUTAGE if isinstance(exc, ConnectionError) else RETRYABLE if isinstance(exc, TimeoutError)
+            else PERMANENT, names[0], _message(exc), code=code)
     if found.kind in (PERMANENT, RETRYABLE) and matches(names, found.code, outage_on):
         found = replace(found, kind=OUTAGE)
     elif found.kind == PERMANENT and matches(names, found.code, retry_on):
         found = replace(found, kind=RETRYABLE)
     return replace(found, traceback=trace)
+
+
+def _first_verdict(exc: BaseException, classifiers: Iterable[Classifier]) -> Failure | None:
+    for classifier in classifiers:
+        found = classifier(exc)
+        if found is not None:
+            return found
+    return None
 
 
 def matches(names: list[str], code: str | None, rules: Iterable[str]) -> bool:

@@ -15,10 +15,10 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import BulkjobError, UsageError
+from .errors import BulkjobError, Permanent, UsageError
 from .items import Item
 from .logs import add_secrets, redact_std_streams, set_item
 from .outcome import CRASHED, PERMANENT, Failure, Outcome
@@ -66,6 +66,23 @@ class Resources:
         self._db = None
         #: Set when this worker should exit after the current item (out of memory).
         self.retire = False
+        #: The parent's environment epoch when the session was opened (see Pool.bump_environment).
+        self.epoch = 0
+
+    def new_epoch(self, epoch: int) -> None:
+        """An outage began since the session was opened: open a new one before the next item."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            if self._db is not None:
+                self._db.close()
+
+    def connect_failed(self) -> bool:
+        """Whether the last failure happened while opening a database session."""
+        return self._db is not None and self._db.connect_failed
+
+    def uncommitted(self) -> bool:
+        """Whether the handler left changes uncommitted on the worker's session."""
+        return self._db is not None and self._db.in_transaction()
 
     @property
     def db(self):
@@ -122,6 +139,10 @@ def run_attempt(handler: Handler, task: tuple, *, settings: Any, resources: Reso
     started = time.monotonic()
     try:
         result = handler(Item(item_id, payload), ctx)
+        if resources.uncommitted():
+            # Rolling it back silently would lose work the item was recorded done for.
+            raise Permanent("returned with uncommitted changes; commit or roll back in the handler",
+                            code="UNCOMMITTED")
     except MemoryError:
         # Treated like a kill by the OOM killer: retryable, and this worker retires (its heap
         # may be left fragmented or half-updated), so the next attempt gets a fresh process.
@@ -129,7 +150,10 @@ def run_attempt(handler: Handler, task: tuple, *, settings: Any, resources: Reso
                           "(--worker-memory-limit or the container's memory limit)")
         resources.retire = True
     except Exception as exc:
-        failure = classify(exc, retry_on=settings.retry_on, classifiers=_classifiers(settings))
+        failure = classify(exc, retry_on=settings.retry_on, outage_on=settings.outage_on,
+                           classifiers=_classifiers(settings))
+        if failure.environment and resources.connect_failed():
+            failure = replace(failure, connecting=True)
     else:
         problem = check_result(result)
         if problem is None:
@@ -208,13 +232,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def main(conn, settings: Any, stop_flag, start_deadline) -> None:
+def main(conn, settings: Any, stop_flag, start_deadline, environment) -> None:
     """Worker entry point: `conn` is this worker's end of its pipe to the parent.
 
     Receives lists of task tuples (item id, payload, attempt, progress), or None to exit. Before
     each item it checks `stop_flag`, set by the parent when it drains, and `start_deadline`, the
     end of the shard's lease: an item handed over ahead of time but not started is then sent
-    back unstarted (an Outcome with attempt 0).
+    back unstarted (an Outcome with attempt 0). `environment` is the parent's outage epoch.
     """
     # The parent handles SIGINT/SIGTERM and ends workers itself; a Ctrl-C on a terminal reaches
     # the whole process group and must not kill items that the drain lets finish.
@@ -261,6 +285,7 @@ def main(conn, settings: Any, stop_flag, start_deadline) -> None:
                 if stop_flag.value or time.time() > start_deadline.value:
                     conn.send(Outcome(task[0], 0, 0.0))
                     continue
+                resources.new_epoch(environment.value)
                 conn.send(_attempt(handler, task, settings=settings, resources=resources, logger=logger,
                                    secrets=secrets, in_flight=in_flight))
                 items_run += 1

@@ -2,6 +2,7 @@
 # DAG. Included by the top-level Makefile, which defines VENV, PY and `venv`.
 #
 #   make image            build $(IMAGE) (podman; a debootstrap base unless BASE_IMAGE is given)
+#   make lock             rewrite requirements-image.lock, the image's pinned dependencies
 #   make test-deploy      the k8s, Airflow and container tests
 #   make airflow-venv     the separate virtualenv the Airflow DAG tests run in
 
@@ -26,15 +27,21 @@ AIRFLOW_PYTHON ?= python3
 
 deploy_comma := ,
 
-.PHONY: image base-image system-deps test-deploy airflow-venv
+.PHONY: image base-image lock system-deps test-deploy airflow-venv
 
 system-deps:
 	@scripts/install-system-deps.sh
 
+# The base is rebuilt when scripts/base-image.sh (which holds its package list)
+# changes or the base is a week old: the script compares the hash it stamped
+# on the image with its own.
 base-image:
 	@scripts/install-system-deps.sh podman runc debootstrap uidmap
 	@scripts/base-image.sh $(LOCAL_BASE_IMAGE)
 
+# The build stage's image and the images a rebuild untags (an older $(IMAGE),
+# an older base) carry the label io.bulkjob.stage: remove those left untagged,
+# and only those, so that no dangling image is left behind.
 image:
 	@scripts/install-system-deps.sh podman runc debootstrap uidmap
 	@if [ "$(BASE_IMAGE)" = "$(LOCAL_BASE_IMAGE)" ]; then scripts/base-image.sh $(LOCAL_BASE_IMAGE); fi
@@ -44,7 +51,12 @@ image:
 		--build-arg REVISION=$(IMAGE_REVISION) \
 		$(if $(CA_BUNDLE),--secret id=ca-bundle$(deploy_comma)src=$(CA_BUNDLE)) \
 		--tag $(IMAGE) .
+	@podman image prune --force --filter label=io.bulkjob.stage >/dev/null
 	@podman image inspect $(IMAGE) --format '$(IMAGE): {{.Size}} bytes'
+
+# Resolves in a throwaway virtualenv, from PyPI: see the script's docstring.
+lock:
+	$(PYTHON) scripts/lock-image-deps.py
 
 airflow-venv: $(AIRFLOW_VENV)/.installed
 

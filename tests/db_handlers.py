@@ -19,3 +19,10 @@ def pg_session(item, ctx):
         pid = cur.fetchone()[0]
     ctx.db.rollback()
     return {"backend": pid}
+
+
+def insert_no_commit(item, ctx):
+    """Inserts the item's row through ctx.db and returns without committing (a handler's bug)."""
+    cur = ctx.db.cursor()
+    cur.execute(item.payload["sql"], (item.id,))
+    cur.close()

@@ -45,13 +45,19 @@ def applied(path) -> dict[str, int]:
 
 def handle(item, ctx):
     """Payload: track (log every attempt's start in `tried`), seconds (sleep first), crash_on
-    (attempts on which the worker SIGKILLs itself),
+    (attempts on which the worker SIGKILLs itself), kill_group (SIGKILL the whole run, with
+    LEDGER_MAY_KILL_GROUP=1), unreachable_until (raise ConnectionRefusedError before that time),
     fail_until (raise Retryable before that attempt), permanent, hang, error (raise that builtin)."""
     p = item.payload
     if p.get("track"):
         _ledger().execute("INSERT INTO tried VALUES (?, ?, ?, ?)", (item.id, ctx.attempt, os.getpid(), time.time()))
     if ctx.attempt in p.get("crash_on", ()):
         os.kill(os.getpid(), signal.SIGKILL)
+    if p.get("kill_group") and os.environ.get("LEDGER_MAY_KILL_GROUP") == "1":
+        # As an OOM kill on cgroup v2 does: every process of the run at once, the parent too.
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    if time.time() < p.get("unreachable_until", 0):
+        raise ConnectionRefusedError("the service this item needs refused the connection")
     if p.get("allocate_mb") and ctx.attempt <= p.get("allocate_attempts", 99):
         hog = bytearray(p["allocate_mb"] * 1024 * 1024)  # noqa: F841 - held until the handler returns
     if p.get("hang"):

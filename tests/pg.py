@@ -120,6 +120,16 @@ class PgServer:
         self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-m", "fast",
                  "-w", "-t", "60", "restart")
 
+    def shutdown(self) -> None:
+        """Stop the server as an outage does (fast: every session is cut); start() brings it back."""
+        self._pg("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def start(self) -> None:
+        """Start the server again after shutdown(), on the same port with the same settings."""
+        options = " ".join(f"-c {k}={v}" for k, v in PG_SETTINGS.items())
+        self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-t", "60",
+                 "-o", f"-p {self.port} -k {self.dir} {options}", "start")
+
     def stop(self) -> None:
         try:
             self._pg("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")

@@ -4,15 +4,20 @@ Airflow pins hundreds of packages; keeping it out of the job's test venv
 means those pins never decide the job's own versions. `make airflow-venv`
 builds `.venv-airflow` (Airflow 3 and the cncf.kubernetes provider), and this
 test runs pytest there, handing over summaries that the real job wrote so the
-DAG's last task is checked against the real shape.
+DAG's last task is checked against the real shape, and job/exits.py's exit-code
+table, which the DAG keeps a copy of.
 """
 
+import dataclasses
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, need, run_bulkjob, summary_of, write_items
+
+from job.exits import ENDINGS
 
 AIRFLOW_VENV = ROOT / ".venv-airflow"
 AIRFLOW_PYTHON = AIRFLOW_VENV / "bin" / "python"
@@ -51,7 +56,10 @@ def test_airflow_dag_suite_passes_in_its_own_venv(tmp_path):
     _make_airflow_venv()
     summaries = _job_summaries(tmp_path / "summaries")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update(BULKJOB_SUMMARIES_DIR=str(summaries), AIRFLOW_HOME=str(tmp_path / "airflow-home"))
+    endings = tmp_path / "endings.json"
+    endings.write_text(json.dumps([dataclasses.asdict(e) for e in ENDINGS]))
+    env.update(BULKJOB_SUMMARIES_DIR=str(summaries), BULKJOB_ENDINGS_FILE=str(endings),
+               AIRFLOW_HOME=str(tmp_path / "airflow-home"))
     # --confcutdir keeps the job's tests/conftest.py (and its imports) out of the Airflow venv.
     proc = subprocess.run(
         [str(AIRFLOW_PYTHON), "-m", "pytest", str(AIRFLOW_TESTS), "-q", "-rs", "-p", "no:cacheprovider",

@@ -10,7 +10,7 @@ from conftest import ROOT, need
 
 yaml = pytest.importorskip("yaml")
 
-RULE_OBJECT = ROOT / "k8s" / "prometheus-rules.yaml"
+RULE_OBJECT = ROOT / "k8s" / "monitoring" / "prometheus-rules.yaml"
 RULES_DIR = ROOT / "tests" / "prometheus"
 
 

@@ -1,12 +1,15 @@
 """The container image, built by `make image` and run the way Kubernetes runs it.
 
-UID 1002 in group 0, a read-only root filesystem with a tmpfs /tmp, memory
-and CPU limits, against the S3 test server on the host: a full run, then a
-run stopped by SIGTERM to the container (tini forwards it) and finished by a
-second container with the same run id.
+What the build leaves (no dangling image, the locked dependencies, the license,
+a base with bookworm-security); then UID 1002 in group 0, a read-only root
+filesystem with a tmpfs /tmp, memory and CPU limits, against the S3 test server
+on the host: a full run, then a run stopped by SIGTERM to the container (tini
+forwards it) and finished by a second container with the same run id.
 """
 
+import hashlib
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -15,16 +18,21 @@ import uuid
 
 import pytest
 from conftest import ROOT, free_port, need, run_bulkjob, status_of
+from packaging.utils import canonicalize_name
+from test_image_lock import locked
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
 IMAGE = "bulkjob:dev"
+#: What mk/deploy.mk builds the image on unless BASE_IMAGE says otherwise.
+LOCAL_BASE = "localhost/bulkjob-base:bookworm"
+BASE_SCRIPT = ROOT / "scripts" / "base-image.sh"
 #: What a locked-down CI host allows: runc (crun cannot set up cgroups
 #: there), explicit ulimits (the defaults are refused) and the host's network
 #: (no container network; the S3 server listens on the host's loopback).
 PODMAN = ["podman", "--runtime", "runc"]
 CI_HOST = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "--network", "host"]
-#: What a pod of k8s/job.yaml gets, scaled down: UID 1002, read-only root, /tmp writable, limits.
+#: What a pod of k8s/job/job.yaml gets, scaled down: UID 1002, read-only root, /tmp writable, limits.
 AS_IN_KUBERNETES = ["--user", "1002:0", "--read-only", "--tmpfs", "/tmp", "--memory", "512m", "--cpus", "1"]
 
 
@@ -34,7 +42,16 @@ def image():
     proc = subprocess.run(["make", "image"], cwd=ROOT, capture_output=True, text=True, timeout=1500)
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
     need(proc.returncode == 0, f"`make image` failed:\n{tail}")
+    print(proc.stdout.splitlines()[-1])  # "bulkjob:dev: N bytes"
     return IMAGE
+
+
+def podman_sh(image, script, *, user="1002:0"):
+    """Run `sh -c script` in the image; its stdout."""
+    proc = subprocess.run([*PODMAN, "run", "--rm", *CI_HOST, "--user", user, "--entrypoint", "sh", image, "-c",
+                           script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def podman_run(image, name, s3_server, *args, metrics_port=0, detach=False):
@@ -75,6 +92,90 @@ def test_image_runs_tini_then_bulkjob_as_uid_1002(image):
     assert {"PYTHONUNBUFFERED=1", "TMPDIR=/tmp"} <= set(config["Env"])
     assert config["Labels"]["org.opencontainers.image.title"] == "bulkjob"
     assert config["Labels"]["org.opencontainers.image.version"]
+
+
+def test_make_image_leaves_no_dangling_image(image):
+    # The build stage's images, and an older bulkjob:dev or base that the build untagged,
+    # all carry io.bulkjob.stage; `make image` must leave none of them untagged.
+    proc = subprocess.run(["podman", "images", "--filter", "dangling=true", "--filter", "label=io.bulkjob.stage",
+                           "--format", "{{.ID}} {{.Labels}}"], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == ""
+    # The final image is tagged and labelled like the others: the filter would see it.
+    proc = subprocess.run(["podman", "images", "--filter", "label=io.bulkjob.stage=image", "--format",
+                           "{{.Repository}}:{{.Tag}}"], capture_output=True, text=True, check=True)
+    assert f"localhost/{image}" in proc.stdout.split()
+
+
+def test_image_holds_exactly_the_locked_dependencies(image):
+    listing = podman_sh(image, "python3 -c 'import importlib.metadata as m\n"
+                               "for d in m.distributions(): print(d.metadata[\"Name\"], d.version)'")
+    installed = {canonicalize_name(name): version for name, version in (line.split() for line in listing.splitlines())}
+    expected = {name: version for name, (version, _) in locked().items()}
+    # The build backend and pip are removed once the job is installed: nothing installs at run time.
+    expected.pop("setuptools")
+    assert installed.pop("bulkjob") == (ROOT / "pyproject.toml").read_text().split('version = "')[1].split('"')[0]
+    assert installed == expected
+
+
+def test_image_carries_the_license_its_label_names(image):
+    proc = subprocess.run(["podman", "image", "inspect", image], capture_output=True, text=True, check=True)
+    (info,) = json.loads(proc.stdout)
+    assert info["Config"]["Labels"]["org.opencontainers.image.licenses"] == "Apache-2.0"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text  # the full text, not a notice
+    assert podman_sh(image, "cat /usr/share/doc/bulkjob/LICENSE") == license_text
+
+
+def test_local_base_has_the_security_archive_and_the_recipe_stamp(image):
+    proc = subprocess.run(["podman", "image", "inspect", image, "--format",
+                           '{{index .Labels "org.opencontainers.image.base.name"}}'],
+                          capture_output=True, text=True, check=True)
+    if proc.stdout.strip() != LOCAL_BASE:
+        pytest.skip(f"the image was built on {proc.stdout.strip()}, not the debootstrap base")
+    sources = podman_sh(LOCAL_BASE, "cat /etc/apt/sources.list", user="0")
+    assert re.search(r"^deb \S+debian-security bookworm-security main$", sources, re.MULTILINE), sources
+    assert re.search(r"^deb \S+ bookworm-updates main$", sources, re.MULTILINE), sources
+    # The stamp: the script's hash, which `make image` compares to rebuild the base when the
+    # script or its package list changes.
+    recipe = hashlib.sha256(BASE_SCRIPT.read_bytes()).hexdigest()[:16]
+    proc = subprocess.run(["podman", "image", "inspect", LOCAL_BASE, "--format",
+                           '{{index .Labels "io.bulkjob.base.recipe"}}'], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == recipe
+    proc = subprocess.run([str(BASE_SCRIPT), LOCAL_BASE], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "is up to date" in proc.stdout, proc.stdout + proc.stderr
+
+
+#: What the Airflow provider (cncf.kubernetes 10.25, mk/airflow-requirements.txt) runs in its XCom
+#: sidecar, which airflow_dag.py runs on this image: the sidecar's command, then, through exec,
+#: the read of the summary and the stop (pgrep first, which this image lacks, then the fallback).
+XCOM_SIDECAR_COMMAND = 'trap "exit 0" INT; while true; do sleep 1; done;'
+XCOM_READ = ("if [ -s /airflow/xcom/return.json ]; then cat /airflow/xcom/return.json; "
+             "else echo __airflow_xcom_result_empty__; fi")
+XCOM_KILL = "kill -2 $(pgrep -u $(id -u) -f 'sh')"
+XCOM_KILL_FALLBACK = ('for f in /proc/[0-9]*/comm; do '
+                      '[ -O $f ] && read c < $f && [ "$c" = "sh" ] && pid=${f%/comm} && kill -2 ${pid##*/}; done')
+
+
+def test_image_serves_as_the_airflow_xcom_sidecar(image, container_name):
+    start = subprocess.run([*PODMAN, "run", "--detach", "--name", container_name, *CI_HOST, *AS_IN_KUBERNETES,
+                            "--tmpfs", "/airflow/xcom:mode=1777", "--entrypoint", "sh", image, "-c",
+                            XCOM_SIDECAR_COMMAND], capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr
+    summary_line = '{"run_id": "r", "exit_code": 0}'
+
+    def exec_sh(script, **kwargs):
+        return subprocess.run([*PODMAN, "exec", "-i", container_name, "/bin/sh"], input=script + "\n",
+                              capture_output=True, text=True, timeout=60, **kwargs)
+
+    assert exec_sh(XCOM_READ).stdout.strip() == "__airflow_xcom_result_empty__"
+    exec_sh(f"echo '{summary_line}' > /airflow/xcom/return.json")
+    assert exec_sh(XCOM_READ).stdout.strip() == summary_line
+    # The provider runs the fallback when the first command writes to stderr.
+    assert exec_sh(XCOM_KILL).stderr
+    exec_sh(XCOM_KILL_FALLBACK)
+    waited = subprocess.run([*PODMAN, "wait", container_name], capture_output=True, text=True, timeout=60)
+    assert waited.stdout.strip() == "0", waited.stdout + waited.stderr
 
 
 def test_root_filesystem_stays_read_only_and_tmp_writable(image, container_name):

@@ -1,10 +1,13 @@
 """The Kubernetes manifests in k8s/ and the `kubectl run` command in docs/operations.md (Deploy).
 
-Schema checks: every object, as written and as kustomize renders it, validated
-offline in strict mode against the oldest Kubernetes the Job needs and the
-newest schema kubernetes-validate bundles. Then the checks no schema can make:
-the security context, the exit codes of podFailurePolicy against the CLI's,
-the shard count in its three places, the grace period against the drain timeout.
+Schema checks: every object, as written and as kustomize renders each combination
+(the base, the Job, either with the monitoring component, the example overlay),
+validated offline in strict mode against the oldest Kubernetes the Job needs and
+the newest schema kubernetes-validate bundles; the Prometheus Operator's kinds,
+which have no bundled schema, get checks of their own. Then the checks no schema
+can make: the security context, every exit code of job/exits.py mapped by
+podFailurePolicy and the docs, the shard count in its three places, the grace
+period against the drain timeout.
 """
 
 import json
@@ -24,7 +27,8 @@ import yaml
 from conftest import ROOT, need
 
 from job.config import DEFAULT_DRAIN_TIMEOUT, DEFAULT_METRICS_PORT
-from job.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE, EXIT_USAGE
+from job.exits import ENDINGS, EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE, EXIT_OK, EXIT_USAGE, Ending
+from job.retry import DEFAULT_MAX_ATTEMPTS
 
 pytestmark = pytest.mark.timeout(900)  # the first test may build .venv-airflow for kubectl
 
@@ -38,6 +42,8 @@ def deploy_docs() -> str:
     start = text.index("\n## Deploy\n")
     end = text.find("\n## ", start + 1)
     return text[start:end if end != -1 else None]
+
+
 #: The oldest Kubernetes with every Job feature used GA (backoffLimitPerIndex, FailIndex: 1.33).
 OLDEST = "1.33"
 VERSIONS = [OLDEST, kubernetes_validate.utils.latest_version()]
@@ -48,6 +54,29 @@ CUSTOM_GROUPS = ("monitoring.coreos.com/",)
 UID = 1002
 
 MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+#: What the kustomize combinations render: (directory, with the monitoring component) -> kinds.
+#: The base must start nothing: the Airflow and `kubectl run` paths apply it alone.
+COMBINATIONS = {
+    "base": ("base", False, {"ServiceAccount"}),
+    "base+monitoring": ("base", True, {"ServiceAccount", "PodMonitor", "PrometheusRule"}),
+    "job": ("job", False, {"ServiceAccount", "Job"}),
+    "job+monitoring": ("job", True, {"ServiceAccount", "Job", "PodMonitor", "PrometheusRule"}),
+    "overlays/kube-prometheus-stack": ("overlays/kube-prometheus-stack", False,
+                                       {"ServiceAccount", "Job", "PodMonitor", "PrometheusRule"}),
+}
+#: podFailurePolicy's action for the codes that are not simply retried a limited number of times.
+POLICY_ACTIONS = {EXIT_USAGE: "FailJob", EXIT_ITEMS_FAILED: "FailIndex", EXIT_INTERRUPTED: "Ignore"}
+#: The example overlay's namespace and kube-prometheus-stack release label.
+EXAMPLE_NAMESPACE = "bulk"
+EXAMPLE_RELEASE = "kube-prometheus-stack"
+
+
+def policy_action(ending: Ending) -> str:
+    """The podFailurePolicy action an exit code must have: a new code cannot go unmapped."""
+    if ending.code in POLICY_ACTIONS:
+        return POLICY_ACTIONS[ending.code]
+    assert ending.retry, f"exit {ending.code} is not worth retrying: decide its podFailurePolicy action"
+    return "Count"
 
 
 def load(path: Path) -> list[dict]:
@@ -90,26 +119,27 @@ def kustomize(kubectl: str, directory: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def rendered(kubectl) -> list[dict]:
-    """`kubectl kustomize k8s/`: what `kubectl apply -k k8s/` sends."""
-    return kustomize(kubectl, K8S)
-
-
-@pytest.fixture(scope="session")
-def rendered_with_monitoring(kubectl, tmp_path_factory) -> list[dict]:
-    """k8s/ with the monitoring component enabled, the way an overlay enables it."""
-    overlay = tmp_path_factory.mktemp("overlay")
-    # kustomize refuses absolute paths to other kustomizations.
-    base = Path(os.path.relpath(K8S, overlay))
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [str(base)], "components": [str(base / "monitoring")]}))
-    return kustomize(kubectl, overlay)
+def rendered(kubectl, tmp_path_factory) -> dict[str, list[dict]]:
+    """Every combination of COMBINATIONS, rendered by `kubectl kustomize` as `kubectl apply -k` sends it."""
+    out = {}
+    for name, (directory, with_monitoring, _kinds) in COMBINATIONS.items():
+        if not with_monitoring:
+            out[name] = kustomize(kubectl, K8S / directory)
+            continue
+        # The monitoring component the way an overlay of the user's enables it;
+        # kustomize refuses absolute paths to other kustomizations.
+        overlay = tmp_path_factory.mktemp("overlay")
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [os.path.relpath(K8S / directory, overlay)],
+            "components": [os.path.relpath(K8S / "monitoring", overlay)]}))
+        out[name] = kustomize(kubectl, overlay)
+    return out
 
 
 @pytest.fixture(scope="session")
 def job() -> dict:
-    return one(load(K8S / "job.yaml"), "Job")
+    return one(load(K8S / "job" / "job.yaml"), "Job")
 
 
 def pod_spec(job: dict) -> dict:
@@ -147,19 +177,24 @@ def test_manifest_is_valid_kubernetes(path, version):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_kustomize_output_is_valid_kubernetes(rendered, rendered_with_monitoring, version):
-    assert {d["kind"] for d in rendered} == {"ServiceAccount", "Job"}
-    assert {d["kind"] for d in rendered_with_monitoring} == {"ServiceAccount", "Job", "PodMonitor"}
-    for doc in rendered_with_monitoring:
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_kustomize_combination_renders_valid_kubernetes(rendered, combination, version):
+    docs = rendered[combination]
+    assert sorted(d["kind"] for d in docs) == sorted(COMBINATIONS[combination][2])
+    for doc in docs:
         if not is_custom(doc):
             validate(doc, version)
 
 
-def test_kustomize_sets_the_image_and_adds_no_secret(rendered):
-    image = container(pod_spec(one(rendered, "Job")))["image"]
-    assert re.fullmatch(r"[\w.-]+(:\d+)?/[\w./-]+:[\w.-]+", image), image
+def test_no_combination_applies_a_secret(rendered):
     # The real Secret is created apart; apply -k must never overwrite it with placeholders.
-    assert not [d for d in rendered if d["kind"] == "Secret"]
+    for name, docs in rendered.items():
+        assert not [d for d in docs if d["kind"] == "Secret"], name
+
+
+def test_job_overlay_sets_the_image(rendered):
+    image = container(pod_spec(one(rendered["job"], "Job")))["image"]
+    assert re.fullmatch(r"[\w.-]+(:\d+)?/[\w./-]+:[\w.-]+", image), image
 
 
 # --- the Indexed Job ----------------------------------------------------------------------------
@@ -173,7 +208,7 @@ def test_indexed_job_shard_count_matches_in_all_three_places(job):
     assert arg(args, "shard-index") is None
 
 
-def test_pod_failure_policy_maps_the_cli_exit_codes(job):
+def test_pod_failure_policy_maps_every_exit_code(job):
     rules = job["spec"]["podFailurePolicy"]["rules"]
     by_code = {}
     for rule in rules:
@@ -181,23 +216,37 @@ def test_pod_failure_policy_maps_the_cli_exit_codes(job):
             on = rule["onExitCodes"]
             assert on["operator"] == "In" and on["containerName"] == container(pod_spec(job))["name"]
             for code in on["values"]:
-                by_code[code] = rule["action"]
-    assert by_code == {EXIT_USAGE: "FailJob", EXIT_INTERRUPTED: "Ignore", EXIT_ITEMS_FAILED: "FailIndex"}
-    # The lease code is left to the default (count against backoffLimitPerIndex), as documented.
-    assert EXIT_LEASE not in by_code
+                by_code.setdefault(code, rule["action"])  # the first matching rule decides
+    expected = {e.code: policy_action(e) for e in ENDINGS if e.code != EXIT_OK}
+    assert by_code == expected
+    # The lease code counts against backoffLimitPerIndex: ignored, a pod would be replaced
+    # at once, again and again, for as long as the live runner keeps the shard.
+    assert by_code[EXIT_LEASE] == "Count"
     disruption = [r for r in rules if "onPodConditions" in r]
     assert disruption == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
 
 
-def test_exit_code_table_in_the_docs_matches_the_policy():
+def test_exit_code_table_in_the_docs_maps_every_code():
     text = deploy_docs()
-    for code, action in [(EXIT_ITEMS_FAILED, "FailIndex"), (EXIT_USAGE, "FailJob"), (EXIT_INTERRUPTED, "Ignore")]:
-        assert re.search(rf"^\| {code} \|[^\n]*`{action}`", text, re.MULTILINE), (code, action)
+    for ending in ENDINGS:
+        rows = re.findall(rf"^\| {ending.code} \|(.*)\|$", text, re.MULTILINE)
+        assert len(rows) == 1, f"exit {ending.code}: {len(rows)} rows in the Deploy section's table"
+        cells = [c.strip() for c in rows[0].split("|")]
+        assert len(cells) == 4 and all(cells), (ending.code, cells)
+        status, job_cell, airflow_cell, _kubectl_run = cells
+        assert status == f"`{ending.status}`", (ending.code, status)
+        if ending.code != EXIT_OK:
+            assert f"`{policy_action(ending)}`" in job_cell, (ending.code, job_cell)
+            assert ("retried" in airflow_cell and "not retried" not in airflow_cell) == ending.retry, (
+                ending.code, airflow_cell)
 
 
 def test_job_retries_per_index_and_cleans_up(job):
     spec = job["spec"]
-    assert spec["backoffLimitPerIndex"] >= 1
+    # An item that kills the whole pod is failed after DEFAULT_MAX_ATTEMPTS recorded attempts,
+    # the first of which can go unrecorded: that many pods plus one may die for one item, and
+    # the limit leaves room for two outages (exit 5) on top.
+    assert spec["backoffLimitPerIndex"] >= DEFAULT_MAX_ATTEMPTS + 1 + 2
     assert "backoffLimit" not in spec  # with backoffLimitPerIndex the global limit only adds confusion
     assert spec["ttlSecondsAfterFinished"] > 0
     assert spec["activeDeadlineSeconds"] > 0
@@ -329,7 +378,7 @@ def test_pods_expose_the_named_metrics_port(job, adhoc_pod):
 
 
 def test_pods_use_the_service_account_without_a_token(job, adhoc_pod):
-    account = one(load(K8S / "serviceaccount.yaml"), "ServiceAccount")
+    account = one(load(K8S / "base" / "serviceaccount.yaml"), "ServiceAccount")
     assert account["automountServiceAccountToken"] is False
     for where, spec in pods(job, adhoc_pod):
         assert spec["serviceAccountName"] == account["metadata"]["name"], where
@@ -369,13 +418,40 @@ def test_kubectl_run_pod_matches_the_jobs_pod(job, adhoc_pod):
 
 # --- Prometheus ---------------------------------------------------------------------------------
 
-def test_pod_monitor_scrapes_the_metrics_port_of_the_jobs_pods(rendered_with_monitoring):
-    monitor = one(rendered_with_monitoring, "PodMonitor")
-    template = one(rendered_with_monitoring, "Job")["spec"]["template"]
+def test_pod_monitor_scrapes_the_metrics_port_of_every_bulkjob_pod(rendered, adhoc_pod):
+    docs = rendered["job+monitoring"]
+    monitor = one(docs, "PodMonitor")
+    template = one(docs, "Job")["spec"]["template"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     selector = monitor["spec"]["selector"]["matchLabels"]
+    # The Job's pods and the `kubectl run` pod (the Airflow DAG's tests check its pods).
     assert selector.items() <= template["metadata"]["labels"].items()
+    assert selector.items() <= adhoc_pod["metadata"]["labels"].items()
     ports = {p["name"] for p in container(template["spec"])["ports"]}
     for endpoint in monitor["spec"]["podMetricsEndpoints"]:
         assert endpoint["port"] in ports
         assert endpoint["path"] == "/metrics"
+    assert one(rendered["base+monitoring"], "PodMonitor") == monitor
+
+
+def test_prometheus_rule_is_in_the_monitoring_component(rendered):
+    rule = one(rendered["base+monitoring"], "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule == one(load(K8S / "monitoring" / "prometheus-rules.yaml"), "PrometheusRule")
+    groups = rule["spec"]["groups"]
+    assert groups and all(g["name"] and g["rules"] for g in groups)
+    for r in (r for g in groups for r in g["rules"]):
+        assert r["alert"] and r["expr"].strip() and r["labels"]["severity"], r
+        assert "summary" in r["annotations"], r["alert"]
+
+
+def test_example_overlay_labels_the_monitoring_objects_for_kube_prometheus_stack(rendered):
+    docs = rendered["overlays/kube-prometheus-stack"]
+    assert {d["metadata"].get("namespace") for d in docs} == {EXAMPLE_NAMESPACE}
+    for kind in ("PodMonitor", "PrometheusRule"):
+        assert one(docs, kind)["metadata"]["labels"]["release"] == EXAMPLE_RELEASE, kind
+    for kind in ("ServiceAccount", "Job"):
+        assert "release" not in one(docs, kind)["metadata"]["labels"], kind
+    # The PodMonitor shares the pods' namespace, so it needs no namespaceSelector.
+    assert "namespaceSelector" not in one(docs, "PodMonitor")["spec"]
+    assert pod_spec(one(docs, "Job"))["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]

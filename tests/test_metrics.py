@@ -106,6 +106,26 @@ def test_run_metrics_count_what_the_loop_reports():
     assert s["bulkjob_run_exit_code", ()] == 3 and s["bulkjob_workers_alive", ()] == 0
 
 
+def test_pauses_are_a_gauge_and_a_counter_of_seconds():
+    now = [100.0]
+    m = RunMetrics(run_id="r1", shard=0, shard_count=1, clock=lambda: 5000.0, monotonic=lambda: now[0])
+    m.run_started(total=10, pending=10, workers=2)
+    s = _exposition(m)
+    assert s["bulkjob_paused", (("system", ""),)] == 0 and s["bulkjob_paused_seconds_total", ()] == 0
+    m.paused("database")
+    now[0] = 112.5
+    s = _exposition(m)
+    assert s["bulkjob_paused", (("system", "database"),)] == 1
+    assert s["bulkjob_paused_seconds_total", ()] == 12.5  # an ongoing pause counts as it goes
+    m.resumed(12.5)
+    now[0] = 200.0
+    m.paused("S3")
+    now[0] = 203.0
+    m.resumed(3.0)
+    s = _exposition(m)
+    assert s["bulkjob_paused", (("system", ""),)] == 0 and s["bulkjob_paused_seconds_total", ()] == 15.5
+
+
 _WRITE_FILES = textwrap.dedent("""
     import os, sys
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]

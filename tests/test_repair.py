@@ -19,7 +19,9 @@ def test_damaged_manifest_is_refused_then_repaired(tmp_path, victim, damage):
             "--run-id", "r1", "--metrics-port", "0", "--checkpoint-interval", "0.05")
     assert run_bulkjob(*argv, env=env).returncode == 0
     shard = tmp_path / "st" / "r1" / "shard-00000-of-00001"
-    target = sorted(shard.glob("seg-*"))[0] if victim == "seg" else shard / "meta.json"
+    # The first segment that holds a done record: damaging it loses what it recorded.
+    segments = [p for p in sorted(shard.glob("seg-*")) if b'"state":"done"' in p.read_bytes()]
+    target = segments[0] if victim == "seg" else shard / "meta.json"
     target.write_bytes(damage(target.read_bytes()))
     before = {p.name: p.read_bytes() for p in shard.iterdir()}
     refused = run_bulkjob(*argv, env=env)

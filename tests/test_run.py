@@ -110,7 +110,7 @@ def test_backoff_waits_in_the_parent_without_blocking_other_items(tmp_path):
     items = [{"id": "slow", "payload": {"fail_until": 2, "track": True}}] + \
         [{"id": i, "payload": {"seconds": 0.02, "track": True}} for i in range(40)]
     proc = bulk(tmp_path, (str(tmp_path / "state"), {}), items, "--workers", "1", "--backoff", "0.8",
-                "--max-backoff", "0.8")
+                "--max-backoff", "0.8", "--log-level", "DEBUG")
     assert proc.returncode == 0, proc.stderr
     delay = float(re.search(r"retry in ([0-9.]+)s", proc.stderr).group(1))
     conn = sqlite3.connect(tmp_path / "ledger.db")

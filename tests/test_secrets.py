@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -146,6 +147,7 @@ def test_a_secret_learnt_after_logging_is_set_up_is_redacted_too(capfd):
 def test_a_database_password_from_a_file_is_redacted_in_workers(tmp_path):
     password = tmp_path / "db-password"
     password.write_text("pw-From-File-6Tz\n")
+    sqlite3.connect(tmp_path / "db.sqlite").close()  # the preflight opens it
     write_items(tmp_path / "items.jsonl", [{"id": "a", "payload": {"password_file": str(password)}}])
     proc = run_bulkjob("run", "--items", str(tmp_path / "items.jsonl"), "--handler", "obs_handler:handle",
                        "--manifest", str(tmp_path / "m"), "--run-id", "pwfile", "--workers", "1",

@@ -75,7 +75,7 @@ def test_locked_database_is_retried_until_released(tmp_path):
         holder.close()
     summary = summary_of(proc)
     assert summary["done"] == 10 and proc.returncode == 0, proc.stderr[-2000:]
-    assert "SQLITE_BUSY" in proc.stderr
+    assert summary["retries"] >= 1  # SQLITE_BUSY: retried by the run, not waited out in a worker
     assert query(db, "SELECT COUNT(*) FROM t") == [(10,)]
 
 

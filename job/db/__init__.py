@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ..errors import EXIT_UNAVAILABLE, BulkjobError, HandlerError, Permanent, UsageError
+from ..errors import EXIT_UNAVAILABLE, BulkjobError, HandlerError, Permanent, Unreachable, UsageError
 from ..outcome import CONFIG, DATABASE, INVALID, OUTAGE, PERMANENT, Failure
 
 #: Default seconds to wait for a connection, TCP connect and login together: a listener that
@@ -61,11 +61,9 @@ class ConnectTimeout(BulkjobError, TimeoutError):
     exit_code = EXIT_UNAVAILABLE
 
 
-class DatabaseUnavailable(BulkjobError):
+class DatabaseUnavailable(Unreachable):
     """Raised in the parent when the database could not be reached (preflight, reading items),
     or its own query met a passing error (a lock, --retry-on): the caller may wait and retry."""
-
-    exit_code = EXIT_UNAVAILABLE
 
 
 class InvalidPayload(HandlerError):
@@ -239,7 +237,7 @@ def classify_common(exc: BaseException) -> Failure | None:
     outage; a payload that cannot fill the SQL is an invalid item."""
     if isinstance(exc, ConnectTimeout):
         return Failure(OUTAGE, "ConnectTimeout", str(exc), code="CONNECT-TIMEOUT", reconnect=True,
-                       system=DATABASE)
+                       system=DATABASE, connecting=True)
     if isinstance(exc, InvalidPayload):
         return Failure(INVALID, type(exc).__name__, str(exc), code=exc.code)
     return None
