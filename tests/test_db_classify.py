@@ -426,3 +426,19 @@ def test_plain_inserts_go_through_copy(sql, copy):
     from job.db.postgres import copy_target
 
     assert copy_target(sql) == copy
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://app@127.0.0.1:1/app?sslmode=require&password=hunter2-secret",
+    "oracle+tcps://app@127.0.0.1:1/SVC?wallet_password=hunter2-secret",
+])
+def test_a_password_in_the_query_string_exits_2_without_echoing_it(tmp_path, url):
+    from conftest import run_bulkjob, write_items
+
+    write_items(tmp_path / "items.jsonl", [{"id": 1, "payload": {"k": 1}}])
+    (tmp_path / "s.sql").write_text("-- step: one\nSELECT :k;\n")
+    proc = run_bulkjob("run", "--items", str(tmp_path / "items.jsonl"), "--handler", f"sql:{tmp_path / 's.sql'}",
+                       "--db", url, "--manifest", str(tmp_path / "state"), "--metrics-port", "0")
+    assert proc.returncode == 2 and "is a password" in proc.stderr, proc.stderr
+    assert "hunter2" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").rglob("*.jsonl"))

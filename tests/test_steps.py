@@ -286,6 +286,11 @@ def test_with_function_is_one_statement_without_its_final_semicolon():
     assert statements(text) == [
         "WITH\n  FUNCTION add1(n NUMBER) RETURN NUMBER IS\n  BEGIN\n    RETURN n + 1;\n  END;\nSELECT add1(<:v>) FROM dual",
         "SELECT 2 FROM dual"]
+    # DML whose subquery declares functions (the WITH_PLSQL hint) is one statement too.
+    dml = ("-- step: s\nINSERT /*+ WITH_PLSQL */ INTO t (k, v)\nWITH FUNCTION add1(n NUMBER) RETURN NUMBER IS\n"
+           "BEGIN RETURN n + 1; END;\nSELECT :k, add1(:v) FROM dual;\n/\n")
+    assert statements(dml) == ["INSERT /*+ WITH_PLSQL */ INTO t (k, v)\nWITH FUNCTION add1(n NUMBER) RETURN NUMBER IS\n"
+                               "BEGIN RETURN n + 1; END;\nSELECT <:k>, add1(<:v>) FROM dual"]
     # A common table expression named like a keyword is plain SQL.
     assert statements("-- step: s\nWITH function AS (SELECT 1 x FROM dual) SELECT x FROM function;\n") == [
         "WITH function AS (SELECT 1 x FROM dual) SELECT x FROM function"]

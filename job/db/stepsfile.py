@@ -252,6 +252,11 @@ class _Parser:
         #: COMMIT or ROLLBACK seen after the first word (inside a block, if this is one).
         self.tx_word: str | None = None
         self.autonomous = False
+        #: The last word, and whether `WITH FUNCTION`/`WITH PROCEDURE` (not a CTE named so)
+        #: came before the first `;`: a query, or a DML statement's subquery, that declares
+        #: PL/SQL functions.
+        self.last_word = ""
+        self.with_plsql: bool | None = None
 
     def error(self, pos: int, message: str) -> UsageError:
         return UsageError(f"{self.source}:{self.line_of(pos)}: {message}")
@@ -419,6 +424,12 @@ class _Parser:
                 self.tx_word = upper
             elif upper == "AUTONOMOUS_TRANSACTION":
                 self.autonomous = True
+            if not self.plsql:
+                if self.with_plsql is None and self.last_word == "WITH" and upper in ("FUNCTION", "PROCEDURE"):
+                    self.with_plsql = True
+                elif self.with_plsql and self.last_word in ("FUNCTION", "PROCEDURE") and upper == "AS":
+                    self.with_plsql = False  # WITH function AS (...): a common table expression
+            self.last_word = upper
             if len(self.words) < 6:
                 self.words.append(upper)
             self.emit(word.group(), pos=i)
@@ -465,10 +476,9 @@ class _Parser:
                 self.tx_word = found.group(1).upper()
 
     def with_function(self) -> bool:
-        """An Oracle query that declares PL/SQL functions first: `WITH FUNCTION f ... END; SELECT`."""
-        words = self.words
-        return (self.dialect == "oracle" and words[:1] == ["WITH"] and words[1:2] in (["FUNCTION"], ["PROCEDURE"])
-                and words[2:3] != ["AS"])
+        """An Oracle statement that declares PL/SQL functions in its WITH clause (`WITH FUNCTION f
+        ... END; SELECT ...`, or `INSERT /*+ WITH_PLSQL */ INTO t WITH FUNCTION ...`)."""
+        return self.dialect == "oracle" and bool(self.with_plsql)
 
     def executable_block(self) -> bool:
         """A block whose COMMIT or ROLLBACK ends the item's transaction when it runs (not a stored
