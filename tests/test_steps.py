@@ -7,7 +7,8 @@ import pytest
 from job.db import InvalidPayload, classifiers, parse_db_url
 from job.db.identifiers import quote
 from job.db.steps import steps_handler
-from job.db.stepsfile import is_identifier, load_steps, parse_steps
+from job.db.stepsfile import is_identifier
+from job.db.stepsparse import load_steps, parse_steps
 from job.errors import UsageError
 from job.outcome import INVALID
 from job.retry import classify

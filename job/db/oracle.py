@@ -293,11 +293,12 @@ def _codes(exc: BaseException) -> tuple[str, str | None]:
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     """The exception and what caused it, as the driver chains them (DPY-6005 from DPY-3001)."""
-    seen = 0
-    while exc is not None and seen < 10:
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
+    current: BaseException | None = exc
+    for _ in range(10):  # a bound, should a chain ever loop
+        if current is None:
+            return
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def _codes_within(exc: BaseException) -> set[str]:

@@ -1,4 +1,4 @@
-"""The SQL steps handler (`--handler sql:PATH`): runs a steps file (see job.db.stepsfile) for
+"""The SQL steps handler (`--handler sql:PATH`): runs a steps file (see job.db.stepsparse) for
 every item on the worker's connection, committing per item or per step (--commit).
 
 It never sleeps and never retries a step in place: on any error it rolls back the open
@@ -17,7 +17,8 @@ from typing import Any
 
 from ..errors import Permanent, UsageError
 from . import COMMIT_ITEM, COMMIT_STEP, DbSettings
-from .stepsfile import RenderedStep, StepsFile, load_steps
+from .stepsfile import RenderedStep, StepsFile
+from .stepsparse import load_steps
 
 
 def steps_handler(path: str, db: DbSettings | None = None) -> StepsHandler:
