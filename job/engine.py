@@ -28,7 +28,6 @@ from .observe import NullObserver, Observer
 from .outcome import CRASHED, INVALID, TIMEOUT, Failure, Outcome
 from .pool import Died, Finished, Pool
 from .progress import Progress
-from .retry import classify
 from .scheduler import FAIL, REFUND, RETRY, STOP, Outage, Scheduler, Task
 from .signals import Signals
 from .sources import open_source
@@ -152,7 +151,8 @@ class Run:
                 self._check_payloads(handler, lines, scan)
                 return self._plan_summary(scan, invalid, source_name, manifest), EXIT_OK
             if cfg.worker.db is not None:
-                self._patiently("the database", check_database, cfg.worker.db, classify=self._classify)
+                self._patiently("the database", check_database, cfg.worker.db, retry_on=cfg.worker.retry_on,
+                                outage_on=cfg.worker.outage_on)
             previous = loaded.meta or {}
             meta = dict(previous)
             meta.update(run_id=cfg.run_id, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
@@ -202,14 +202,6 @@ class Run:
                     self.internal_error = True
             return self._finish(manifest)
 
-    def _classify(self, exc: BaseException) -> Failure:
-        """A failure of the parent's own database work (preflight), as a worker would see it."""
-        from .db import classifiers
-
-        worker = self.config.worker
-        return classify(exc, retry_on=worker.retry_on, outage_on=worker.outage_on,
-                        classifiers=classifiers(worker.db))
-
     def _count_known(self, latest: ItemStates) -> None:
         self.counts.done = latest.count(DONE)
         if not self.config.retry_failed:
@@ -254,7 +246,8 @@ class Run:
         if cfg.db_items is not None:
             from .db.worktable import open_db_items
 
-            return open_db_items(cfg.worker.db, cfg.db_items, retry_failed=cfg.retry_failed)
+            return open_db_items(cfg.worker.db, cfg.db_items, retry_failed=cfg.retry_failed,
+                                 retry_on=cfg.worker.retry_on, outage_on=cfg.worker.outage_on)
         return open_source(cfg.items, endpoint_url=cfg.s3_endpoint_url)
 
     def _check_payloads(self, handler, lines, scan) -> None:

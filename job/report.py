@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from .errors import UsageError
-from .manifest import DONE, FAILED, ShardManifest, list_shards
+from .manifest import DONE, FAILED, RUNNING, ShardManifest, list_shards
 from .store import Store
 
 #: Characters that make a spreadsheet read a CSV cell as a formula.
@@ -25,7 +25,8 @@ def shard_status(meta: dict[str, Any] | None, latest: dict[str, dict[str, Any]],
     times = [r.get("at") for r in latest.values() if r.get("at")]
     return {
         "total": total, "done": done, "failed": failed, "pending": max(0, total - done - failed),
-        "attempts": sum(int(r.get("attempts", 0)) for r in latest.values()),
+        # Attempts that ended: one still running (or cut short with its run) is not counted yet.
+        "attempts": sum(int(r.get("attempts", 0)) - (r["state"] == RUNNING) for r in latest.values()),
         "started_at": (meta or {}).get("created_at"),
         "updated_at": max([t for t in (updated_at, *times) if t is not None], default=None),
     }
