@@ -149,7 +149,8 @@ class Ending:
         manifest = f" --manifest {self.manifest}" if self.manifest else ""
         if code == EXIT_ITEMS_FAILED:
             failed = summary.get("failed", 0)
-            return (f"{failed} item(s) failed for good (--max-failures {self.max_failures}). "
+            earlier = " in an earlier run, not tried again" if summary.get("attempts") == 0 else ""
+            return (f"{failed} item(s) failed for good{earlier} (--max-failures {self.max_failures}). "
                     f"List them: bulkjob report{manifest} --run-id {run_id}; after fixing the cause, "
                     "retry them: the same command with --retry-failed")
         if ending(code).retry and run_id and getattr(self.run, "sched", None) is not None:
