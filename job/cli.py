@@ -92,8 +92,11 @@ class _RunCommand(click.Command):
         try:
             return super().parse_args(ctx, args)
         except click.ClickException as e:
+            from .logs import setup_logging
             from .summary import Ending, keep_stdout
 
+            if _given(raw, "--log-format") == "json":
+                setup_logging("json")  # the last line is then a JSON record, like every other
             end = Ending(keep_stdout())
             end.run_id = _given(raw, "--run-id")
             shard = _given(raw, "--shard-index", "JOB_COMPLETION_INDEX")

@@ -15,6 +15,7 @@ import logging
 import os
 import select
 import sys
+import threading
 import time
 from typing import Any
 
@@ -247,9 +248,19 @@ def setup_logging(fmt: str = "text", level: str = "INFO", log_file: str | None =
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(level.upper())
+    # An exception no thread caught is a record too, not a bare traceback on stderr.
+    threading.excepthook = _log_thread_exception
     # boto3 logs request details at DEBUG; keep them out unless asked for explicitly.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("bulkjob").error("uncaught exception in thread %s", name,
+                                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 #: Size at which --log-file rotates, and how many rotated (gzipped) files are kept.

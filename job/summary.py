@@ -58,6 +58,8 @@ def keep_stdout() -> TextIO | None:
         return None  # no stdout at all: the summary goes to the XCom path only
     sys.stdout.flush()
     os.dup2(2, 1)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # in step with the log records around it
     return os.fdopen(kept, "w", encoding="utf-8", closefd=True)
 
 

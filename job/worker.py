@@ -265,7 +265,8 @@ def _start(settings: Any) -> tuple[Handler, tuple[str, ...], Any]:
     secrets = secrets_of(env_secrets() + tuple(settings.redact) + _password_from_file(settings))
     add_secrets(secrets)
     # What a handler prints reaches the pod's log too (at import time as well), a line at a time.
-    sys.stdout.reconfigure(line_buffering=True)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     redact_std_streams(secrets)
     return load_handler(settings.handler, settings.db), secrets, in_flight
 
@@ -335,6 +336,11 @@ def main(conn, settings: Any, stop_flag, start_deadline, environment) -> None:
                     return
     except (BrokenPipeError, EOFError):
         pass  # the parent is gone; nothing left to report to
+    except Exception:
+        # A bug of the worker's own (a handler's exceptions never get here): one record, and a
+        # worker that dies, whose item the parent records as a crashed attempt.
+        logging.getLogger("bulkjob").exception("worker %d failed", os.getpid())
+        sys.exit(1)
     finally:
         resources.close()
         sys.stdout.flush()
