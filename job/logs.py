@@ -21,8 +21,8 @@ from typing import Any
 
 from .redact import REDACTED, env_secrets, scrub_text, secrets_of
 
-__all__ = ["REDACTED", "add_secrets", "last_line", "one_line", "redact_std_streams", "secret_values", "set_item",
-           "setup_logging"]
+__all__ = ["REDACTED", "add_secrets", "known_secrets", "last_line", "one_line", "redact_std_streams",
+           "secret_values", "set_item", "setup_logging"]
 
 #: Fields a record may carry about the item it concerns.
 _CONTEXT_FIELDS = ("item_id", "attempt")
@@ -200,9 +200,7 @@ def last_line(word: str, message: str) -> None:
     if _format == "json":
         logging.getLogger("bulkjob").error("%s: %s", word, message)
         return
-    secrets = next((h.formatter.secrets for h in logging.getLogger().handlers
-                    if isinstance(h.formatter, _Formatter)), secret_values())
-    text = scrub_text(one_line(message), secrets)
+    text = scrub_text(one_line(message), known_secrets())
     sys.stderr.write(f"bulkjob: {word}: {text}\n")
     sys.stderr.flush()
 
@@ -213,6 +211,13 @@ def add_secrets(values) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler.formatter, _Formatter):
             handler.formatter.secrets = secrets_of(handler.formatter.secrets + tuple(values))
+
+
+def known_secrets() -> tuple[str, ...]:
+    """Every secret value this process's records are redacted of: the environment's, the
+    --redact values given to setup_logging, and those added since."""
+    return next((h.formatter.secrets for h in logging.getLogger().handlers
+                 if isinstance(h.formatter, _Formatter)), secret_values())
 
 
 def secret_values() -> tuple[str, ...]:

@@ -97,7 +97,8 @@ class Ending:
 
     def of_exception(self, exc: BaseException) -> tuple[dict[str, Any], int]:
         """The summary and code of a run that ended by raising `exc`."""
-        from .redact import env_secrets, scrub_text
+        from .logs import known_secrets
+        from .redact import scrub_text
 
         code = code_of_exception(exc)
         if code == EXIT_INTERNAL:
@@ -111,7 +112,7 @@ class Ending:
             details = getattr(exc, "details", None)
             self._details = details() if callable(details) else []
         # A driver's or an S3 client's error may quote its connection settings.
-        message = scrub_text(message, env_secrets())
+        message = scrub_text(message, known_secrets())
         summary = None
         # Once items were handed out, its counts say what became of them; before, they say nothing.
         if getattr(self.run, "sched", None) is not None:
