@@ -210,4 +210,4 @@ def manifest_records(manifest: str, run_id: str) -> list[dict[str, Any]]:
     from job.store import open_store
 
     store, prefix = open_store(manifest, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
-    return ShardManifest(store, prefix, run_id, 0, 1).load().records
+    return list(ShardManifest(store, prefix, run_id, 0, 1).load().records)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import sys
 import time
@@ -20,6 +21,7 @@ from .config import (
     DEFAULT_CHECKPOINT_INTERVAL,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MANIFEST,
+    DEFAULT_METRICS_HOST,
     DEFAULT_METRICS_PORT,
     DEFAULT_OUTAGE_TIMEOUT,
     DEFAULT_PREFETCH,
@@ -31,7 +33,7 @@ from .config import (
     parse_size,
     visible_cpus,
 )
-from .errors import EXIT_USAGE, BulkjobError
+from .errors import EXIT_USAGE, BulkjobError, UsageError
 from .items import MAX_LINE_BYTES
 from .logs import LOG_FILE_BACKUPS, LOG_FILE_MAX_BYTES
 from .retry import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF, RetryPolicy
@@ -72,18 +74,51 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def _fail(error: BulkjobError | Exception, code: int, *, run_id=None, shard=None, xcom_path=None) -> None:
+def _fail(error: BulkjobError, code: int) -> None:
+    """End `status` or `report` with one line on stderr and `code`."""
     from .redact import env_secrets, scrub_text
 
     # An error from a database driver or an S3 client may quote its connection settings.
-    text = scrub_text(str(error), env_secrets())
-    click.echo(f"bulkjob: error: {text}", err=True)
-    if run_id is not None:
-        from .summary import write_summary
-
-        write_summary({"run_id": run_id, "shard": shard, "status": "error", "exit_code": code,
-                       "error": text.splitlines()[0] if text else ""}, stdout=sys.stdout, xcom_path=xcom_path)
+    click.echo(f"bulkjob: error: {scrub_text(str(error), env_secrets())}", err=True)
     sys.exit(code)
+
+
+class _RunCommand(click.Command):
+    """`bulkjob run`: an option the command line refuses ends like any other usage error, with
+    the summary on stdout and at the XCom path."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        raw = list(args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.ClickException as e:
+            from .logs import setup_logging
+            from .summary import Ending, keep_stdout
+
+            if _given(raw, "--log-format") == "json":
+                setup_logging("json")  # the last line is then a JSON record, like every other
+            end = Ending(keep_stdout())
+            end.run_id = _given(raw, "--run-id")
+            shard = _given(raw, "--shard-index", "JOB_COMPLETION_INDEX")
+            end.shard = int(shard) if shard and shard.isdigit() else None
+            xcom = _given(raw, "--xcom-path")
+            end.xcom_path = Path(xcom) if xcom else AIRFLOW_XCOM_PATH if AIRFLOW_XCOM_PATH.parent.is_dir() else None
+            message = f"{e.format_message()} (bulkjob run --help lists the options)"
+            summary = {"run_id": end.run_id, "shard": end.shard, "status": "error", "exit_code": EXIT_USAGE,
+                       "error": message.splitlines()[0]}
+            end.finish(summary, EXIT_USAGE)
+
+
+def _given(args: list[str], flag: str, *envvars: str) -> str | None:
+    """The raw value of `flag` in `args` (or its environment variables), for a summary written
+    before the options could be read."""
+    for n, arg in enumerate(args):
+        if arg == flag and n + 1 < len(args):
+            return args[n + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    name = "BULKJOB_" + flag.lstrip("-").replace("-", "_").upper()
+    return next((os.environ[v] for v in (name, *envvars) if os.environ.get(v)), None)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -93,7 +128,7 @@ def main() -> None:
     progress manifest (local directory or S3)."""
 
 
-@main.command()
+@main.command(cls=_RunCommand)
 @option("--items", metavar="SOURCE",
         help="JSON Lines of {\"id\": ..., \"payload\": {...}}: a path, s3://bucket/key, or - for stdin "
              "(or use --items-sql / --work-table).")
@@ -124,13 +159,16 @@ def main() -> None:
 @option("--run-id", metavar="ID", help="Run id; the same id and manifest resume a run. Default: a new id.")
 @option("--shard-index", type=click.IntRange(min=0), extra_envvars=["JOB_COMPLETION_INDEX"],
         help="This process's shard (default: $JOB_COMPLETION_INDEX, else 0).")
-@option("--shard-count", type=click.IntRange(min=1, max=99999), default=1, show_default=True)
+@option("--shard-count", type=click.IntRange(min=1, max=99999), default=1, show_default=True,
+        help="How many shards the items are split into (one process each); the same for the whole run.")
 @option("--workers", type=click.IntRange(min=1, max=1024),
         help="Worker processes (default: the cgroup CPU limit rounded up, else the usable CPUs).")
-@option("--max-attempts", type=click.IntRange(min=1, max=100), default=DEFAULT_MAX_ATTEMPTS, show_default=True)
+@option("--max-attempts", type=click.IntRange(min=1, max=100), default=DEFAULT_MAX_ATTEMPTS, show_default=True,
+        help="Attempts per item, the first included, counted across restarts (outages are not counted).")
 @option("--backoff", type=click.FloatRange(min=0), default=DEFAULT_BACKOFF, show_default=True,
-        help="Base of the exponential backoff between attempts, seconds (full jitter).")
-@option("--max-backoff", type=click.FloatRange(min=0), default=DEFAULT_MAX_BACKOFF, show_default=True)
+        help="Base of the exponential backoff between attempts, seconds (equal jitter).")
+@option("--max-backoff", type=click.FloatRange(min=0), default=DEFAULT_MAX_BACKOFF, show_default=True,
+        help="Longest wait between two attempts of an item, seconds.")
 @option("--item-timeout", type=click.FloatRange(min=0, min_open=True),
         help="Seconds one attempt may run before its worker is killed (a retryable timeout).")
 @option("--max-failures", type=click.IntRange(min=0), default=0, show_default=True,
@@ -148,9 +186,12 @@ def main() -> None:
 @option("--outage-timeout", type=click.FloatRange(min=0), default=DEFAULT_OUTAGE_TIMEOUT, show_default=True,
         metavar="SECONDS", help="How long an outage may last before the run stops with exit 5, progress saved.")
 @option("--skip-invalid", is_flag=True, help="Record invalid input lines as failed items and run the rest.")
+@option("--allow-empty", is_flag=True,
+        help="Accept an input without items (an empty file, or blank lines only) as done; without it, exit 2.")
 @option("--manifest-repair", is_flag=True,
         help="Before running, rebuild a damaged manifest from every record that can still be read.")
-@option("--dry-run", is_flag=True, help="Validate and print what would run; touch nothing.")
+@option("--dry-run", is_flag=True,
+        help="Validate the options, the handler and the input, and print what would run; touch nothing.")
 @option("--xcom-path", type=click.Path(dir_okay=False, path_type=Path),
         help=f"Also write the summary here (default: {AIRFLOW_XCOM_PATH} when its directory exists).")
 @option("--s3-endpoint-url", metavar="URL", extra_envvars=["AWS_ENDPOINT_URL"],
@@ -170,10 +211,13 @@ def main() -> None:
 @option("--lease-ttl", type=click.FloatRange(min=1), default=30.0, show_default=True,
         help="Seconds the shard's lease lasts unless renewed: how long a restart after a hard crash waits.")
 @option("--metrics-port", type=click.IntRange(min=0, max=65535), default=DEFAULT_METRICS_PORT,
-        show_default=True, help="Port for Prometheus /metrics (0: off).")
-@option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+        show_default=True, help="Port for Prometheus /metrics (0: off), served once the run starts.")
+@option("--metrics-host", default=DEFAULT_METRICS_HOST, show_default=True, metavar="ADDRESS",
+        help="Address /metrics listens on: all interfaces, as a pod needs; 127.0.0.1 keeps it on this machine.")
+@option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+        help="Logs on stderr: text, one line a record; or JSON, one object a line.")
 @option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-        default="INFO", show_default=True)
+        default="INFO", show_default=True, help="Least important records logged (DEBUG adds every retry).")
 @option("--log-file", type=click.Path(dir_okay=False), help="Also write a rotating log file here.")
 @option("--log-file-max-bytes", type=click.IntRange(min=4096), default=LOG_FILE_MAX_BYTES, show_default=True,
         help="Size at which --log-file is rotated (the old file is gzipped).")
@@ -185,48 +229,69 @@ def main() -> None:
         help="Payload field whose values must never appear in logs, results, errors or metrics (repeatable).")
 def run(**opts) -> None:
     """Run the items of one shard to completion; resumable with the same --run-id."""
-    from .logs import setup_logging
+    from .summary import Ending, keep_stdout
 
+    end = Ending(keep_stdout())
+    end.interrupt_start()
+    try:
+        summary, code = _run(opts, end)
+    except BaseException as e:  # every ending goes through Ending.finish, with a code from job.exits
+        summary, code = end.of_exception(e)
+    end.finish(summary, code)
+
+
+def _run(opts: dict, end) -> tuple[dict, int]:
+    """The run behind `bulkjob run`: its summary and exit code. Raises what ends it early."""
+    from .logs import setup_logging
+    from .observe import NullObserver, OnStart
+
+    # A handler module in the current directory imports as it does with `python -m job` (the
+    # console script's own directory is first on the path instead). Set before the workers'
+    # forkserver starts, which takes this path with it.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     run_id = opts["run_id"] or new_run_id()
     shard_index = opts["shard_index"] if opts["shard_index"] is not None else 0
     xcom_path = opts["xcom_path"]
     if xcom_path is None and AIRFLOW_XCOM_PATH.parent.is_dir():
         xcom_path = AIRFLOW_XCOM_PATH
+    end.run_id, end.shard, end.xcom_path, end.dry_run = run_id, shard_index, xcom_path, opts["dry_run"]
+    end.manifest = opts["manifest"] if opts["manifest"] != DEFAULT_MANIFEST else None
+    end.max_failures = opts["max_failures"]
     setup_logging(opts["log_format"], opts["log_level"], opts["log_file"], run_id=run_id, shard=shard_index,
                   log_file_max_bytes=opts["log_file_max_bytes"], log_file_backups=opts["log_file_backups"])
     if shard_index >= opts["shard_count"]:
-        _fail(f"--shard-index {shard_index} is not below --shard-count {opts['shard_count']}", EXIT_USAGE,
-              run_id=run_id, shard=shard_index, xcom_path=xcom_path)
-    if not opts["run_id"]:
-        log.info("run id: %s (pass --run-id %s to resume this run)", run_id, run_id)
+        raise UsageError(f"--shard-index {shard_index} is not below --shard-count {opts['shard_count']}")
     workers = opts["workers"] or default_workers(cgroup_cpu_limit(), visible_cpus())
-    try:
-        from .db import db_settings
-        from .db.worktable import db_items
+    from .db import db_settings
+    from .db.worktable import db_items
 
-        db = db_settings(opts["db"], password_file=opts["db_password_file"], session_sql=opts["session_sql"],
-                         statement_timeout=opts["statement_timeout"], connect_timeout=opts["connect_timeout"],
-                         commit=opts["commit"])
-        if db is not None and db.password_file:
-            from .db import read_password
-            from .logs import add_secrets
+    db = db_settings(opts["db"], password_file=opts["db_password_file"], session_sql=opts["session_sql"],
+                     statement_timeout=opts["statement_timeout"], connect_timeout=opts["connect_timeout"],
+                     commit=opts["commit"])
+    if db is not None and db.password_file:
+        from .db import read_password
+        from .logs import add_secrets
 
-            # The environment's password is redacted already; one from a file must be too.
-            add_secrets([read_password(db) or ""])
-        items_from_db = db_items(items=opts["items"], items_sql=opts["items_sql"],
-                                 work_table=opts["work_table"], db=db)
-    except BulkjobError as e:
-        _fail(e, e.exit_code, run_id=run_id, shard=shard_index, xcom_path=xcom_path)
-    observer = None
+        # The environment's password is redacted already; one from a file must be too.
+        add_secrets([read_password(db) or ""])
+    items_from_db = db_items(items=opts["items"], items_sql=opts["items_sql"], work_table=opts["work_table"], db=db)
+    prometheus = None
     if not opts["dry_run"] and (opts["metrics_port"] or opts["pushgateway"]):
-        # Before the workers start: it sets up the metrics directory that they inherit.
+        # Before the workers start: it sets up the metrics directory that they inherit. It
+        # serves /metrics only once the run starts.
         from .metrics import PrometheusObserver
 
-        try:
-            observer = PrometheusObserver(run_id=run_id, shard=shard_index, shard_count=opts["shard_count"],
-                                          port=opts["metrics_port"], pushgateway=opts["pushgateway"])
-        except BulkjobError as e:
-            _fail(e, e.exit_code, run_id=run_id, shard=shard_index, xcom_path=xcom_path)
+        prometheus = PrometheusObserver(run_id=run_id, shard=shard_index, shard_count=opts["shard_count"],
+                                        pushgateway=opts["pushgateway"])
+        end.observer = prometheus
+
+    def started() -> None:
+        if not opts["run_id"]:
+            log.info("a new run: pass --run-id %s to resume it", run_id)
+        if prometheus is not None and opts["metrics_port"]:
+            prometheus.serve(opts["metrics_host"], opts["metrics_port"])
+
     worker_settings = WorkerSettings(
         handler=opts["handler"], run_id=run_id, shard_index=shard_index, shard_count=opts["shard_count"],
         retry_on=tuple(opts["retry_on"]), outage_on=tuple(opts["outage_on"]), log_format=opts["log_format"],
@@ -234,7 +299,7 @@ def run(**opts) -> None:
         log_file=opts["log_file"], log_file_max_bytes=opts["log_file_max_bytes"],
         log_file_backups=opts["log_file_backups"], redact_fields=tuple(opts["redact"]),
         memory_limit=opts["worker_memory_limit"], max_items_per_worker=opts["max_items_per_worker"],
-        metrics_dir=observer.directory if observer is not None else None, db=db)
+        metrics_dir=prometheus.directory if prometheus is not None else None, db=db)
     config = RunConfig(
         items=opts["items"], handler=opts["handler"], manifest=opts["manifest"], run_id=run_id,
         shard_index=shard_index, shard_count=opts["shard_count"], workers=workers,
@@ -246,24 +311,11 @@ def run(**opts) -> None:
         progress_interval=opts["progress_interval"], prefetch=opts["prefetch"],
         max_item_bytes=opts["max_item_bytes"], lease_ttl=opts["lease_ttl"],
         manifest_repair=opts["manifest_repair"], outage_timeout=opts["outage_timeout"], db_items=items_from_db,
-        worker=worker_settings)
+        allow_empty=opts["allow_empty"], worker=worker_settings)
     from .engine import Run
-    from .summary import write_summary
 
-    try:
-        summary, code = Run(config, observer=observer).execute()
-    except BulkjobError as e:
-        if observer is not None:
-            observer.close(e.exit_code)
-        _fail(e, e.exit_code, run_id=run_id, shard=shard_index, xcom_path=None if config.dry_run else xcom_path)
-    finally:
-        if observer is not None:
-            observer.close()
-    if config.dry_run:
-        click.echo(json.dumps(summary, indent=1))
-        sys.exit(0)
-    write_summary(summary, stdout=sys.stdout, xcom_path=xcom_path)
-    sys.exit(code)
+    end.run = Run(config, observer=OnStart(prometheus or NullObserver(), started))
+    return end.run.execute()
 
 
 def _store_of(manifest: str, endpoint_url: str | None):
@@ -272,11 +324,17 @@ def _store_of(manifest: str, endpoint_url: str | None):
     return open_store(manifest, endpoint_url=endpoint_url)
 
 
+_MANIFEST_HELP = "Where the run's progress is kept: s3://bucket/prefix or a local directory."
+_RUN_ID_HELP = "The run to read."
+_ENDPOINT_HELP = "S3-compatible endpoint (MinIO, a test server)."
+
+
 @main.command()
-@option("--manifest", default=DEFAULT_MANIFEST, show_default=True, metavar="URL")
-@option("--run-id", required=True, metavar="ID")
-@option("--s3-endpoint-url", metavar="URL", extra_envvars=["AWS_ENDPOINT_URL"])
-@option("--json", "as_json", is_flag=True, help="One JSON object: total, done, failed, pending, shards.")
+@option("--manifest", default=DEFAULT_MANIFEST, show_default=True, metavar="URL", help=_MANIFEST_HELP)
+@option("--run-id", required=True, metavar="ID", help=_RUN_ID_HELP)
+@option("--s3-endpoint-url", metavar="URL", extra_envvars=["AWS_ENDPOINT_URL"], help=_ENDPOINT_HELP)
+@option("--json", "as_json", is_flag=True,
+        help="One JSON object: total, done, failed, invalid, pending, attempts, times (ISO 8601), shards.")
 def status(manifest: str, run_id: str, s3_endpoint_url: str | None, as_json: bool) -> None:
     """Progress of a run, per shard and in total."""
     from .report import render_status, run_status
@@ -290,12 +348,14 @@ def status(manifest: str, run_id: str, s3_endpoint_url: str | None, as_json: boo
 
 
 @main.command()
-@option("--manifest", default=DEFAULT_MANIFEST, show_default=True, metavar="URL")
-@option("--run-id", required=True, metavar="ID")
-@option("--s3-endpoint-url", metavar="URL", extra_envvars=["AWS_ENDPOINT_URL"])
-@option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@option("--manifest", default=DEFAULT_MANIFEST, show_default=True, metavar="URL", help=_MANIFEST_HELP)
+@option("--run-id", required=True, metavar="ID", help=_RUN_ID_HELP)
+@option("--s3-endpoint-url", metavar="URL", extra_envvars=["AWS_ENDPOINT_URL"], help=_ENDPOINT_HELP)
+@option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+        help="JSON Lines (with each failure's traceback) or CSV (for a spreadsheet, without).")
 def report(manifest: str, run_id: str, s3_endpoint_url: str | None, fmt: str) -> None:
-    """One row per failed item: id, attempts, error class, code and message, last attempt time."""
+    """One row per failed item: id, input line, attempts, error kind, class, code and message, last
+    attempt time; in JSON Lines also the traceback of the last attempt."""
     from .report import failed_rows, render_report
 
     try:

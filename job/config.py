@@ -17,6 +17,8 @@ DEFAULT_CHECKPOINT_INTERVAL = 5.0
 DEFAULT_DRAIN_TIMEOUT = 20.0
 #: Default port for /metrics: outside the 9100-9999 range Prometheus allocates to exporters.
 DEFAULT_METRICS_PORT = 8799
+#: Default address for /metrics: all interfaces, because Prometheus scrapes a pod on its own IP.
+DEFAULT_METRICS_HOST = "0.0.0.0"
 #: Default manifest location: a local directory, for ad hoc runs.
 DEFAULT_MANIFEST = "./bulkjob-state"
 #: Seconds between progress lines when stderr is not a terminal (pod logs).
@@ -135,6 +137,8 @@ class RunConfig:
     lease_ttl: float = 30.0
     manifest_repair: bool = False
     outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT
+    #: An input without items is accepted (--allow-empty) instead of being a usage error.
+    allow_empty: bool = False
     #: Items from the database (a `job.db.worktable.DbItems`) instead of `items`.
     db_items: object | None = None
     worker: WorkerSettings = field(default=None)  # type: ignore[assignment]

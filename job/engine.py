@@ -25,15 +25,16 @@ from .exits import EXIT_INTERNAL, EXIT_OK, run_exit_code, status_of
 from .lease import Lease
 from .manifest import DONE, FAILED, PARTIAL, RUNNING, ItemStates, ShardManifest, list_shards
 from .observe import NullObserver, Observer
-from .outcome import CRASHED, INVALID, TIMEOUT, Failure, Outcome
+from .outcome import CRASHED, TIMEOUT, Failure, Outcome
 from .pool import Died, Finished, Pool
 from .progress import Progress
-from .retry import classify
+from .redact import field_values, scrub_text
 from .scheduler import FAIL, REFUND, RETRY, STOP, Outage, Scheduler, Task
 from .signals import Signals
 from .sources import open_source
 from .startup import check_database, patiently
 from .store import open_store
+from .tracebacks import raised_at
 from .worker import load_handler
 
 log = logging.getLogger("bulkjob")
@@ -143,6 +144,8 @@ class Run:
                                          max_bytes=cfg.max_item_bytes)
             if scan.invalid and not cfg.skip_invalid:
                 raise items_module.input_error(source_name, scan.invalid)
+            if scan.empty and not cfg.allow_empty and cfg.db_items is None:
+                raise items_module.no_items_error(source_name, scan)
             invalid = scan.shard_invalid(cfg.shard_index, cfg.shard_count) if cfg.skip_invalid else []
             self.counts.total = scan.shard_items + len(invalid)
             self._count_known(latest)
@@ -152,7 +155,8 @@ class Run:
                 self._check_payloads(handler, lines, scan)
                 return self._plan_summary(scan, invalid, source_name, manifest), EXIT_OK
             if cfg.worker.db is not None:
-                self._patiently("the database", check_database, cfg.worker.db, classify=self._classify)
+                self._patiently("the database", check_database, cfg.worker.db, retry_on=cfg.worker.retry_on,
+                                outage_on=cfg.worker.outage_on)
             previous = loaded.meta or {}
             meta = dict(previous)
             meta.update(run_id=cfg.run_id, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
@@ -164,9 +168,11 @@ class Run:
             self.lease.start()
             self._patiently("the manifest store", manifest.write_meta, meta)
             self.meta = meta
-            log.info("run %s shard %d/%d: %d items, %d already done, %d already failed; manifest %s",
-                     cfg.run_id, cfg.shard_index, cfg.shard_count, self.counts.total,
-                     self.counts.done, self.counts.failed, manifest.url)
+            failed_before = latest.count(FAILED)
+            log.info("run %s shard %d/%d: %d items, %d already done, %s; manifest %s",
+                     cfg.run_id, cfg.shard_index, cfg.shard_count, self.counts.total, self.counts.done,
+                     f"retrying {failed_before} that failed (--retry-failed)" if cfg.retry_failed
+                     else f"{failed_before} already failed", manifest.url)
             self.checkpointer = Checkpointer(manifest, loaded, interval=cfg.checkpoint_interval,
                                              observe=self.observer.checkpoint, may_write=self.lease.valid)
             self.checkpointer.start()
@@ -174,8 +180,8 @@ class Run:
                 self.writeback = lines.writeback()
             for bad in invalid:
                 known = latest.get(bad.record_id)
-                if known is None or known.state not in (DONE, FAILED):
-                    self._record_failed(bad.record_id, 0, Failure(INVALID, "InvalidItem", bad.reason))
+                if known is None or known.state != FAILED or cfg.retry_failed:
+                    self._record_invalid(bad, source_name)
             with lines() as it:
                 todo = self._todo(items_module.iter_items(
                     it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
@@ -202,14 +208,6 @@ class Run:
                     self.internal_error = True
             return self._finish(manifest)
 
-    def _classify(self, exc: BaseException) -> Failure:
-        """A failure of the parent's own database work (preflight), as a worker would see it."""
-        from .db import classifiers
-
-        worker = self.config.worker
-        return classify(exc, retry_on=worker.retry_on, outage_on=worker.outage_on,
-                        classifiers=classifiers(worker.db))
-
     def _count_known(self, latest: ItemStates) -> None:
         self.counts.done = latest.count(DONE)
         if not self.config.retry_failed:
@@ -232,7 +230,8 @@ class Run:
                     self.counts.attempts += 1
                     self._record_failed(item.id, known.attempts, Failure(
                         CRASHED, "RunCrashed", f"the whole run died while this item ran, {known.attempts} "
-                        "time(s) (killed with its pod: out of memory, SIGKILL, node loss)"), known.progress)
+                        "time(s) (killed with its pod: out of memory, SIGKILL, node loss)"), known.progress,
+                        payload=item.payload)
                     continue
                 task = Task(item.id, item.payload, known.attempts + 1, known.progress, suspect=True)
             elif known.state == FAILED and self.config.retry_failed:
@@ -254,7 +253,8 @@ class Run:
         if cfg.db_items is not None:
             from .db.worktable import open_db_items
 
-            return open_db_items(cfg.worker.db, cfg.db_items, retry_failed=cfg.retry_failed)
+            return open_db_items(cfg.worker.db, cfg.db_items, retry_failed=cfg.retry_failed,
+                                 retry_on=cfg.worker.retry_on, outage_on=cfg.worker.outage_on)
         return open_source(cfg.items, endpoint_url=cfg.s3_endpoint_url)
 
     def _check_payloads(self, handler, lines, scan) -> None:
@@ -345,7 +345,8 @@ class Run:
                         if handle.pid not in timed_out:
                             timed_out.add(handle.pid)
                             log.warning("item %s exceeded --item-timeout %.0fs; killing worker %d",
-                                        handle.inflight[0].item_id, cfg.item_timeout, handle.pid)
+                                        self._shown(handle.inflight[0].item_id, handle.inflight[0].payload),
+                                        cfg.item_timeout, handle.pid)
                             pool.kill(handle)
                 pool.start_items_until(self.lease.valid_until)
                 self.checkpointer.set_running(self._running_records(pool))
@@ -362,7 +363,7 @@ class Run:
                     running = [w.inflight[0] for w in pool.workers if w.inflight]
                     if running:
                         log.warning("stopping now; %d item(s) cut short and not recorded: %s",
-                                    len(running), ", ".join(t.item_id for t in running[:10]))
+                                    len(running), ", ".join(self._shown(t.item_id, t.payload) for t in running[:10]))
                     pool.close(kill=True)
                     self._cut_short(running)
                     break
@@ -475,7 +476,8 @@ class Run:
                 self._paused(sched.breaker.outage)
             else:
                 log.debug("attempt %d met %s (%s): not counted, tried again", task.attempt, failure.kind,
-                          _describe(failure), extra={"item_id": task.item_id, "attempt": task.attempt})
+                          _describe(failure), extra={"item_id": self._shown(task.item_id, task.payload),
+                                                     "attempt": task.attempt})
             return
         if verdict.action == STOP:
             self.counts.refunded += 1
@@ -487,7 +489,7 @@ class Run:
             return
         self.counts.attempts += 1
         if verdict.action == FAIL:
-            self._record_failed(task.item_id, task.attempt, failure, task.progress, seconds)
+            self._record_failed(task.item_id, task.attempt, failure, task.progress, seconds, payload=task.payload)
             return
         assert verdict.action == RETRY
         self.counts.retries += 1
@@ -499,7 +501,7 @@ class Run:
             record["progress"] = task.progress
         self.checkpointer.add(record)
         log.debug("attempt %d failed (%s); retry in %.2fs", task.attempt, _describe(failure), verdict.delay,
-                  extra={"item_id": task.item_id, "attempt": task.attempt})
+                  extra={"item_id": self._shown(task.item_id, task.payload), "attempt": task.attempt})
 
     def _paused(self, outage: Outage | None) -> None:
         if outage is None:
@@ -516,8 +518,13 @@ class Run:
                     outage.system or "the environment", seconds, outage.probes, outage.refunded)
         self.observer.resumed(seconds)
 
+    def _shown(self, item_id: str, payload: Any) -> str:
+        """The item's id as the logs show it: without the values of its --redact fields."""
+        fields = self.config.worker.redact_fields
+        return scrub_text(item_id, field_values(payload, fields)) if fields else item_id
+
     def _record_failed(self, item_id: str, attempts: int, failure: Failure, progress=None,
-                       seconds: float = 0.0) -> None:
+                       seconds: float = 0.0, *, payload: Any = None) -> None:
         self.counts.failed += 1
         error = failure.as_record()
         trace = _trimmed(failure.traceback)
@@ -530,8 +537,23 @@ class Run:
         self.checkpointer.add(record)
         self._write_back(item_id, FAILED, record["error"])
         self.observer.item_finished(FAILED, seconds, failure)
-        log.warning("failed after %d attempt(s): %s%s", attempts, _describe(failure),
-                    f"\n{trace}" if trace else "", extra={"item_id": item_id, "attempt": attempts})
+        # With a traceback (which ends with the whole message), the first line says what and where.
+        at = raised_at(trace)
+        what = (_describe(failure).splitlines() or [""])[0] if trace else _describe(failure)
+        log.warning("failed after %d attempt(s): %s%s%s", attempts, what, f" ({at})" if at else "",
+                    f"\n{trace}" if trace else "",
+                    extra={"item_id": self._shown(item_id, payload), "attempt": attempts})
+
+    def _record_invalid(self, bad: items_module.Invalid, source_name: str) -> None:
+        """Record an input line that is not a valid item as failed (--skip-invalid), under its
+        line's id; a work table's row, when it had an id, is written back as failed."""
+        self.counts.failed += 1
+        record = bad.record(at=time.time())
+        self.checkpointer.add(record)
+        if bad.id is not None:
+            self._write_back(bad.id, FAILED, record["error"])
+        self.observer.item_finished(FAILED, 0.0, bad.failure())
+        log.warning("%s line %d: %s; recorded as failed (--skip-invalid)", source_name, bad.line, bad.reason)
 
     def _on_death(self, pool: Pool, event: Died, timed_out: set[int], start_failures: int, *,
                   draining: bool) -> int:
@@ -548,7 +570,7 @@ class Run:
             else:
                 failure = Failure(CRASHED, "WorkerCrashed", f"worker died ({_exit_text(event.exitcode)})")
                 log.warning("worker %d died (%s) while running item %s", pid, _exit_text(event.exitcode),
-                            event.running.item_id)
+                            self._shown(event.running.item_id, event.running.payload))
             self._on_failure(event.running, failure, seconds)
         elif not draining and not event.handle.retiring:
             start_failures += 1

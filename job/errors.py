@@ -13,6 +13,17 @@ class BulkjobError(Exception):
 
     exit_code = EXIT_USAGE
 
+    @property
+    def line(self) -> str:
+        """The error in one line, for the summary's `error`."""
+        text = str(self).strip()
+        return text.splitlines()[0] if text else type(self).__name__
+
+    def details(self) -> list[str]:
+        """What the error says beyond its line, one log record each: by default the lines after
+        the first of its message."""
+        return [line.strip() for line in str(self).splitlines()[1:] if line.strip()]
+
 
 class HandlerError(BulkjobError):
     """Raised by a handler to say how its failure must be treated."""
@@ -43,6 +54,18 @@ class UsageError(BulkjobError):
     """Raised when options or configuration are wrong; nothing was run."""
 
 
+class HandlerImportError(UsageError):
+    """Raised when the handler's module cannot be imported (missing, a syntax error, an exception
+    raised at import); `details` keeps the traceback for the developer."""
+
+    def __init__(self, message: str, traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.traceback = traceback
+
+    def details(self) -> list[str]:
+        return [f"the handler's import failed:\n{self.traceback.rstrip()}"] if self.traceback else []
+
+
 class InputError(UsageError):
     """Raised when the items source has invalid lines; carries every problem found."""
 
@@ -56,6 +79,15 @@ class InputError(UsageError):
             lines.append(f"  ... and {more} more")
         lines.append("  (use --skip-invalid to record them as failed items and run the rest)")
         super().__init__("\n".join(lines))
+
+    @property
+    def line(self) -> str:
+        first = f", the first: {self.problems[0]}" if self.problems else ""
+        return (f"{self.source}: {len(self.problems) + self.more} invalid line(s){first} "
+                "(--skip-invalid records them as failed items and runs the rest)")
+
+    def details(self) -> list[str]:
+        return [f"{self.source} {p}" for p in self.problems] + ([f"... and {self.more} more"] if self.more else [])
 
 
 class ManifestError(BulkjobError):

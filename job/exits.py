@@ -80,3 +80,23 @@ def run_exit_code(*, interrupted: bool, lease_lost: bool, unavailable: bool, uns
     if failed > max_failures:
         return EXIT_ITEMS_FAILED
     return EXIT_OK
+
+
+#: Codes an exception may end a run with: 1 comes only from counting failed items, and 0 is
+#: never an exception.
+_RAISED_CODES = frozenset({EXIT_USAGE, EXIT_INTERRUPTED, EXIT_LEASE, EXIT_UNAVAILABLE, EXIT_INTERNAL})
+
+
+def code_of_exception(exc: BaseException) -> int:
+    """The exit code of a run that ended by raising `exc` instead of returning its summary.
+
+    KeyboardInterrupt (SIGINT or SIGTERM before the run's own signal handling is in place) is an
+    interruption; an error bulkjob raises on purpose carries its code as `exit_code`; anything
+    else, and an error that claims a code no exception may end with, is a bug.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int) and not isinstance(code, bool) and code in _RAISED_CODES:
+        return code
+    return EXIT_INTERNAL

@@ -1,8 +1,10 @@
 """Logging for the parent and every worker: text for a terminal, JSON lines for collectors.
 
-Each record is written with one `os.write` of the whole line, so records from several worker
-processes sharing one stderr pipe never interleave mid-line. Secret values (see job.redact) are
-replaced in every record's message, traceback and fields before it is written anywhere.
+Each record is one line: in text format its line breaks and other control characters are
+escaped (`\\n`, `\\x1b`), a traceback's too; in JSON format it is one object. Each is written
+with one `os.write` of the whole line, so records from several worker processes sharing one
+stderr pipe never interleave mid-line. Secret values (see job.redact) are replaced in every
+record's message, traceback and fields, the item id included, before it is written anywhere.
 """
 
 from __future__ import annotations
@@ -13,17 +15,29 @@ import logging
 import os
 import select
 import sys
+import threading
 import time
 from typing import Any
 
 from .redact import REDACTED, env_secrets, scrub_text, secrets_of
 
-__all__ = ["REDACTED", "add_secrets", "redact_std_streams", "secret_values", "set_item", "setup_logging"]
+__all__ = ["REDACTED", "add_secrets", "known_secrets", "last_line", "one_line", "redact_std_streams",
+           "secret_values", "set_item", "setup_logging"]
 
 #: Fields a record may carry about the item it concerns.
 _CONTEXT_FIELDS = ("item_id", "attempt")
 #: Writes to a pipe up to this size are atomic; a longer line takes a lock on the stream first.
 PIPE_BUF = select.PIPE_BUF
+
+
+#: Control characters a text record shows escaped, so that one record stays one line (a tab
+#: stays as it is).
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09} | {0x0A: "\\n", 0x0D: "\\r"}
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped: one line of a text log."""
+    return text.translate(_ESCAPES)
 
 
 class _ItemContext:
@@ -86,8 +100,8 @@ class _Formatter(logging.Formatter):
             # found again from any log store; lines about the run itself stay short.
             if self.run_id is not None:
                 context = f" run_id={self.run_id} shard={self.shard}"
-            context += f" item_id={item_id}" + (f" attempt={attempt}" if attempt is not None else "")
-        return f"{ts} {record.levelname:<7} {record.name}{context}: {message}"
+            context += f" item_id={one_line(str(item_id))}" + (f" attempt={attempt}" if attempt is not None else "")
+        return f"{ts} {record.levelname:<7} {record.name}{context}: {one_line(message)}"
 
 
 class _WholeLineHandler(logging.Handler):
@@ -128,11 +142,14 @@ class _WholeLineHandler(logging.Handler):
 
 
 class _RedactingStream:
-    """A text stream that replaces secret values in what is written to it."""
+    """A text stream that replaces secret values in what is written to it, and in what is
+    written to its `buffer` (the binary stream under it)."""
 
     def __init__(self, stream, secrets: tuple[str, ...]) -> None:
         self._stream = stream
         self._secrets = secrets
+        binary = getattr(stream, "buffer", None)
+        self.buffer = _RedactingBuffer(binary, self._stream, secrets) if binary is not None else None
 
     def write(self, text: str) -> int:
         secrets = self._secrets + _item.secrets if _item.secrets else self._secrets
@@ -143,11 +160,49 @@ class _RedactingStream:
         return getattr(self._stream, name)
 
 
+class _RedactingBuffer:
+    """The binary stream under a redacted text stream: secrets are replaced in its bytes too."""
+
+    def __init__(self, binary, text_stream, secrets: tuple[str, ...]) -> None:
+        self._binary = binary
+        self._text = text_stream
+        self._secrets = secrets
+
+    def write(self, data) -> int:
+        secrets = self._secrets + _item.secrets if _item.secrets else self._secrets
+        out = bytes(data)
+        for secret in secrets:
+            out = out.replace(secret.encode("utf-8", "surrogatepass"), REDACTED.encode())
+        self._text.flush()  # keep the order of text and bytes written in turn
+        self._binary.write(out)
+        return len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._binary, name)
+
+
 def redact_std_streams(secrets: tuple[str, ...]) -> None:
-    """Make what this process prints to sys.stdout and sys.stderr (a handler's print()) go
-    through redaction too: `secrets`, and the running item's secret payload values."""
+    """Make what this process prints to sys.stdout and sys.stderr (a handler's print(), or bytes
+    written to their `buffer`) go through redaction too: `secrets`, and the running item's secret
+    payload values. Bytes written to the file descriptors themselves (os.write, C code) are not."""
     sys.stdout = _RedactingStream(sys.stdout, secrets)
     sys.stderr = _RedactingStream(sys.stderr, secrets)
+
+
+#: The format setup_logging was asked for: the last line of a run follows it.
+_format = "text"
+
+
+def last_line(word: str, message: str) -> None:
+    """The last line a run writes to stderr, saying how it ended when that is not ok: in text
+    format a plain `bulkjob: WORD: MESSAGE` (what a person reads last on a terminal), in JSON
+    format a record like the others."""
+    if _format == "json":
+        logging.getLogger("bulkjob").error("%s: %s", word, message)
+        return
+    text = scrub_text(one_line(message), known_secrets())
+    sys.stderr.write(f"bulkjob: {word}: {text}\n")
+    sys.stderr.flush()
 
 
 def add_secrets(values) -> None:
@@ -156,6 +211,13 @@ def add_secrets(values) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler.formatter, _Formatter):
             handler.formatter.secrets = secrets_of(handler.formatter.secrets + tuple(values))
+
+
+def known_secrets() -> tuple[str, ...]:
+    """Every secret value this process's records are redacted of: the environment's, the
+    --redact values given to setup_logging, and those added since."""
+    return next((h.formatter.secrets for h in logging.getLogger().handlers
+                 if isinstance(h.formatter, _Formatter)), secret_values())
 
 
 def secret_values() -> tuple[str, ...]:
@@ -173,6 +235,8 @@ def setup_logging(fmt: str = "text", level: str = "INFO", log_file: str | None =
     to a size-rotated, gzipped file that several processes may share: each process opens its
     own handler, and the handler's lock file serialises writes and rotations.
     """
+    global _format
+    _format = fmt
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -189,9 +253,19 @@ def setup_logging(fmt: str = "text", level: str = "INFO", log_file: str | None =
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(level.upper())
+    # An exception no thread caught is a record too, not a bare traceback on stderr.
+    threading.excepthook = _log_thread_exception
     # boto3 logs request details at DEBUG; keep them out unless asked for explicitly.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("bulkjob").error("uncaught exception in thread %s", name,
+                                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 #: Size at which --log-file rotates, and how many rotated (gzipped) files are kept.

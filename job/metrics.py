@@ -308,9 +308,10 @@ class PrometheusObserver(RunMetrics):
         self._pushed = False
         self.port: int | None = None
         if port:
-            self._serve(addr, port)
+            self.serve(addr, port)
 
-    def _serve(self, addr: str, port: int) -> None:
+    def serve(self, addr: str, port: int) -> None:
+        """Serve /metrics on `addr`:`port` (a busy port is logged, never raised)."""
         from prometheus_client import CollectorRegistry, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .outcome import Failure
@@ -56,3 +57,20 @@ class NullObserver:
 
     def run_finished(self, summary: dict[str, Any]) -> None:
         pass
+
+
+class OnStart:
+    """Passes every event on to `inner`, and calls `on_start` first when the run really starts
+    (its first item is about to go out): what must not happen for a run that never starts, such
+    as serving /metrics or telling the new run's id."""
+
+    def __init__(self, inner: Observer, on_start: Callable[[], None]) -> None:
+        self.inner = inner
+        self._on_start = on_start
+
+    def run_started(self, *, total: int, pending: int, workers: int) -> None:
+        self._on_start()
+        self.inner.run_started(total=total, pending=pending, workers=workers)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

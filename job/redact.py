@@ -20,7 +20,8 @@ REDACTED = "[redacted]"
 #: without protecting anything worth protecting.
 MIN_SECRET_CHARS = 4
 #: Environment variables whose values are secrets.
-SECRET_ENV_VARS = ("BULKJOB_DB_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+SECRET_ENV_VARS = ("BULKJOB_DB_PASSWORD", "BULKJOB_DB_WALLET_PASSWORD", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_SESSION_TOKEN")
 
 
 def env_secrets(environ: dict[str, str] | None = None) -> tuple[str, ...]:

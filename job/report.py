@@ -9,27 +9,39 @@ import time
 from typing import Any
 
 from .errors import UsageError
+from .items import line_of
 from .lease import parse_lease
-from .manifest import DONE, FAILED, ItemStates, ShardManifest, list_shards
+from .manifest import DONE, FAILED, RUNNING, ItemStates, Loaded, ShardManifest, list_shards
+from .outcome import INVALID
 from .store import Store
 
 #: Characters that make a spreadsheet read a CSV cell as a formula.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: Runs named in the error about an unknown run id: the latest ones (ids sort by time).
+SHOWN_RUNS = 10
+#: Columns of the CSV report; the JSON Lines report also has each failure's traceback.
+CSV_FIELDS = ["id", "line", "shard", "attempts", "error_kind", "error_class", "error_code", "error_message",
+              "last_attempt_at"]
 #: Seconds a lock on the lease may be held before status calls it stuck: it is held for one
 #: read and one rename.
 STUCK_LOCK = 5.0
 
 
-def shard_status(meta: dict[str, Any] | None, states: ItemStates, updated_at: float | None) -> dict[str, Any]:
-    """Counts for one shard from its meta and the state of each item."""
+def shard_status(meta: dict[str, Any] | None, loaded: Loaded) -> dict[str, Any]:
+    """Counts for one shard from its meta and the state of each item (failed items' records are
+    read whole: they are few)."""
+    states: ItemStates = loaded.states()
     done, failed = states.count(DONE), states.count(FAILED)
+    invalid = sum(1 for r in loaded.last_records(FAILED) if (r.get("error") or {}).get("kind") == INVALID)
     total = int((meta or {}).get("total", done + failed))
     attempts = getattr(states, "attempts", None)
     if attempts is None:
         attempts = sum(s.attempts for _, s in states.items())
     return {
-        "total": total, "done": done, "failed": failed, "pending": max(0, total - done - failed),
-        "attempts": attempts, "started_at": (meta or {}).get("created_at"), "updated_at": updated_at,
+        "total": total, "done": done, "failed": failed, "invalid": invalid, "pending": max(0, total - done - failed),
+        # Attempts that ended: one still running (or cut short with its run) is not counted yet.
+        "attempts": attempts - states.count(RUNNING),
+        "started_at": (meta or {}).get("created_at"), "updated_at": loaded.updated_at,
     }
 
 
@@ -41,7 +53,7 @@ def lease_status(store: Store, manifest: ShardManifest) -> dict[str, Any] | None
     if state is None:
         return None
     out: dict[str, Any] = {"holder": state.holder, "generation": state.generation, "released": state.released,
-                           "renewed_at": state.renewed_at, "ttl": state.ttl}
+                           "renewed_at": iso_time(state.renewed_at), "ttl": state.ttl}
     holder_of_lock = getattr(store, "lock_holder", None)
     if holder_of_lock is not None:
         lock = holder_of_lock(manifest.lease_key)
@@ -51,40 +63,66 @@ def lease_status(store: Store, manifest: ShardManifest) -> dict[str, Any] | None
 
 
 def run_status(store: Store, prefix: str, run_id: str) -> dict[str, Any]:
-    shards = list_shards(store, prefix, run_id)
-    if not shards:
-        raise UsageError(f"no manifest for run {run_id!r} in {store.url}")
+    """Counts of a run per shard and in total; times in ISO 8601 UTC, like the report's."""
+    shards = _shards_of(store, prefix, run_id)
     result: dict[str, Any] = {"run_id": run_id, "shards": []}
     for index, count in shards:
         manifest = ShardManifest(store, prefix, run_id, index, count)
         loaded = manifest.load()
-        row = shard_status(loaded.meta, loaded.states(), loaded.updated_at)
+        row = shard_status(loaded.meta, loaded)
         result["shards"].append({"shard": index, "shard_count": count, **row,
                                  "lease": lease_status(store, manifest)})
-    for key in ("total", "done", "failed", "pending", "attempts"):
+    for key in ("total", "done", "failed", "invalid", "pending", "attempts"):
         result[key] = sum(s[key] for s in result["shards"])
     starts = [s["started_at"] for s in result["shards"] if s["started_at"]]
     updates = [s["updated_at"] for s in result["shards"] if s["updated_at"]]
-    result["started_at"] = min(starts, default=None)
-    result["updated_at"] = max(updates, default=None)
+    result["started_at"] = iso_time(min(starts, default=None))
+    result["updated_at"] = iso_time(max(updates, default=None))
+    for shard in result["shards"]:
+        shard["started_at"], shard["updated_at"] = iso_time(shard["started_at"]), iso_time(shard["updated_at"])
     return result
 
 
 def failed_rows(store: Store, prefix: str, run_id: str) -> list[dict[str, Any]]:
-    """One row per failed item, in shard order: like an S3 Batch Operations completion report."""
-    shards = list_shards(store, prefix, run_id)
-    if not shards:
-        raise UsageError(f"no manifest for run {run_id!r} in {store.url}")
+    """One row per failed item, in shard order: like an S3 Batch Operations completion report.
+
+    An invalid input line has its line number, and the id it gave if it had a usable one."""
     rows = []
-    for index, count in shards:
+    for index, count in _shards_of(store, prefix, run_id):
         loaded = ShardManifest(store, prefix, run_id, index, count).load()
         for record in loaded.last_records(FAILED):
             error = record.get("error") or {}
-            rows.append({"id": record["id"], "shard": index, "attempts": record.get("attempts", 0),
+            line = line_of(record["id"])
+            rows.append({"id": record.get("item_id") if line is not None else record["id"], "line": line,
+                         "shard": index, "attempts": record.get("attempts", 0),
                          "error_kind": error.get("kind"), "error_class": error.get("class"),
                          "error_code": error.get("code"), "error_message": error.get("message"),
-                         "last_attempt_at": iso_time(record.get("at"))})
+                         "last_attempt_at": iso_time(record.get("at")), "traceback": error.get("traceback")})
     return rows
+
+
+def _shards_of(store: Store, prefix: str, run_id: str) -> list[tuple[int, int]]:
+    """The run's shards; a UsageError naming the runs that do exist when it has none."""
+    shards = list_shards(store, prefix, run_id)
+    if shards:
+        return shards
+    runs = runs_in(store, prefix)
+    if not runs:
+        raise UsageError(f"no manifest for run {run_id!r} in {store.url}: it holds no runs")
+    shown = runs[-SHOWN_RUNS:]
+    more = f" and {len(runs) - len(shown)} earlier" if len(runs) > len(shown) else ""
+    raise UsageError(f"no manifest for run {run_id!r} in {store.url}; runs there: {', '.join(shown)}{more}")
+
+
+def runs_in(store: Store, prefix: str) -> list[str]:
+    """The ids of the runs under `prefix`, sorted."""
+    base = f"{prefix}/" if prefix else ""
+    runs = set()
+    for key in store.list(base):
+        run_id, sep, rest = key[len(base):].partition("/")
+        if sep and rest.startswith("shard-"):
+            runs.add(run_id)
+    return sorted(runs)
 
 
 def iso_time(ts: float | None) -> str | None:
@@ -105,19 +143,18 @@ def render_report(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "jsonl":
         return "".join(json.dumps(row) + "\n" for row in rows)
     out = io.StringIO()
-    fields = ["id", "shard", "attempts", "error_kind", "error_class", "error_code", "error_message",
-              "last_attempt_at"]
-    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: csv_cell(row.get(k)) for k in fields})
+        writer.writerow({k: csv_cell(row.get(k)) for k in CSV_FIELDS})
     return out.getvalue()
 
 
-def format_time(ts: float | None) -> str:
-    if ts is None:
+def format_time(iso: str | None) -> str:
+    """An ISO 8601 time of `run_status` as the status table shows it: to the second."""
+    if iso is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z"
+    return f"{iso[:10]} {iso[11:19]}Z"
 
 
 def render_status(status: dict[str, Any]) -> str:
@@ -131,6 +168,8 @@ def render_status(status: dict[str, Any]) -> str:
                      f"{format_time(s['updated_at']):<20}")
     lines.append(f"{'all':>9} {status['total']:>9} {status['done']:>9} {status['failed']:>9} "
                  f"{status['pending']:>9} {status['attempts']:>9}")
+    if status.get("invalid"):
+        lines.append(f"({status['invalid']} of the failed are invalid input lines, recorded with --skip-invalid)")
     for s in status["shards"]:
         lines += lease_lines(s["shard"], s.get("lease"))
     return "\n".join(lines)

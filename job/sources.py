@@ -43,6 +43,14 @@ def open_source(source: str, *, endpoint_url: str | None = None) -> Iterator[tup
             found.download(key, path)
             yield source, lambda: _lines_of(path)
         return
-    if not os.path.isfile(source):
+    if os.path.isdir(source):
+        raise UsageError(f"--items {source!r} is a directory; give a JSON Lines file in it "
+                         "(or s3://bucket/key, or - for stdin)")
+    if not os.path.exists(source):
         raise UsageError(f"--items {source!r}: no such file")
+    try:
+        with open(source, "rb"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--items {source!r}: cannot read it: {e.strerror}") from None
     yield source, lambda: _lines_of(source)

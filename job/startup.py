@@ -11,12 +11,12 @@ import logging
 import random
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from .errors import BulkjobError, ConfigError, EnvironmentUnavailable, Unreachable
 from .exits import EXIT_INTERRUPTED
-from .outcome import CONFIG, OUTAGE, Failure
+from .outcome import CONFIG
 from .retry import backoff_delay
 from .scheduler import PROBE_BASE, PROBE_CAP, PROBE_FACTOR, PROBE_JITTER
 from .signals import Signals
@@ -72,24 +72,22 @@ def _sleep(seconds: float, signals: Signals | None) -> None:
         raise Interrupted("interrupted while waiting before the first item; nothing ran")
 
 
-def check_database(settings, *, classify: Callable[[BaseException], Failure]) -> None:
+def check_database(settings, *, retry_on: Iterable[str] = (), outage_on: Iterable[str] = ()) -> None:
     """The preflight of --db: connect with the session settings and run a trivial query.
 
     Raises ConfigError (exit 2) when the database refuses our settings or a --session-sql
-    statement fails, Unreachable when it cannot be reached."""
-    from .db import DatabaseUnavailable, preflight
+    statement fails, DatabaseUnavailable when it cannot be reached (the caller waits)."""
+    from .db import DatabaseUnavailable, preflight, preflight_failure
 
     try:
         preflight(settings)
     except Exception as e:
-        failure = classify(e)
-        if failure.kind == OUTAGE or failure.retryable:
-            code = f" {failure.code}" if failure.code else ""
-            raise DatabaseUnavailable(f"{failure.error_class}{code}: {_first_line(failure.message)}") from None
-        what = "refused the connection" if failure.kind == CONFIG else "failed the check"
+        failure = preflight_failure(settings, e, retry_on=retry_on, outage_on=outage_on)
         code = f" {failure.code}" if failure.code else ""
-        raise ConfigError(f"--db: the database {what}: {failure.error_class}{code}: "
-                          f"{_first_line(failure.message)}") from None
+        what = f"{failure.error_class}{code}: {_first_line(failure.message)}"
+        if failure.kind == CONFIG:
+            raise ConfigError(f"--db: the database refused the connection or the session settings: {what}") from None
+        raise DatabaseUnavailable(what) from None
 
 
 def _first_line(text: str) -> str:

@@ -18,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import BulkjobError, Permanent, UsageError
+from .errors import BulkjobError, HandlerImportError, Permanent, UsageError
 from .items import Item
 from .logs import add_secrets, redact_std_streams, set_item
 from .outcome import CRASHED, PERMANENT, Failure, Outcome
 from .redact import env_secrets, field_values, scrub_outcome, secrets_of
 from .retry import classify
+from .tracebacks import handler_traceback, import_failure_at
 
 #: Largest result a handler may return: results live in the manifest, bulk output belongs in S3.
 MAX_RESULT_BYTES = 64 * 1024
@@ -45,10 +46,7 @@ def load_handler(spec: str, db: Any = None) -> Handler:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"--handler {spec!r}: expected MODULE:FUNCTION or sql:PATH")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UsageError(f"--handler {spec!r}: cannot import {module_name!r}: {e}") from None
+    module = _import_handler_module(spec, module_name)
     try:
         handler = getattr(module, attr)
     except AttributeError:
@@ -56,6 +54,27 @@ def load_handler(spec: str, db: Any = None) -> Handler:
     if not callable(handler):
         raise UsageError(f"--handler {spec!r}: {attr!r} is not callable")
     return handler
+
+
+def _import_handler_module(spec: str, module_name: str):
+    """Import the handler's module; any failure (not found, a syntax error, an exception raised
+    at import, even SystemExit) is a HandlerImportError naming the file and line."""
+    try:
+        return importlib.import_module(module_name)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        if isinstance(e, ModuleNotFoundError) and e.name and (module_name + ".").startswith(e.name + "."):
+            raise HandlerImportError(
+                f"--handler {spec!r}: cannot import {module_name!r}: no module named {e.name!r} in the "
+                "current directory or on the Python path") from None
+        where = import_failure_at(e)
+        text = str(e.msg if isinstance(e, SyntaxError) else e).strip()
+        text = text.splitlines()[0] if text else ""
+        raise HandlerImportError(
+            f"--handler {spec!r}: cannot import {module_name!r}: {type(e).__name__}"
+            + (f" at {where}" if where else "") + (f": {text}" if text else ""),
+            traceback=handler_traceback(e, importing=True)) from None
 
 
 class Resources:
@@ -152,6 +171,8 @@ def run_attempt(handler: Handler, task: tuple, *, settings: Any, resources: Reso
     except Exception as exc:
         failure = classify(exc, retry_on=settings.retry_on, outage_on=settings.outage_on,
                            classifiers=_classifiers(settings))
+        # The developer reads it from their own code down, not from the worker that called it.
+        failure = replace(failure, traceback=handler_traceback(exc))
         if failure.environment and resources.connect_failed():
             failure = replace(failure, connecting=True)
     else:
@@ -159,9 +180,8 @@ def run_attempt(handler: Handler, task: tuple, *, settings: Any, resources: Reso
         if problem is None:
             return Outcome(item_id, attempt, time.monotonic() - started, result=result)
         failure = Failure(PERMANENT, "InvalidResult", problem)
+    # The parent logs the failure (a retry at DEBUG, the last one at WARNING), once.
     resources.after_failure(failure)
-    ctx.log.debug("attempt %d failed (%s): %s: %s", attempt, failure.kind,
-                  failure.error_class, failure.message, exc_info=None)
     return Outcome(item_id, attempt, time.monotonic() - started, failure=failure,
                    progress=ctx.progress or None)
 
@@ -232,6 +252,25 @@ def _die_with_parent() -> None:
         pass
 
 
+def _start(settings: Any) -> tuple[Handler, tuple[str, ...], Any]:
+    """What a worker needs before its first item: the handler, the secret values, the gauge of
+    items in flight (None without metrics)."""
+    in_flight = None
+    if settings.metrics_dir:
+        # Before the handler is imported, so that metrics a handler defines with prometheus_client
+        # find the multiprocess directory too.
+        from .metrics import worker_in_flight
+
+        in_flight = worker_in_flight(settings.metrics_dir)
+    secrets = secrets_of(env_secrets() + tuple(settings.redact) + _password_from_file(settings))
+    add_secrets(secrets)
+    # What a handler prints reaches the pod's log too (at import time as well), a line at a time.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    redact_std_streams(secrets)
+    return load_handler(settings.handler, settings.db), secrets, in_flight
+
+
 def main(conn, settings: Any, stop_flag, start_deadline, environment) -> None:
     """Worker entry point: `conn` is this worker's end of its pipe to the parent.
 
@@ -245,23 +284,25 @@ def main(conn, settings: Any, stop_flag, start_deadline, environment) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
+    # Stdout carries the run's summary and nothing else: whatever a handler writes there (print,
+    # sys.stdout.buffer, os.write(1, ...), C code) goes to the log stream instead.
+    os.dup2(2, 1)
     from .logs import setup_logging
 
     setup_logging(settings.log_format, settings.log_level, settings.log_file,
                   run_id=settings.run_id, shard=settings.shard_index, redact=settings.redact,
                   log_file_max_bytes=settings.log_file_max_bytes, log_file_backups=settings.log_file_backups)
     logger = logging.getLogger("bulkjob.item")
-    in_flight = None
-    if settings.metrics_dir:
-        # Before the handler is imported, so that metrics a handler defines with prometheus_client
-        # find the multiprocess directory too.
-        from .metrics import worker_in_flight
-
-        in_flight = worker_in_flight(settings.metrics_dir)
-    handler = load_handler(settings.handler, settings.db)
-    secrets = secrets_of(env_secrets() + tuple(settings.redact) + _password_from_file(settings))
-    add_secrets(secrets)
-    redact_std_streams(secrets)  # what a handler prints reaches the pod's log too
+    try:
+        handler, secrets, in_flight = _start(settings)
+    except Exception as e:
+        # One record, not a bare traceback; the parent sees a worker that died before it was
+        # ready, and stops the run (exit 2) if they all do.
+        trace = getattr(e, "traceback", None)
+        logging.getLogger("bulkjob").error("worker %d cannot start: %s%s", os.getpid(), e,
+                                           f"\n{trace}" if isinstance(trace, str) else "",
+                                           exc_info=None if isinstance(e, BulkjobError) else e)
+        sys.exit(1)
     resources = Resources(settings)
     if settings.memory_limit:
         # Address space, set after the imports so that they do not count against it.
@@ -295,6 +336,11 @@ def main(conn, settings: Any, stop_flag, start_deadline, environment) -> None:
                     return
     except (BrokenPipeError, EOFError):
         pass  # the parent is gone; nothing left to report to
+    except Exception:
+        # A bug of the worker's own (a handler's exceptions never get here): one record, and a
+        # worker that dies, whose item the parent records as a crashed attempt.
+        logging.getLogger("bulkjob").exception("worker %d failed", os.getpid())
+        sys.exit(1)
     finally:
         resources.close()
         sys.stdout.flush()

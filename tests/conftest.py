@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,6 +109,21 @@ def summary_of(proc) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no summary on stdout; stderr:\n{proc.stderr[-3000:]}"
     return json.loads(lines[-1])
+
+
+#: A text log record (one line) and the last line of a run that did not end ok.
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR)\s+[\w.]+[ :]")
+LAST_LINE = re.compile(r"^bulkjob: (error|failed|interrupted|lease_lost|unavailable|internal_error): \S")
+
+
+def stderr_lines(proc) -> list[str]:
+    """The run's stderr, checked to be text log records only, but for one last line that says
+    how the run ended (when it did not end ok); no bare traceback, no stray output."""
+    lines = proc.stderr.splitlines()
+    for n, line in enumerate(lines):
+        last = n == len(lines) - 1 and proc.returncode != 0
+        assert LOG_RECORD.match(line) or (last and LAST_LINE.match(line)), f"line {n + 1}: {line!r}\n{proc.stderr[-3000:]}"
+    return lines
 
 
 def status_of(manifest: str, run_id: str, env: dict | None = None) -> dict:

@@ -1,21 +1,28 @@
 """Database settings and error classification, over the drivers' real exception objects.
 
-Oracle's are built as python-oracledb builds them (its private `_Error`, so these tests are
-pinned to the major version they were checked with), and come from real connects to a closed
-port, to a socket that accepts and closes, and to a socket that never answers.
+Oracle's are built as python-oracledb builds them (its private `_Error` and `_create_exception`,
+so these tests are pinned to the major version they were checked with); test_oracle_connect.py
+gets more from real thin-mode connects. PostgreSQL's are psycopg's own classes with the texts a
+real server gives (test_db_preflight.py gets them from one).
 """
 
 from __future__ import annotations
 
-import signal
-import socket
+import importlib
 import sqlite3
-import threading
 import time
 
 import pytest
 
-from job.db import ConnectTimeout, DbSettings, call_with_timeout, classifiers, db_settings, parse_db_url, read_password
+from job.db import (
+    ConnectTimeout,
+    call_with_timeout,
+    classifiers,
+    db_settings,
+    parse_db_url,
+    plain_sql,
+    read_password,
+)
 from job.errors import UsageError
 from job.outcome import CONFIG, DATABASE, OUTAGE, PERMANENT, RETRYABLE
 from job.retry import classify
@@ -48,150 +55,107 @@ def oracle_failure(exc, retry_on=()):
 
 
 @private_api
-@pytest.mark.parametrize("number, text, kind, reconnect, code", [
-    (54, "resource busy and acquire with NOWAIT specified or timeout expired", RETRYABLE, False, "ORA-00054"),
-    (60, "deadlock detected while waiting for resource", RETRYABLE, False, "ORA-00060"),
-    (8177, "can't serialize access for this transaction", RETRYABLE, False, "ORA-08177"),
-    (30006, "resource busy; acquire with WAIT timeout expired", RETRYABLE, False, "ORA-30006"),
-    (12170, "TNS:Connect timeout occurred", RETRYABLE, True, "ORA-12170"),
-    (12514, "TNS:listener does not currently know of service", RETRYABLE, True, "ORA-12514"),
-    (12541, "TNS:no listener", RETRYABLE, True, "ORA-12541"),
+@pytest.mark.parametrize("number, text, kind, code", [
+    # Lock contention and passing conflicts belong to the item: retried after a rollback.
+    (54, "resource busy and acquire with NOWAIT specified or timeout expired", RETRYABLE, "ORA-00054"),
+    (60, "deadlock detected while waiting for resource", RETRYABLE, "ORA-00060"),
+    (8177, "can't serialize access for this transaction", RETRYABLE, "ORA-08177"),
+    (30006, "resource busy; acquire with WAIT timeout expired", RETRYABLE, "ORA-30006"),
+    (2049, "timeout: distributed transaction waiting for lock", RETRYABLE, "ORA-02049"),
+    (4020, "deadlock detected while trying to lock object", RETRYABLE, "ORA-04020"),
+    (4068, "existing state of packages has been discarded", RETRYABLE, "ORA-04068"),
+    (4061, 'existing state of package body "APP.P" has been invalidated', RETRYABLE, "ORA-04061"),
+    (63302, "Transaction must roll back", RETRYABLE, "ORA-63302"),
+    (1555, "snapshot too old: rollback segment number 9 too small", RETRYABLE, "ORA-01555"),
+    # The database cannot be reached, or ended the session: an outage.
+    (12170, "TNS:Connect timeout occurred", OUTAGE, "ORA-12170"),
+    (12514, "TNS:listener does not currently know of service", OUTAGE, "ORA-12514"),
+    (12541, "TNS:no listener", OUTAGE, "ORA-12541"),
+    (18, "maximum number of sessions exceeded", OUTAGE, "ORA-00018"),
+    (20, "maximum number of processes (300) exceeded", OUTAGE, "ORA-00020"),
+    (1090, "shutdown in progress - connection is not permitted", OUTAGE, "ORA-01090"),
+    (1033, "ORACLE initialization or shutdown in progress", OUTAGE, "ORA-01033"),
     # Thin mode turns dead-session errors into DPY-4011 and keeps the ORA number in .code.
-    (3113, "end-of-file on communication channel", RETRYABLE, True, "DPY-4011/ORA-03113"),
-    (3135, "connection lost contact", RETRYABLE, True, "DPY-4011/ORA-03135"),
-    (28, "your session has been killed", RETRYABLE, True, "DPY-4011/ORA-00028"),
-    (942, "table or view does not exist", PERMANENT, False, "ORA-00942"),
-    (1, "unique constraint (APP.PK) violated", PERMANENT, False, "ORA-00001"),
-    (904, '"X": invalid identifier', PERMANENT, False, "ORA-00904"),
-    (1722, "invalid number", PERMANENT, False, "ORA-01722"),
+    (3113, "end-of-file on communication channel", OUTAGE, "DPY-4011/ORA-03113"),
+    (3114, "not connected to ORACLE", OUTAGE, "DPY-4011/ORA-03114"),
+    (3135, "connection lost contact", OUTAGE, "DPY-4011/ORA-03135"),
+    (12537, "TNS:connection closed", OUTAGE, "DPY-4011/ORA-12537"),
+    (28, "your session has been killed", OUTAGE, "DPY-4011/ORA-00028"),
+    (1012, "not logged on", OUTAGE, "DPY-4011/ORA-01012"),
+    # The database refuses our settings: one attempt, then the run stops (exit 2).
+    (1017, "invalid credential or not authorized; logon denied", CONFIG, "ORA-01017"),
+    (28000, "The account is locked.", CONFIG, "ORA-28000"),
+    (28001, "the password has expired", CONFIG, "ORA-28001"),
+    (1045, "Login denied. User APP does not have CREATE SESSION privilege.", CONFIG, "ORA-01045"),
+    # The item's own fault.
+    (942, "table or view does not exist", PERMANENT, "ORA-00942"),
+    (1, "unique constraint (APP.PK) violated", PERMANENT, "ORA-00001"),
+    (904, '"X": invalid identifier', PERMANENT, "ORA-00904"),
+    (1722, "invalid number", PERMANENT, "ORA-01722"),
+    (1745, "invalid host/bind variable name", PERMANENT, "ORA-01745"),
     # isrecoverable is about the transaction, not about trying again: this stays permanent.
-    (376, "file 5 cannot be read at this time", PERMANENT, False, "ORA-00376"),
+    (376, "file 5 cannot be read at this time", PERMANENT, "ORA-00376"),
 ])
-def test_oracle_codes(number, text, kind, reconnect, code):
+def test_oracle_codes(number, text, kind, code):
     failure = oracle_failure(ora(number, text))
-    assert (failure.kind, failure.reconnect, failure.code) == (kind, reconnect, code)
+    assert (failure.kind, failure.code) == (kind, code)
+    environment = kind in (OUTAGE, CONFIG)
+    assert failure.reconnect is environment and failure.system == (DATABASE if environment else None)
 
 
 @private_api
-@pytest.mark.parametrize("number, text", [
-    (1001, "not connected to database"),
-    (4005, "timed out waiting for the connection pool to return a connection"),
-    (4011, "the database or network closed the connection"),
-    (4024, "call timeout of 1500 ms exceeded"),
-    (6000, "Listener refused connection. (Similar to ORA-12506)"),
-    (6001, "Service \"X\" is not registered with the listener at host \"db\" port 1521."),
-    (6005, "cannot connect to database (CONNECTION_ID=abc)."),
+@pytest.mark.parametrize("number, text, kind, reconnect", [
+    (1001, "not connected to database", RETRYABLE, True),
+    (4005, "timed out waiting for the connection pool to return a connection", RETRYABLE, True),
+    (4024, "call timeout of 1500 ms exceeded", RETRYABLE, True),
+    (4011, "the database or network closed the connection", OUTAGE, True),
+    (4033, "the database closed the connection because the connection's idle time has been exceeded",
+     OUTAGE, True),
+    (6000, "Listener refused connection. (Similar to ORA-12506)", OUTAGE, True),
+    (6001, "Service \"X\" is not registered with the listener at host \"db\" port 1521.", OUTAGE, True),
+    (6005, "cannot connect to database (CONNECTION_ID=abc).", OUTAGE, True),
+    (4001, "no credentials specified", CONFIG, True),
+    (2018, "wallet file /w/ewallet.pem was not found", CONFIG, True),
+    (6002, "The distinguished name (DN) on the server certificate does not match", CONFIG, True),
+    (2040, 'parameters "batcherrors" and "arraydmlrowcounts" may only be true when used with insert, '
+           "update, delete and merge statements", PERMANENT, False),
+    (4010, 'no bind value for "1"', PERMANENT, False),
 ])
-def test_oracle_driver_connection_errors_reconnect(number, text):
+def test_oracle_driver_errors(number, text, kind, reconnect):
     failure = oracle_failure(dpy(number, text))
-    assert failure.kind == RETRYABLE and failure.reconnect and failure.code == f"DPY-{number}"
+    assert (failure.kind, failure.reconnect, failure.code) == (kind, reconnect, f"DPY-{number}")
+
+
+@private_api
+def test_native_network_encryption_under_dpy_6005_is_a_configuration_error():
+    # Built as thin mode builds it: DPY-3001 raised while connecting, wrapped in DPY-6005.
+    errors = importlib.import_module("oracledb.errors")
+    nne = errors._create_exception(errors.ERR_FEATURE_NOT_SUPPORTED,
+                                   feature="Native Network Encryption and Data Integrity", driver_type="thick")
+    wrapped = errors._create_exception(errors.ERR_CONNECTION_FAILED, cause=nne, connection_id="x")
+    assert wrapped.args[0].full_code == "DPY-6005" and "DPY-3001" in str(wrapped)
+    failure = oracle_failure(wrapped)
+    assert (failure.kind, failure.code, failure.system) == (CONFIG, "DPY-6005", DATABASE)
+    # The same wrapper around a closed connection is an outage.
+    closed = errors._create_exception(errors.ERR_CONNECTION_FAILED, cause=dpy(4011, "closed"), connection_id="x")
+    assert oracle_failure(closed).kind == OUTAGE
 
 
 @private_api
 def test_retry_on_extends_the_retryable_codes():
-    snapshot_too_old = ora(1555, "snapshot too old: rollback segment number 9 too small")
-    assert oracle_failure(snapshot_too_old).kind == PERMANENT
-    failure = oracle_failure(snapshot_too_old, retry_on=("ORA-01555",))
-    assert failure.kind == RETRYABLE and failure.code == "ORA-01555"
-    assert oracle_failure(ora(942, "table or view does not exist"), retry_on=("ORA-01555",)).kind == PERMANENT
+    temp_full = ora(1652, "unable to extend temp segment by 128 in tablespace TEMP")
+    assert oracle_failure(temp_full).kind == PERMANENT
+    failure = oracle_failure(temp_full, retry_on=("ORA-01652",))
+    assert failure.kind == RETRYABLE and failure.code == "ORA-01652"
+    assert oracle_failure(ora(942, "table or view does not exist"), retry_on=("ORA-01652",)).kind == PERMANENT
+    # --retry-on never turns a configuration error into something retried per item.
+    assert oracle_failure(ora(1017, "logon denied"), retry_on=("ORA-01017",)).kind == CONFIG
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Listener:
-    """A TCP socket on loopback that accepts and then closes at once, or never answers."""
-
-    def __init__(self, *, answer_close: bool) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        self.close_at_once = answer_close
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.close_at_once:
-                conn.close()
-            else:
-                self.held.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
-
-
-def oracle_at(port: int, host: str = "127.0.0.1", timeout: float = 3.0) -> DbSettings:
-    return parse_db_url(f"oracle://scott@{host}:{port}/FREEPDB1", connect_timeout=timeout)
-
-
-def test_real_connect_to_closed_port_is_dpy_6005():
-    with pytest.raises(oracledb.OperationalError) as e:
-        oracle.connect(oracle_at(closed_port()), "tiger")
-    failure = oracle_failure(e.value)
-    assert failure.code == "DPY-6005" and failure.kind == RETRYABLE and failure.reconnect
-
-
-def test_real_connect_to_socket_that_closes_is_dpy_6005_from_4011():
-    listener = Listener(answer_close=True)
-    try:
-        with pytest.raises(oracledb.OperationalError) as e:
-            oracle.connect(oracle_at(listener.port), "tiger")
-    finally:
-        listener.close()
-    assert e.value.args[0].full_code == "DPY-6005"
-    assert e.value.__cause__ is not None and e.value.__cause__.args[0].full_code == "DPY-4011"
-    failure = oracle_failure(e.value)
-    assert failure.kind == RETRYABLE and failure.reconnect
-
-
-@pytest.mark.parametrize("in_thread", [False, True], ids=["main-thread", "other-thread"])
-def test_connect_to_silent_listener_times_out(in_thread):
-    listener = Listener(answer_close=False)
-    box = {}
-    alarm_before = signal.getitimer(signal.ITIMER_REAL)[0]
-
-    def attempt():
-        started = time.monotonic()
-        try:
-            oracle.connect(oracle_at(listener.port, timeout=1.0), "tiger")
-        except BaseException as e:
-            box["error"] = e
-        box["seconds"] = time.monotonic() - started
-
-    try:
-        if in_thread:
-            thread = threading.Thread(target=attempt)
-            thread.start()
-            thread.join(30)
-        else:
-            attempt()
-    finally:
-        listener.close()
-    assert isinstance(box.get("error"), ConnectTimeout), box
-    assert box["seconds"] < 5
-    failure = oracle_failure(box["error"])
-    assert (failure.kind, failure.code, failure.reconnect, failure.connecting) == (OUTAGE, "CONNECT-TIMEOUT", True, True)
-    # An alarm set before (pytest-timeout's) is put back, not lost.
-    alarm_after = signal.getitimer(signal.ITIMER_REAL)[0]
-    assert (alarm_after > 0) == (alarm_before > 0) and alarm_after <= alarm_before
-
-
-def test_unresolvable_host_is_gaierror_and_retryable():
-    with pytest.raises(socket.gaierror) as e:
-        oracle.connect(oracle_at(1521, host="db.nonexistent.invalid"), "tiger")
-    failure = oracle_failure(e.value)
-    assert failure.kind == RETRYABLE and failure.reconnect and failure.code.startswith("EAI_")
+def test_connect_timeout_is_an_outage():
+    failure = oracle_failure(ConnectTimeout("connecting to Oracle at db:1521: no answer within 1s"))
+    assert (failure.kind, failure.code, failure.reconnect, failure.system) == (OUTAGE, "CONNECT-TIMEOUT", True,
+                                                                               DATABASE)
 
 
 def test_call_with_timeout_returns_and_raises():
@@ -208,33 +172,67 @@ def pg_failure(exc):
     return classify(exc, classifiers=classifiers(parse_db_url("postgresql://app@localhost/app")))
 
 
-@pytest.mark.parametrize("state, message, kind, reconnect", [
-    ("40001", "could not serialize access due to concurrent update", RETRYABLE, False),
-    ("40P01", "deadlock detected", RETRYABLE, False),
-    ("55P03", 'could not obtain lock on relation "t"', RETRYABLE, False),
-    ("57014", "canceling statement due to statement timeout", RETRYABLE, False),
-    ("57014", "canceling statement due to user request", PERMANENT, False),
-    ("57P01", "terminating connection due to administrator command", OUTAGE, True),
-    ("08006", "connection failure", OUTAGE, True),
-    ("28P01", 'password authentication failed for user "app"', CONFIG, False),
-    ("3D000", 'database "nope" does not exist', CONFIG, False),
-    ("23505", 'duplicate key value violates unique constraint "t_pkey"', PERMANENT, False),
-    ("42P01", 'relation "nope" does not exist', PERMANENT, False),
+@pytest.mark.parametrize("state, message, kind", [
+    ("40001", "could not serialize access due to concurrent update", RETRYABLE),
+    ("40P01", "deadlock detected", RETRYABLE),
+    ("55P03", 'could not obtain lock on relation "t"', RETRYABLE),
+    ("57014", "canceling statement due to statement timeout", RETRYABLE),
+    ("57014", "canceling statement due to user request", PERMANENT),
+    ("57P01", "terminating connection due to administrator command", OUTAGE),
+    ("57P02", "terminating connection because of crash of another server process", OUTAGE),
+    ("57P03", "the database system is starting up", OUTAGE),
+    ("08006", "connection failure", OUTAGE),
+    ("08001", "could not connect", OUTAGE),
+    ("53300", "sorry, too many clients already", OUTAGE),
+    ("28P01", 'password authentication failed for user "app"', CONFIG),
+    ("28000", 'no pg_hba.conf entry for host "10.0.0.1"', CONFIG),
+    ("3D000", 'database "nope" does not exist', CONFIG),
+    ("23505", 'duplicate key value violates unique constraint "t_pkey"', PERMANENT),
+    ("42P01", 'relation "nope" does not exist', PERMANENT),
+    ("42501", "permission denied for table t", PERMANENT),
 ])
-def test_postgres_sqlstates(state, message, kind, reconnect):
+def test_postgres_sqlstates(state, message, kind):
     psycopg = pytest.importorskip("psycopg")
     failure = pg_failure(psycopg.errors.lookup(state)(message))
-    assert (failure.kind, failure.reconnect, failure.code) == (kind, reconnect, state)
+    assert (failure.kind, failure.code) == (kind, state)
+    environment = kind in (OUTAGE, CONFIG)
+    assert failure.reconnect is environment and failure.system == (DATABASE if environment else None)
 
 
-def test_postgres_connection_errors_without_sqlstate():
+@pytest.mark.parametrize("message, kind, code", [
+    # What libpq says (without a SQLSTATE) for a connect that failed or a session that was cut;
+    # the texts are the ones a real server gives (see test_db_preflight.py).
+    ('connection failed: connection to server at "127.0.0.1", port 5432 failed: Connection refused\n'
+     "\tIs the server running on that host and accepting TCP/IP connections?", OUTAGE, "08001"),
+    ("failed to resolve host 'db.invalid': [Errno -2] Name or service not known", OUTAGE, "08001"),
+    ('connection failed: connection to server at "10.0.0.9", port 5432 failed: timeout expired', OUTAGE, "08001"),
+    ("consuming input failed: server closed the connection unexpectedly", OUTAGE, "08006"),
+    ("the connection is closed", OUTAGE, "08003"),
+    ('connection failed: connection to server at "127.0.0.1", port 5432 failed: FATAL:  the database system '
+     "is shutting down", OUTAGE, "57P03"),
+    ('connection failed: connection to server at "127.0.0.1", port 5432 failed: FATAL:  sorry, too many clients '
+     "already", OUTAGE, "53300"),
+    ('connection failed: connection to server at "127.0.0.1", port 5432 failed: FATAL:  password '
+     'authentication failed for user "app"', CONFIG, "28P01"),
+    ('connection failed: connection to server at "127.0.0.1", port 5432 failed: fe_sendauth: no password '
+     "supplied", CONFIG, "28P01"),
+    ('connection failed: connection to server at "127.0.0.1", port 5432 failed: FATAL:  database "nope" '
+     "does not exist", CONFIG, "3D000"),
+    ('connection failed: connection to server at "127.0.0.1", port 5432 failed: FATAL:  role "x" does not '
+     "exist", CONFIG, "28000"),
+    ('connection failed: connection to server at "db", port 5432 failed: SSL error: certificate verify '
+     "failed", CONFIG, "08001"),
+])
+def test_postgres_connection_errors_without_sqlstate(message, kind, code):
     psycopg = pytest.importorskip("psycopg")
-    closed = pg_failure(psycopg.OperationalError("the connection is closed"))
-    assert closed.kind == OUTAGE and closed.reconnect and closed.system == DATABASE
-    login = pg_failure(psycopg.OperationalError('FATAL:  password authentication failed for user "app"'))
-    assert login.kind == CONFIG
-    missing = pg_failure(psycopg.OperationalError('connection failed: FATAL:  database "x" does not exist'))
-    assert missing.kind == CONFIG
+    failure = pg_failure(psycopg.OperationalError(message))
+    assert (failure.kind, failure.code, failure.reconnect, failure.system) == (kind, code, True, DATABASE)
+
+
+def test_postgres_unknown_operational_error_reconnects_and_retries():
+    psycopg = pytest.importorskip("psycopg")
+    failure = pg_failure(psycopg.OperationalError("something odd happened"))
+    assert (failure.kind, failure.reconnect) == (RETRYABLE, True)
 
 
 def test_sqlite_locked_is_retryable_and_constraint_permanent(tmp_path):
@@ -256,6 +254,26 @@ def test_sqlite_locked_is_retryable_and_constraint_permanent(tmp_path):
     assert integrity.kind == PERMANENT and integrity.code == "SQLITE_CONSTRAINT_PRIMARYKEY"
 
 
+@pytest.mark.parametrize("make, code", [
+    pytest.param(lambda p: None, "SQLITE_CANTOPEN", id="missing-file"),
+    pytest.param(lambda p: p.mkdir(), "SQLITE_CANTOPEN", id="a-directory"),
+    pytest.param(lambda p: p.write_bytes(b"not a database, but long enough to be read as a header" * 20),
+                 "SQLITE_NOTADB", id="not-a-database"),
+])
+def test_sqlite_file_that_cannot_be_used_is_a_configuration_error(tmp_path, make, code):
+    from job.db import preflight, preflight_failure, sqlite
+
+    path = tmp_path / "x.db"
+    make(path)
+    settings = parse_db_url(f"sqlite:///{path}")
+    with pytest.raises(sqlite3.Error) as e:
+        preflight(settings)
+    failure = classify(e.value, classifiers=classifiers(settings))
+    assert (failure.kind, failure.code, failure.system) == (CONFIG, code, DATABASE)
+    assert preflight_failure(settings, e.value).connecting
+    assert sqlite.classify(e.value).kind == CONFIG
+
+
 # -- settings ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("url, expected", [
@@ -272,16 +290,32 @@ def test_db_urls(url, expected):
 
 
 @pytest.mark.parametrize("url, message", [
-    ("oracle://scott:tiger@db/ORCL", "never in the URL"),
-    ("mysql://a@b/c", "expected oracle://"),
-    ("oracle://scott@db", "no service name"),
+    ("oracle://scott:tiger-secret@db/ORCL", "never in the URL"),
+    ("mysql://a:tiger-secret@b/c?x=tiger-secret", "expected oracle://"),
+    ("oracle://scott@db?password=tiger-secret", "'password' is a password"),
+    ("postgresql://app@/?sslpassword=tiger-secret", "'sslpassword' is a password"),
     ("postgresql://app@/", "no host"),
+    ("postgresql://app@db:99999/x?passwd=tiger-secret", "'passwd' is a password"),
     ("sqlite://", "expected sqlite:///PATH"),
     ("sqlite:///:memory:", "expected sqlite:///PATH"),
 ])
 def test_bad_db_urls(url, message):
     with pytest.raises(UsageError, match=message) as e:
         parse_db_url(url)
+    assert "tiger" not in str(e.value)
+
+
+@pytest.mark.parametrize("query", [
+    "password=tiger-secret", "PASSWORD=tiger-secret", "passwd=tiger-secret", "pwd=tiger-secret",
+    "sslpassword=tiger-secret", "wallet_password=tiger-secret", "walletpassword=tiger-secret",
+    "javax.net.ssl.keyStorePassword=tiger-secret", "oracle.net.wallet_password=tiger-secret",
+    "sslmode=require&Password=tiger-secret",
+])
+@pytest.mark.parametrize("base", ["postgresql://app@pg/db", "oracle://app@db/SVC", "oracle+tcps://app@db/SVC",
+                                  "sqlite:///x.db"])
+def test_password_like_query_parameters_are_refused_unechoed(base, query):
+    with pytest.raises(UsageError, match="is a password") as e:
+        parse_db_url(f"{base}?{query}")
     assert "tiger" not in str(e.value)
 
 
@@ -292,6 +326,58 @@ def test_oracle_dsn_and_call_timeout():
     assert oracle.call_timeout_ms(s) == 2500
     assert oracle.call_timeout_ms(ORACLE) == 0
     assert oracle.dsn(parse_db_url("oracle://u@[::1]/S")) == "[::1]:1521/S"
+    tls = parse_db_url('oracle+tcps://u@db:2484/S?ssl_server_cert_dn=CN=db, O=Example&wallet_location=/w')
+    assert tls.tls and oracle.dsn(tls) == 'tcps://db:2484/S?ssl_server_cert_dn="CN=db, O=Example"&wallet_location=/w'
+
+
+@pytest.mark.parametrize("url, expected", [
+    # expire_time (minutes of idleness before TCP keepalive probes) is on unless the URL says.
+    ("oracle://u@db/S", ("tcp", "db", 1521, "S", 1, None, None)),
+    ("oracle://u@db/S?expire_time=7", ("tcp", "db", 1521, "S", 7, None, None)),
+    ("oracle://u@db/S?expire_time=0", ("tcp", "db", 1521, "S", 0, None, None)),
+    ("oracle+tcps://u@db.example:2484/S?wallet_location=/w&ssl_server_cert_dn=CN=db.example, O=Example",
+     ("tcps", "db.example", 2484, "S", 1, "/w", "CN=db.example, O=Example")),
+])
+def test_oracle_connect_params(url, expected):
+    params = oracle.connect_params(parse_db_url(url, connect_timeout=4))
+    assert (params.protocol, params.host, params.port, params.service_name, params.expire_time,
+            params.wallet_location, params.ssl_server_cert_dn) == expected
+    assert params.tcp_connect_timeout == 4
+
+
+@pytest.mark.parametrize("url, message", [
+    ("oracle://u@db/S?expire_time=soon", "DPY-4018: cannot parse connect string"),
+    ("oracle+tcps://u@db/S?wallet_location=/nonexistent", "cannot read /nonexistent/ewallet.pem"),
+    ("postgresql://u@db/x?sslmod=require", 'invalid connection option "sslmod"'),
+])
+def test_connection_parameters_the_driver_refuses_are_usage_errors(url, message):
+    with pytest.raises(UsageError, match=message):
+        db_settings(url)
+
+
+@pytest.mark.parametrize("sql, dialect, expected", [
+    ("SELECT id, payload FROM todo;", "oracle", "SELECT id, payload FROM todo"),
+    ("SELECT id, payload FROM todo ;\n", "postgres", "SELECT id, payload FROM todo"),
+    ("SELECT 1 FROM dual;;", "oracle", "SELECT 1 FROM dual"),
+    ("ALTER SESSION SET NLS_DATE_FORMAT = 'YYYY-MM-DD';\n/\n", "oracle",
+     "ALTER SESSION SET NLS_DATE_FORMAT = 'YYYY-MM-DD'"),
+    ("BEGIN dbms_session.set_identifier('bulkjob'); END;", "oracle", "BEGIN dbms_session.set_identifier('bulkjob'); END;"),
+    ("<<l>> DECLARE n NUMBER; BEGIN NULL; END;\n/", "oracle", "<<l>> DECLARE n NUMBER; BEGIN NULL; END;"),
+    ("SET search_path = app;", "postgres", "SET search_path = app"),
+    ("PRAGMA synchronous = NORMAL;", "sqlite", "PRAGMA synchronous = NORMAL"),
+    ("SELECT ';'", "oracle", "SELECT ';'"),
+])
+def test_plain_sql_drops_a_pasted_terminator(sql, dialect, expected):
+    assert plain_sql(sql, dialect) == expected
+
+
+def test_session_and_items_sql_lose_their_terminator():
+    from job.db.worktable import db_items
+
+    s = db_settings("oracle://u@h/S", session_sql=["ALTER SESSION SET TIME_ZONE = 'UTC';"])
+    assert s.session_sql == ("ALTER SESSION SET TIME_ZONE = 'UTC'",)
+    items = db_items(items=None, items_sql="SELECT id, payload FROM todo;\n", work_table=None, db=s)
+    assert items.sql == "SELECT id, payload FROM todo"
 
 
 def test_postgres_session_statements_and_conninfo():
@@ -340,3 +426,19 @@ def test_plain_inserts_go_through_copy(sql, copy):
     from job.db.postgres import copy_target
 
     assert copy_target(sql) == copy
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://app@127.0.0.1:1/app?sslmode=require&password=hunter2-secret",
+    "oracle+tcps://app@127.0.0.1:1/SVC?wallet_password=hunter2-secret",
+])
+def test_a_password_in_the_query_string_exits_2_without_echoing_it(tmp_path, url):
+    from conftest import run_bulkjob, write_items
+
+    write_items(tmp_path / "items.jsonl", [{"id": 1, "payload": {"k": 1}}])
+    (tmp_path / "s.sql").write_text("-- step: one\nSELECT :k;\n")
+    proc = run_bulkjob("run", "--items", str(tmp_path / "items.jsonl"), "--handler", f"sql:{tmp_path / 's.sql'}",
+                       "--db", url, "--manifest", str(tmp_path / "state"), "--metrics-port", "0")
+    assert proc.returncode == 2 and "is a password" in proc.stderr, proc.stderr
+    assert "hunter2" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").rglob("*.jsonl"))

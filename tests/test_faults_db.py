@@ -100,7 +100,7 @@ def test_8c_lock_held_for_5_seconds(tmp_path, db):
     release = threading.Timer(5.0, holder.commit)
     release.start()
     started = time.monotonic()
-    proc = start(tmp_path, db, 100)
+    proc = start(tmp_path, db, 100, "--log-level", "DEBUG")  # each retry is logged with its code at DEBUG
     _summary, err = finish(proc, db, 100)
     release.join()
     holder.close()

@@ -1,8 +1,10 @@
 """Item parsing and the two-pass reading of the input: pure functions, plain tests."""
 
+import json
+
 import pytest
 
-from job.items import Invalid, Item, iter_items, parse_line, scan
+from job.items import Invalid, Item, invalid_line_id, iter_items, line_of, parse_line, scan
 from job.shard import shard_of
 
 
@@ -46,10 +48,42 @@ def test_line_size_limit():
     assert isinstance(parse_line(raw, 1, max_bytes=4000), Item)
 
 
-def test_invalid_payload_keeps_the_id_for_the_record():
+def test_an_invalid_line_is_recorded_under_its_line_never_an_item_id():
     parsed = parse_line(b'{"id": "a", "payload": 3}', 5)
-    assert parsed.record_id == "a"
-    assert parse_line(b"{", 9).record_id == "#line-9"
+    assert parsed.id == "a" and parsed.record_id == invalid_line_id(5) != "a"
+    record = parsed.record(at=1.0)
+    assert (record["id"], record["line"], record["item_id"], record["state"]) == (invalid_line_id(5), 5, "a", "failed")
+    assert record["error"]["kind"] == "invalid"
+    assert parse_line(b"{", 9).record_id == invalid_line_id(9)
+    assert line_of(invalid_line_id(9)) == 9 and line_of("#line-9") is None and line_of("9") is None
+    # No line that parses as an item can have the id of an invalid line: it holds a control character.
+    as_item = parse_line(json.dumps({"id": invalid_line_id(9)}).encode(), 1)
+    assert isinstance(as_item, Invalid) and "control characters" in as_item.reason
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b'{"id": "deep", "payload": {"x": ' + b"[" * 2000 + b"]" * 2000 + b"}}", "nested deeper than 200"),
+    (b'{"id": "deep", "payload": {"x": ' + b"[" * 201 + b"]" * 201 + b"}}", "nested deeper than 200"),
+    (b"[" * 100000, "nested deeper than 200"),
+    (b'{"id": "s\\ud800"}', "lone surrogate"),
+    (b'{"id": "a", "payload": {"k": ["\\udfff"]}}', "lone surrogate"),
+    (b'{"id": "a", "payload": {"\\ud83d": 1}}', "lone surrogate"),
+    (b'{"id": "a\xed\xa0\x80"}', "not UTF-8"),
+])
+def test_lines_that_would_crash_later_are_invalid(raw, reason):
+    parsed = parse_line(raw, 4)
+    assert isinstance(parsed, Invalid) and parsed.line == 4 and reason in parsed.reason, parsed
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b'{"id": "ok", "payload": {"x": ' + b"[" * 198 + b"]" * 198 + b"}}", "ok"),  # 200 levels in all
+    (b'{"id": "ok", "payload": {"x": "' + b"[" * 500 + b'"}}', "ok"),  # brackets in a string
+    (b'{"id": "s\\ud83d\\ude00"}', "s\U0001f600"),  # a surrogate pair is one character
+    (b'{"id": "ok", "payload": {"x": "\\\\ud800"}}', "ok"),  # an escaped backslash, not an escape
+])
+def test_deep_enough_and_escaped_lines_are_valid(raw, expected):
+    parsed = parse_line(raw, 1)
+    assert isinstance(parsed, Item) and parsed.id == expected, parsed
 
 
 def lines(*texts):
@@ -86,3 +120,23 @@ def test_shard_of_is_stable_and_spread():
         counts[shard_of(str(i), 4)] += 1
     assert min(counts) > 800
     assert shard_of("anything", 1) == 0
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_each_invalid_line_is_recorded_by_exactly_one_shard(count):
+    # Repeats are found only by the shard their id belongs to; other invalid lines by everyone.
+    texts = [f'{{"id": "r{i % 40}"}}' if i % 3 else "{bad" for i in range(120)]
+    recorded = []
+    for index in range(count):
+        result = scan(lines(*texts), shard_index=index, shard_count=count)
+        recorded += [i.line for i in result.shard_invalid(index, count)]
+    repeats = [n + 1 for n, t in enumerate(texts) if t != "{bad" and t in texts[:n]]
+    bad = [n + 1 for n, t in enumerate(texts) if t == "{bad"]
+    assert sorted(recorded) == sorted(repeats + bad)
+
+
+@pytest.mark.parametrize("texts, empty", [
+    ([], True), (["", "  ", ""], True), (["{bad"], False), (['{"id": 1}'], False),
+])
+def test_an_input_without_items_is_empty(texts, empty):
+    assert scan(lines(*texts), shard_index=0, shard_count=1).empty is empty

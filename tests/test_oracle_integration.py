@@ -1,11 +1,15 @@
-"""The PostgreSQL scenarios against a real Oracle Database, when one is given:
+"""The PostgreSQL scenarios against a real Oracle Database, when one is given, and what Oracle's
+own users meet (a refused login, reserved-word binds, deadlocks, TLS, killed sessions, a narrow
+error column, WITH FUNCTION and labelled blocks, PL/SQL in ctx.executemany):
 
     BULKJOB_TEST_ORACLE_URL=oracle://system@localhost:1521/FREEPDB1 \
     BULKJOB_TEST_ORACLE_PASSWORD=... .venv/bin/python -m pytest tests/test_oracle_integration.py
 
 The user needs CREATE TABLE, CREATE SEQUENCE and ALTER SYSTEM (to kill a session): SYSTEM of an
 Oracle Database Free container has them (docs/databases.md has the recipe). Every object is
-created with a per-test prefix and dropped afterwards. Skipped when the URL is not set.
+created with a per-test prefix and dropped afterwards. Skipped when the URL is not set. The TLS
+case runs when BULKJOB_TEST_ORACLE_TCPS_URL names a TCPS listener of the same database (with
+its wallet_location, and BULKJOB_DB_WALLET_PASSWORD for an encrypted wallet).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from job.store import LocalStore
 
 URL = os.environ.get("BULKJOB_TEST_ORACLE_URL")
 PASSWORD = os.environ.get("BULKJOB_TEST_ORACLE_PASSWORD", "")
+TCPS_URL = os.environ.get("BULKJOB_TEST_ORACLE_TCPS_URL")
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not URL, reason="set BULKJOB_TEST_ORACLE_URL (and _PASSWORD) to run")]
@@ -83,8 +88,10 @@ def args(tmp_path, handler, *extra, run_id="r1", items=True):
             "--run-id", run_id, "--metrics-port", "0", "--backoff", "0.5", "--max-backoff", "2", *extra)
 
 
-def steps(tmp_path, text: str) -> str:
-    (tmp_path / "steps.sql").write_text(text)
+def steps(tmp_path, text: str, **names: str) -> str:
+    """A steps file declaring each {placeholder} with the one object name it may take."""
+    declarations = "".join(f"-- allow {key}: {name}\n" for key, name in names.items())
+    (tmp_path / "steps.sql").write_text(declarations + text)
     return f"sql:{tmp_path / 'steps.sql'}"
 
 
@@ -122,7 +129,7 @@ def test_steps_end_to_end(tmp_path, ora, commit):
         for v in (1, 2, 3):
             ora.execute(f"INSERT INTO {names['src']} VALUES (:1, :2)", [f"k{i}", v])
     write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}", **names}} for i in range(1, 11)])
-    proc = run_bulkjob(*args(tmp_path, steps(tmp_path, LOAD), "--commit", commit, "--workers", "2",
+    proc = run_bulkjob(*args(tmp_path, steps(tmp_path, LOAD, **names), "--commit", commit, "--workers", "2",
                              "--session-sql", "ALTER SESSION SET NLS_DATE_FORMAT = 'YYYY-MM-DD'",
                              "--statement-timeout", "30"), env=ora.env)
     assert summary_of(proc)["done"] == 10, proc.stderr[-3000:]
@@ -141,9 +148,10 @@ def test_nowait_lock_is_retried_until_released(tmp_path, ora):
     release = threading.Timer(3.0, holder.rollback)
     release.start()
     write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}", "t": t}} for i in range(5)])
-    handler = steps(tmp_path, "-- step: one\nLOCK TABLE {t} IN ROW EXCLUSIVE MODE NOWAIT;\nINSERT INTO {t} VALUES (:k);\n")
+    handler = steps(tmp_path, "-- step: one\nLOCK TABLE {t} IN ROW EXCLUSIVE MODE NOWAIT;\nINSERT INTO {t} VALUES (:k);\n",
+                    t=t)
     try:
-        proc = run_bulkjob(*args(tmp_path, handler, "--max-attempts", "20"), env=ora.env)
+        proc = run_bulkjob(*args(tmp_path, handler, "--max-attempts", "20", "--log-level", "DEBUG"), env=ora.env)
     finally:
         release.join()
         holder.close()
@@ -177,27 +185,32 @@ def test_killed_session_reconnects_and_retries(tmp_path, ora):
     names = {"log": log, "seq": seq}
     write_items(tmp_path / "items.jsonl", [{"id": "victim", "payload": {"k": "victim", "sleep": 30, **names}}]
                 + [{"id": i, "payload": {"k": f"k{i}", "sleep": 0, **names}} for i in range(4)])
-    handler = steps(tmp_path, "-- step: one\nINSERT INTO {log} VALUES (:k);\n" + SLEEP_ONCE)
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO {log} VALUES (:k);\n" + SLEEP_ONCE, **names)
     box: dict = {}
     killer = threading.Thread(target=kill_when_sleeping, args=(ora, box))
     killer.start()
-    proc = run_bulkjob(*args(tmp_path, handler, "--workers", "2"), env=ora.env)
+    proc = run_bulkjob(*args(tmp_path, handler, "--workers", "2", "--log-level", "DEBUG"), env=ora.env)
     killer.join()
     assert box.get("killed")
-    assert summary_of(proc)["done"] == 5, proc.stderr[-3000:]
-    assert latest(tmp_path)["victim"]["attempts"] == 2 and "DPY-4011" in proc.stderr
+    summary = summary_of(proc)
+    assert summary["done"] == 5, proc.stderr[-3000:]
+    # A killed session is an outage, not the item's fault: the attempt is given back.
+    assert latest(tmp_path)["victim"]["attempts"] == 1 and summary["refunded"] >= 1 and "DPY-4011" in proc.stderr
     assert ora.execute(f"SELECT COUNT(*), COUNT(DISTINCT k) FROM {log}") == [(5, 5)]
 
 
-def test_deadlock_is_rolled_back_to_the_step_and_retried(tmp_path, ora):
+def test_deadlock_rolls_back_the_whole_item_and_is_retried(tmp_path, ora):
     r = ora.create("TABLE", "r", "CREATE TABLE {name} (id NUMBER PRIMARY KEY, v NUMBER)")
     ora.execute(f"INSERT INTO {r} VALUES (1, 0)")
     ora.execute(f"INSERT INTO {r} VALUES (2, 0)")
     write_items(tmp_path / "items.jsonl", [{"id": "a", "payload": {"first": 1, "second": 2, "r": r}},
                                            {"id": "b", "payload": {"first": 2, "second": 1, "r": r}}])
+    # ORA-00060 rolls back only the statement; the waiter stays queued on the whole transaction,
+    # so the item's transaction is rolled back before it runs again.
     handler = steps(tmp_path, "-- step: swap\nUPDATE {r} SET v = v + 1 WHERE id = :first;\n"
-                              "BEGIN DBMS_SESSION.SLEEP(2); END;\n/\nUPDATE {r} SET v = v + 1 WHERE id = :second;\n")
-    proc = run_bulkjob(*args(tmp_path, handler, "--workers", "2", "--prefetch", "1"), env=ora.env)
+                              "BEGIN DBMS_SESSION.SLEEP(2); END;\n/\nUPDATE {r} SET v = v + 1 WHERE id = :second;\n", r=r)
+    proc = run_bulkjob(*args(tmp_path, handler, "--workers", "2", "--prefetch", "1", "--log-level", "DEBUG"),
+                       env=ora.env)
     assert summary_of(proc)["done"] == 2, proc.stderr[-3000:]
     assert "ORA-00060" in proc.stderr
     assert ora.execute(f"SELECT id, v FROM {r} ORDER BY id") == [(1, 2), (2, 2)]
@@ -208,7 +221,8 @@ def test_permanent_error_fails_at_once_with_code_in_report(tmp_path, ora):
     dst = ora.create("TABLE", "dst", "CREATE TABLE {name} (k VARCHAR2(20) PRIMARY KEY)")
     ora.execute(f"INSERT INTO {dst} VALUES ('dup')")
     write_items(tmp_path / "items.jsonl", [{"id": k, "payload": {"k": k, "log": log, "dst": dst}} for k in ("a", "dup")])
-    handler = steps(tmp_path, "-- step: log\nINSERT INTO {log} VALUES (:k);\n-- step: load\nINSERT INTO {dst} VALUES (:k);\n")
+    handler = steps(tmp_path, "-- step: log\nINSERT INTO {log} VALUES (:k);\n-- step: load\nINSERT INTO {dst} VALUES (:k);\n",
+                    log=log, dst=dst)
     proc = run_bulkjob(*args(tmp_path, handler, "--max-attempts", "5", "--max-failures", "1"), env=ora.env)
     summary = summary_of(proc)
     assert (summary["done"], summary["failed"], summary["retries"]) == (1, 1, 0), proc.stderr[-3000:]
@@ -222,7 +236,7 @@ def test_commit_step_resumes_at_the_failing_step(tmp_path, ora):
     write_items(tmp_path / "items.jsonl", [{"id": "victim", "payload": {"k": "victim", "sleep": 30, "log": log,
                                                                          "seq": seq}}])
     handler = steps(tmp_path, "-- step: one\nINSERT INTO {log} VALUES (:k, 'one');\n-- step: two\n" + SLEEP_ONCE
-                    + "INSERT INTO {log} VALUES (:k, 'two');\n")
+                    + "INSERT INTO {log} VALUES (:k, 'two');\n", log=log, seq=seq)
     box: dict = {}
     killer = threading.Thread(target=kill_when_sleeping, args=(ora, box))
     killer.start()
@@ -263,3 +277,115 @@ def test_work_table(tmp_path, ora):
     assert dict(ora.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")) == {"DONE": 10, "ERR": 1}
     [(error,)] = ora.execute(f"SELECT error FROM {table} WHERE work_id = 'w-bad'")
     assert error.startswith("ORA-02290")
+
+
+def test_a_refused_login_exits_2_within_seconds_and_charges_no_item(tmp_path, ora):
+    # A user that does not exist gets the same ORA-01017 as a wrong password, and no account
+    # (SYSTEM's included) moves towards being locked.
+    settings = parse_db_url(URL)
+    url = f"oracle://{ora.name('nobody')}@{settings.host}:{settings.port}/{settings.database}"
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {}} for i in range(20)])
+    handler = steps(tmp_path, "-- step: one\nSELECT 1 FROM dual;\n")
+    started = time.monotonic()
+    proc = run_bulkjob("run", "--items", str(tmp_path / "items.jsonl"), "--handler", handler, "--db", url,
+                       "--manifest", str(tmp_path / "state"), "--run-id", "r1", "--metrics-port", "0",
+                       env={"BULKJOB_DB_PASSWORD": "not-the-password"})
+    assert proc.returncode == 2 and "ORA-01017" in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    assert "not-the-password" not in proc.stdout + proc.stderr
+    records = latest(tmp_path) if any((tmp_path / "state").rglob("*.jsonl")) else {}
+    assert not [r for r in records.values() if r["state"] == "failed"]
+
+
+def test_payload_keys_that_are_reserved_words_bind(tmp_path, ora):
+    t = ora.create("TABLE", "t", "CREATE TABLE {name} (k VARCHAR2(20), d DATE, lvl NUMBER, sz NUMBER)")
+    write_items(tmp_path / "items.jsonl", [{"id": "a", "payload": {"k": "a", "date": "2026-01-05", "level": 3,
+                                                                    "size": 7, "from": "2026-01-01"}}])
+    handler = steps(tmp_path, "-- step: load\nINSERT INTO {t} (k, d, lvl) VALUES (:k, TO_DATE(:date, 'YYYY-MM-DD'), "
+                              ":level);\n-- step: block\nBEGIN\n  UPDATE {t} SET sz = :size\n  WHERE k = :k AND d >= "
+                              "TO_DATE(:from, 'YYYY-MM-DD');\nEND;\n/\n", t=t)
+    proc = run_bulkjob(*args(tmp_path, handler), env=ora.env)
+    assert summary_of(proc)["done"] == 1, proc.stderr[-3000:]
+    assert ora.execute(f"SELECT k, TO_CHAR(d, 'YYYY-MM-DD'), lvl, sz FROM {t}") == [("a", "2026-01-05", 3, 7)]
+
+
+def test_with_function_and_a_labelled_block(tmp_path, ora):
+    t = ora.create("TABLE", "t", "CREATE TABLE {name} (k VARCHAR2(20), v NUMBER)")
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}", "v": i}} for i in range(3)])
+    handler = steps(tmp_path, "-- step: add\nINSERT /*+ WITH_PLSQL */ INTO {t} (k, v)\n"
+                              "WITH FUNCTION add1(n NUMBER) RETURN NUMBER IS\nBEGIN\n  RETURN n + 1;\nEND;\n"
+                              "SELECT :k, add1(:v) FROM dual\n/\n"
+                              "-- step: scale\n<<scale>>\nBEGIN\n  UPDATE {t} SET v = v * 10 WHERE k = :k;\nEND scale;\n/\n",
+                    t=t)
+    proc = run_bulkjob(*args(tmp_path, handler), env=ora.env)
+    assert summary_of(proc)["done"] == 3, proc.stderr[-3000:]
+    assert ora.execute(f"SELECT k, v FROM {t} ORDER BY k") == [("k0", 10), ("k1", 20), ("k2", 30)]
+
+
+def test_a_step_that_commits_on_purpose_with_commit_step(tmp_path, ora):
+    t = ora.create("TABLE", "t", "CREATE TABLE {name} (k VARCHAR2(20))")
+    write_items(tmp_path / "items.jsonl", [{"id": 1, "payload": {"k": "a"}}])
+    handler = steps(tmp_path, "-- step: one\n-- commits: yes\nBEGIN\n  INSERT INTO {t} VALUES (:k);\n  COMMIT;\nEND;\n/\n",
+                    t=t)
+    refused = run_bulkjob(*args(tmp_path, handler), env=ora.env)
+    assert refused.returncode == 2 and "use --commit step" in refused.stderr
+    proc = run_bulkjob(*args(tmp_path, handler, "--commit", "step", run_id="r2"), env=ora.env)
+    assert summary_of(proc)["done"] == 1, proc.stderr[-3000:]
+    assert ora.execute(f"SELECT k FROM {t}") == [("a",)]
+
+
+def test_items_sql_pasted_with_its_semicolon(tmp_path, ora):
+    todo = ora.create("TABLE", "todo", "CREATE TABLE {name} (id NUMBER, payload CLOB CHECK (payload IS JSON))")
+    out = ora.create("TABLE", "out", "CREATE TABLE {name} (k VARCHAR2(20))")
+    for i in range(3):
+        ora.execute(f"INSERT INTO {todo} VALUES (:1, :2)", [i, json.dumps({"k": f"k{i}"})])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO {out} VALUES (:k);\n", out=out)
+    proc = run_bulkjob(*args(tmp_path, handler, "--items-sql", f"SELECT id, payload FROM {todo} ORDER BY id;\n",
+                             "--session-sql", "ALTER SESSION SET NLS_DATE_FORMAT = 'YYYY-MM-DD';", items=False),
+                       env=ora.env)
+    assert summary_of(proc)["done"] == 3, proc.stderr[-3000:]
+    assert ora.execute(f"SELECT k FROM {out} ORDER BY k") == [("k0",), ("k1",), ("k2",)]
+
+
+def test_executemany_runs_a_plsql_block_without_batch_errors(tmp_path, ora):
+    t = ora.create("TABLE", "t", "CREATE TABLE {name} (k NUMBER PRIMARY KEY, v NUMBER)")
+    block = f"BEGIN INSERT INTO {t} VALUES (:1, :2); END;"
+    write_items(tmp_path / "items.jsonl", [
+        {"id": "good", "payload": {"sql": block, "rows": [[i, i] for i in range(5)], "batch_size": 2}},
+        {"id": "dup", "payload": {"sql": block, "rows": [[10, 0], [10, 1]], "batch_size": 2}}])
+    proc = run_bulkjob(*args(tmp_path, "db_handlers:batch_insert", "--max-failures", "1"), env=ora.env)
+    assert summary_of(proc)["done"] == 1, proc.stderr[-3000:]
+    # Without batch errors the block's first error fails the item (not DPY-2040 before anything ran).
+    assert latest(tmp_path)["dup"]["error"]["code"] == "ORA-00001"
+    assert ora.execute(f"SELECT COUNT(*) FROM {t}") == [(5,)]
+
+
+def test_work_table_with_an_error_column_narrower_than_the_error(tmp_path, ora):
+    table = ora.name("work")
+    create_table, _index = [s.strip() for s in DDL["oracle"].split(";") if s.strip()]
+    ora.execute(create_table.replace("bulk_work", table, 1).replace("VARCHAR2(4000)", "VARCHAR2(30)"))
+    ora.objects.append(("TABLE", table))
+    out = ora.create("TABLE", "out", "CREATE TABLE {name} (k VARCHAR2(20) PRIMARY KEY CHECK (k <> 'bad'))")
+    for i in range(3):
+        ora.execute(f"INSERT INTO {table} (work_id, payload) VALUES (:1, :2)", [f"w{i}", json.dumps({"k": f"k{i}"})])
+    ora.execute(f"INSERT INTO {table} (work_id, payload) VALUES ('w-bad', :1)", [json.dumps({"k": "bad"})])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO {out} VALUES (:k);\n", out=out)
+    proc = run_bulkjob(*args(tmp_path, handler, "--work-table", table, "--max-failures", "1", items=False),
+                       env=ora.env)
+    assert summary_of(proc)["done"] == 3, proc.stderr[-3000:]
+    # ORA-12899 would have refused the whole batch, again and again: every state is written.
+    assert dict(ora.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")) == {"DONE": 3, "ERR": 1}
+    [(error,)] = ora.execute(f"SELECT error FROM {table} WHERE work_id = 'w-bad'")
+    assert error.startswith("ORA-02290") and len(error.encode()) <= 30
+
+
+@pytest.mark.skipif(not TCPS_URL, reason="set BULKJOB_TEST_ORACLE_TCPS_URL (a TCPS listener) to run")
+def test_steps_over_tls(tmp_path, ora):
+    t = ora.create("TABLE", "t", "CREATE TABLE {name} (k VARCHAR2(20))")
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}"}} for i in range(3)])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO {t} VALUES (:k);\n"
+                              "INSERT INTO {t} SELECT SYS_CONTEXT('USERENV', 'NETWORK_PROTOCOL') FROM dual;\n", t=t)
+    argv = [a if a != URL else TCPS_URL for a in args(tmp_path, handler)]
+    proc = run_bulkjob(*argv, env={**ora.env, **{k: v for k, v in os.environ.items() if k == "BULKJOB_DB_WALLET_PASSWORD"}})
+    assert summary_of(proc)["done"] == 3, proc.stderr[-3000:]
+    assert ora.execute(f"SELECT DISTINCT LOWER(k) FROM {t} WHERE k NOT LIKE 'k%'") == [("tcps",)]

@@ -45,6 +45,7 @@ def manifest_text(tmp_path) -> str:
 
 
 LOAD = """\
+-- allow target: totals
 -- step: stage
 DELETE FROM stage WHERE k = :k;
 INSERT INTO stage (k, v) SELECT k, v FROM src WHERE k = :k;
@@ -97,7 +98,9 @@ def test_nowait_lock_is_retried_until_released(tmp_path, pg_db):
     write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}"}} for i in range(5)])
     handler = steps(tmp_path, "-- step: one\nLOCK TABLE t IN ROW EXCLUSIVE MODE NOWAIT;\nINSERT INTO t VALUES (:k);\n")
     try:
-        proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--max-attempts", "20"), env=pg_db.env)
+        # DEBUG: each retry is logged with its code at that level.
+        proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--max-attempts", "20", "--log-level", "DEBUG"),
+                           env=pg_db.env)
     finally:
         release.join()
         holder.close()
@@ -111,7 +114,8 @@ def test_statement_timeout_is_retried(tmp_path, pg_db):
     write_items(tmp_path / "items.jsonl", [{"id": 1, "payload": {"k": "a"}}])
     handler = steps(tmp_path, "-- step: one\nINSERT INTO t VALUES (:k);\n"
                               "SELECT pg_sleep(CASE WHEN nextval('slow_once') = 1 THEN 5 ELSE 0 END);\n")
-    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--statement-timeout", "0.5"), env=pg_db.env)
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--statement-timeout", "0.5", "--log-level", "DEBUG"),
+                       env=pg_db.env)
     assert summary_of(proc)["done"] == 1, proc.stderr[-3000:]
     assert "QueryCanceled 57014" in proc.stderr
     assert pg_db.execute("SELECT k FROM t") == [("a",)]  # the first try was rolled back
@@ -150,7 +154,7 @@ def test_backend_killed_mid_item_reconnects_and_retries(tmp_path, pg_db):
     assert pg_db.execute("SELECT COUNT(*), COUNT(DISTINCT k) FROM log") == [(7, 7)]
 
 
-def test_deadlock_is_rolled_back_to_the_step_and_retried(tmp_path, pg_db):
+def test_deadlock_rolls_back_the_whole_item_and_is_retried(tmp_path, pg_db):
     pg_db.execute("CREATE TABLE r (id int PRIMARY KEY, v int); INSERT INTO r VALUES (1, 0), (2, 0)")
     write_items(tmp_path / "items.jsonl", [{"id": "a", "payload": {"first": 1, "second": 2}},
                                            {"id": "b", "payload": {"first": 2, "second": 1}}])
@@ -160,7 +164,8 @@ def test_deadlock_is_rolled_back_to_the_step_and_retried(tmp_path, pg_db):
                "END LOOP; END $$;\n")
     handler = steps(tmp_path, "-- step: swap\nUPDATE r SET v = v + 1 WHERE id = :first;\n" + barrier
                     + "UPDATE r SET v = v + 1 WHERE id = :second;\n")
-    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--workers", "2", "--prefetch", "1"), env=pg_db.env)
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--workers", "2", "--prefetch", "1", "--log-level", "DEBUG"),
+                       env=pg_db.env)
     assert summary_of(proc)["done"] == 2, proc.stderr[-3000:]
     assert "DeadlockDetected 40P01" in proc.stderr
     # Each item added one to each row exactly once: the deadlocked try was undone.

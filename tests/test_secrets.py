@@ -115,11 +115,13 @@ def test_no_secret_reaches_any_output_of_a_run(tmp_path, s3_server, s3_bucket):
             assert secret not in text, f"{secret} appears in {name}"
     # The handler did try: its attempts were redacted, not silent.
     assert outputs["stderr"].count(REDACTED) >= 3 * 3 + 2 * 4
-    # The log file has every record stderr has; what handlers print goes to stderr only.
-    assert outputs["job.log"].count(REDACTED) == outputs["stderr"].count(REDACTED) - 5
+    # The log file has every record stderr has; what handlers print (to stdout or stderr) goes to
+    # stderr only, and stdout holds the summary alone.
+    assert outputs["job.log"].count(REDACTED) == outputs["stderr"].count(REDACTED) - 10
     assert "cannot use token [redacted]" in outputs["report"]
-    assert outputs["stdout"].count("printed token [redacted]") == 5
+    assert outputs["stderr"].count("printed token [redacted]") == 5
     assert outputs["stderr"].count("printed password [redacted]") == 5
+    assert len(outputs["stdout"].splitlines()) == 1 and json.loads(outputs["stdout"]) == json.loads(outputs["xcom"])
     results = [json.loads(line) for name, text in outputs.items() if name.startswith("manifest object")
                for line in text.splitlines()[1:] if line.startswith("{") and '"result"' in line]
     assert {r["id"]: r["result"]["token"] for r in results if r["result"] and "token" in r["result"]} == {

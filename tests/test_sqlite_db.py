@@ -75,11 +75,12 @@ def test_locked_database_is_retried_until_released(tmp_path):
         holder.close()
     summary = summary_of(proc)
     assert summary["done"] == 10 and proc.returncode == 0, proc.stderr[-2000:]
-    assert "SQLITE_BUSY" in proc.stderr
+    assert summary["retries"] >= 1  # SQLITE_BUSY: retried by the run, not waited out in a worker
     assert query(db, "SELECT COUNT(*) FROM t") == [(10,)]
 
 
 BAD_INPUT_STEPS = """\
+-- allow target: dst
 -- step: log
 INSERT INTO log (k) VALUES (:k);
 -- step: load
@@ -105,6 +106,7 @@ def test_bad_input_fails_the_item_at_once_with_nothing_committed(tmp_path):
     records = latest(tmp_path)
     assert records["no-bind"]["error"]["code"] == "SQL-BIND" and ":k" in records["no-bind"]["error"]["message"]
     assert records["injection"]["error"]["code"] == "SQL-IDENTIFIER"
+    assert records["injection"]["error"]["kind"] == records["no-bind"]["error"]["kind"] == "invalid"
     assert records["injection"]["attempts"] == records["no-bind"]["attempts"] == 1
     assert query(db, "SELECT k FROM log") == [("a",)]
     assert query(db, "SELECT COUNT(*) FROM x") == [(0,)]  # the table is still there
@@ -114,7 +116,7 @@ def test_dry_run_refuses_unsafe_identifiers_with_exit_2(tmp_path):
     db = bad_input_setup(tmp_path)
     proc = run_bulkjob(*run_args(tmp_path, db, f"sql:{tmp_path / 's.sql'}", "--dry-run"))
     assert proc.returncode == 2
-    assert "item injection: {target}: 't; DROP TABLE x' is not a plain SQL identifier" in proc.stderr
+    assert "item injection: {target}: 't; DROP TABLE x' is not a plain name" in proc.stderr
     assert "item no-bind: :k: the payload has no 'k'" in proc.stderr
     assert query(db, "SELECT COUNT(*) FROM log") == [(0,)]
 
@@ -224,3 +226,48 @@ def test_session_sql_from_the_environment_is_one_statement_a_line(tmp_path):
     proc = run_bulkjob(*run_args(tmp_path, db, f"sql:{tmp_path / 's.sql'}"), env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert query(db, "SELECT v, n FROM out") == [("a b c", 2)]
+
+
+def test_in_transaction_and_connect_failed(tmp_path):
+    from job.db import Database, parse_db_url
+
+    path = tmp_path / "x.db"
+    database = Database(parse_db_url(f"sqlite:///{path}"))
+    assert database.in_transaction() is False and database.connect_failed is False  # no session yet
+    with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):
+        database.connection()
+    assert database.connect_failed  # it failed while opening the session
+    make_db(path, "CREATE TABLE t (k INT);")
+    conn = database.connection()
+    assert database.connect_failed is False
+    conn.execute("SELECT * FROM t").fetchall()
+    assert database.in_transaction() is False  # a read leaves nothing to commit
+    conn.execute("INSERT INTO t VALUES (1)")
+    assert database.in_transaction() is True
+    conn.commit()
+    assert database.in_transaction() is False
+    conn.execute("INSERT INTO t VALUES (2)")
+    database.discard()  # closing drops the uncommitted row
+    assert database.in_transaction() is False
+    assert query(path, "SELECT k FROM t") == [(1,)]
+
+
+@pytest.mark.parametrize("error, width, expected", [
+    ({"code": "ORA-00001", "class": "IntegrityError", "message": "unique constraint violated"}, None,
+     "ORA-00001 IntegrityError: unique constraint violated"),
+    ({"code": "ORA-00001", "class": "IntegrityError", "message": "unique constraint violated"}, 20,
+     "ORA-00001 IntegrityE"),
+    # A column that counts bytes (VARCHAR2(12) BYTE) gets no more than 12 bytes of UTF-8, and no
+    # half character.
+    ({"class": "E", "message": "évènement"}, 12, "E: évèneme"),
+    ({"class": "E", "message": "évènement"}, 4, "E: "),
+    ({"message": "x" * 5000}, None, "x" * 1000),
+    (None, 10, None),
+])
+def test_error_text_fits_the_column(error, width, expected):
+    from job.db.worktable import error_text
+
+    text = error_text(error, width)
+    assert text == expected
+    if text is not None and width is not None:
+        assert len(text.encode("utf-8")) <= width

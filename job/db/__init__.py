@@ -1,25 +1,34 @@
 """Databases: settings from `--db`, the worker's connection, error classification, batch DML.
 
 The dialect modules own the drivers: only `oracle` imports oracledb, only `postgres` imports
-psycopg, only `sqlite` imports sqlite3. Nothing here connects at import or in the parent
-unless items come from the database; workers open their own connection after they start.
+psycopg, only `sqlite` imports sqlite3. Nothing here connects at import. The parent connects
+for the preflight and to read items from the database; workers open their own connection
+after they start.
+
+Each dialect module provides the same names: PARAMSTYLE, NOW and TRIVIAL_QUERY;
+`check_settings(settings)` (the driver's reading of the URL, UsageError if it cannot),
+`connect(settings, password)`, `usable(conn)`, `uncommitted(conn)`, `begin(conn)`,
+`classify(exc)`, `executemany(conn, sql, rows, batch_size=)`, `items_cursor(conn)` (a cursor
+that fetches large text as str) and `limit_calls(conn, seconds)` (a client-side bound on each
+round trip, where the driver has one).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ..errors import EXIT_UNAVAILABLE, BulkjobError, Permanent, Unreachable, UsageError
-from ..outcome import DATABASE, OUTAGE, PERMANENT, Failure
+from ..errors import EXIT_UNAVAILABLE, BulkjobError, HandlerError, Permanent, Unreachable, UsageError
+from ..outcome import CONFIG, DATABASE, INVALID, OUTAGE, PERMANENT, Failure
 
 #: Default seconds to wait for a connection, TCP connect and login together: a listener that
 #: accepts and never answers must cost a worker this long, not forever.
@@ -34,9 +43,16 @@ COMMIT_ITEM = "item"
 COMMIT_STEP = "step"
 
 #: URL scheme -> dialect module name.
-_SCHEMES = {"oracle": "oracle", "oracle+oracledb": "oracle", "postgresql": "postgres",
-            "postgres": "postgres", "sqlite": "sqlite"}
+_SCHEMES = {"oracle": "oracle", "oracle+oracledb": "oracle", "oracle+tcps": "oracle",
+            "oracle+oracledb+tcps": "oracle", "postgresql": "postgres", "postgres": "postgres",
+            "sqlite": "sqlite"}
+#: Schemes that connect over TLS (Oracle's `tcps` protocol; PostgreSQL says it with ?sslmode=).
+_TLS_SCHEMES = frozenset({"oracle+tcps", "oracle+oracledb+tcps"})
 _DEFAULT_PORTS = {"oracle": 1521, "postgres": 5432}
+#: A query parameter whose name holds one of these (lower case, without `_`, `-` and `.`) is a
+#: password: libpq's `password` and `sslpassword`, Oracle's `wallet_password`, JDBC's
+#: `javax.net.ssl.keyStorePassword`, and the short forms `passwd` and `pwd`.
+_PASSWORD_WORDS = ("password", "passwd", "pwd")
 
 
 class ConnectTimeout(BulkjobError, TimeoutError):
@@ -46,7 +62,13 @@ class ConnectTimeout(BulkjobError, TimeoutError):
 
 
 class DatabaseUnavailable(Unreachable):
-    """Raised in the parent when the database could not be reached (preflight, reading items)."""
+    """Raised in the parent when the database could not be reached (preflight, reading items),
+    or its own query met a passing error (a lock, --retry-on): the caller may wait and retry."""
+
+
+class InvalidPayload(HandlerError):
+    """Raised before any SQL runs when an item's payload cannot fill the SQL (a missing bind, an
+    identifier outside its declaration): the item fails as `invalid`, at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +85,8 @@ class DbSettings:
     #: Extra driver parameters from the URL's query string.
     params: tuple[tuple[str, str], ...] = ()
     password_file: str | None = None
+    #: Connect over TLS (`oracle+tcps://`).
+    tls: bool = False
     session_sql: tuple[str, ...] = ()
     statement_timeout: float | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
@@ -84,19 +108,31 @@ class RowError:
 def parse_db_url(url: str, **options: Any) -> DbSettings:
     """DbSettings from `--db URL` plus the other database options (keyword arguments).
 
-    `oracle://user@host:port/service_name`, `postgresql://user@host:port/dbname` and
-    `sqlite:///relative/path` or `sqlite:////absolute/path`. A password in the URL is refused:
-    it would show in `ps`, in pod specs and in logs.
+    `oracle://user@host:port/service_name` (`oracle+tcps://` for TLS),
+    `postgresql://user@host:port/dbname` and `sqlite:///relative/path` or
+    `sqlite:////absolute/path`. A password in the URL, in its authority part or as a query
+    parameter (`?password=`, `?sslpassword=`, `?wallet_password=` ...), is refused without
+    being echoed: it would show in `ps`, in pod specs and in logs.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
-        raise UsageError(f"--db {_safe(url)}: expected oracle://, postgresql:// or sqlite:/// URL")
+        raise UsageError(f"--db {_safe(url)}: expected oracle://, oracle+tcps://, postgresql:// or "
+                         "sqlite:/// URL")
     dialect = _SCHEMES[scheme]
-    if parts.password is not None:
+    try:
+        has_password = parts.password is not None
+    except ValueError:  # an unparseable authority: say nothing of what it holds
+        raise UsageError("--db: the URL's user@host:port part cannot be read") from None
+    if has_password:
         raise UsageError("--db: put the password in BULKJOB_DB_PASSWORD or --db-password-file, "
                          "never in the URL")
     params = tuple(parse_qsl(parts.query, keep_blank_values=True))
+    for name, _ in params:
+        if is_password_parameter(name):
+            raise UsageError(f"--db: the query parameter {name!r} is a password; put it in "
+                             "BULKJOB_DB_PASSWORD or --db-password-file (a wallet's in "
+                             "BULKJOB_DB_WALLET_PASSWORD), never in the URL")
     if dialect == "sqlite":
         path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
         if parts.netloc or not path or path == ":memory:":
@@ -113,15 +149,43 @@ def parse_db_url(url: str, **options: Any) -> DbSettings:
         what = "service name" if dialect == "oracle" else "database name"
         raise UsageError(f"--db {_safe(url)}: no {what} after the host")
     return DbSettings(dialect, url, user=unquote(parts.username) if parts.username else None,
-                      host=parts.hostname, port=port, database=database, params=params, **options)
+                      host=parts.hostname, port=port, database=database, params=params,
+                      tls=scheme in _TLS_SCHEMES, **options)
+
+
+def is_password_parameter(name: str) -> bool:
+    """Whether a URL query parameter's name says that its value is a password."""
+    folded = name.lower().replace("_", "").replace("-", "").replace(".", "")
+    return any(word in folded for word in _PASSWORD_WORDS)
 
 
 def _safe(url: str) -> str:
-    """The URL without anything between `//` and `@`, in case a password was put there."""
+    """The URL for a message: nothing between `//` and `@` (a password may be there), and no
+    query string (a password-like parameter may be there)."""
     head, sep, rest = url.partition("://")
+    rest = rest.split("?", 1)[0]
     if sep and "@" in rest.split("/", 1)[0]:
         return f"{head}://***@{rest.split('@', 1)[1]}"
-    return url
+    return f"{head}{sep}{rest}"
+
+
+def plain_sql(sql: str, dialect: str) -> str:
+    """SQL given on the command line (--items-sql, --session-sql) as the driver takes it: a
+    trailing `;` (and a SQL*Plus `/` line) pasted from a script is dropped, since Oracle refuses
+    it (ORA-00933, ORA-03048), except at the end of an Oracle PL/SQL block, which needs it."""
+    text = sql.strip()
+    lines = text.splitlines()
+    if len(lines) > 1 and lines[-1].strip() == "/":
+        text = "\n".join(lines[:-1]).rstrip()
+    if dialect == "oracle" and _PLSQL_BLOCK.match(text):
+        return text
+    while text.endswith(";"):
+        text = text[:-1].rstrip()
+    return text
+
+
+#: An Oracle PL/SQL block, whose last `;` belongs to it: DECLARE, BEGIN or a <<label>> first.
+_PLSQL_BLOCK = re.compile(r"\s*(?:<<\s*\w+\s*>>\s*)*(?:DECLARE|BEGIN)\b", re.IGNORECASE)
 
 
 def db_settings(url: str | None, *, password_file: str | None = None, session_sql: Iterable[str] = (),
@@ -135,9 +199,14 @@ def db_settings(url: str | None, *, password_file: str | None = None, session_sq
         return None
     if password_file is not None and not os.path.isfile(password_file):
         raise UsageError(f"--db-password-file {password_file}: no such file")
-    return parse_db_url(url, password_file=password_file, session_sql=session_sql,
-                        statement_timeout=statement_timeout,
-                        connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT, commit=commit)
+    settings = parse_db_url(url, password_file=password_file, session_sql=session_sql,
+                            statement_timeout=statement_timeout,
+                            connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT, commit=commit)
+    settings = replace(settings, session_sql=tuple(plain_sql(sql, settings.dialect) for sql in session_sql))
+    # The driver's own reading of the connection parameters: a typo is a usage error now, not
+    # a failed connect in every worker.
+    dialect_of(settings).check_settings(settings)
+    return settings
 
 
 def read_password(settings: DbSettings, environ: dict[str, str] | None = None) -> str | None:
@@ -163,34 +232,60 @@ def dialect_of(settings: DbSettings) -> ModuleType:
         raise UsageError(f"--db {settings.dialect}: driver not installed: {e}{extra}") from None
 
 
-def preflight(settings: DbSettings) -> None:
-    """Connect with the session settings, run the dialect's trivial query, close. Raises what
-    the driver raised (classify it with `classifiers(settings)`)."""
-    dialect = dialect_of(settings)
-    conn = dialect.connect(settings, read_password(settings))
-    try:
-        cur = conn.cursor()
-        try:
-            cur.execute(dialect.TRIVIAL_QUERY)
-            cur.fetchall()
-        finally:
-            cur.close()
-        conn.rollback()
-    finally:
-        close_quietly(conn)
-
-
 def classify_common(exc: BaseException) -> Failure | None:
-    """Errors of ours about the connection, whatever the dialect."""
+    """Errors of ours, whatever the dialect: a connect that outlasted --connect-timeout is an
+    outage; a payload that cannot fill the SQL is an invalid item."""
     if isinstance(exc, ConnectTimeout):
         return Failure(OUTAGE, "ConnectTimeout", str(exc), code="CONNECT-TIMEOUT", reconnect=True,
                        system=DATABASE, connecting=True)
+    if isinstance(exc, InvalidPayload):
+        return Failure(INVALID, type(exc).__name__, str(exc), code=exc.code)
     return None
 
 
 def classifiers(settings: DbSettings) -> tuple[Callable[[BaseException], Failure | None], ...]:
     """The classifiers `retry.classify` consults before its generic rules."""
     return (classify_common, dialect_of(settings).classify)
+
+
+def preflight(settings: DbSettings) -> None:
+    """What the parent checks before the first item: connect as a worker does (--session-sql and
+    the statement timeout applied), run the dialect's TRIVIAL_QUERY, roll back, close.
+
+    Raises what the driver raised, or ConnectTimeout when the connect or the query takes longer
+    than --connect-timeout; `preflight_failure` turns that into a Failure.
+    """
+    dialect = dialect_of(settings)
+    conn = dialect.connect(settings, read_password(settings))
+    try:
+        def trivial_query() -> None:
+            cur = conn.cursor()
+            try:
+                cur.execute(dialect.TRIVIAL_QUERY)
+                cur.fetchall()
+            finally:
+                cur.close()
+            conn.rollback()
+
+        call_with_timeout(trivial_query, settings.connect_timeout, f"{dialect.TRIVIAL_QUERY} (preflight)")
+    finally:
+        close_quietly(conn)
+
+
+def preflight_failure(settings: DbSettings, exc: BaseException, *, retry_on: Iterable[str] = (),
+                      outage_on: Iterable[str] = ()) -> Failure:
+    """The Failure for an exception `preflight(settings)` raised, with `connecting=True`.
+
+    `kind` is OUTAGE (the database cannot be reached: wait and try again), or CONFIG (it refused
+    our settings: a wrong password, a missing database, a bad --session-sql: stop with exit 2).
+    A trivial query cannot fail for an item's reason, so a permanent error is CONFIG too; a
+    passing one (a lock, --retry-on) stays RETRYABLE: try again as for an outage.
+    """
+    from ..retry import classify
+
+    failure = classify(exc, retry_on=retry_on, outage_on=outage_on, classifiers=classifiers(settings))
+    kind = CONFIG if failure.kind in (PERMANENT, INVALID) else failure.kind
+    return replace(failure, kind=kind, system=DATABASE, connecting=True)
 
 
 class Database:
@@ -200,13 +295,15 @@ class Database:
         self.settings = settings
         self.dialect = dialect_of(settings)
         self._conn = None
-        #: The last call of connection() failed while opening a session (not in mid-item).
+        #: Whether the last call of connection() failed while opening a session (in the
+        #: dialect's connect: TCP, TLS, login, --session-sql), not in the middle of an item.
+        #: False again once connection() returns; a worker may clear it before an attempt.
         self.connect_failed = False
 
     def connection(self):
         """The open DB-API connection; (re)connects when there is none or it is known dead."""
         if self._conn is not None and not self.dialect.usable(self._conn):
-            self._discard()
+            self.discard()
         if self._conn is None:
             self.connect_failed = True
             self._conn = self.dialect.connect(self.settings, read_password(self.settings))
@@ -214,13 +311,16 @@ class Database:
         return self._conn
 
     def in_transaction(self) -> bool:
-        """Whether the session holds changes that are neither committed nor rolled back."""
+        """Whether the session holds changes that are neither committed nor rolled back (sqlite3
+        `in_transaction`, psycopg's transaction status with a transaction id assigned,
+        python-oracledb `transaction_in_progress`). False without a session. A session that
+        cannot even say is dropped (its changes went with it) and the answer is False."""
         if self._conn is None:
             return False
         try:
-            return self.dialect.uncommitted(self._conn)
+            return bool(self.dialect.uncommitted(self._conn))
         except Exception:
-            self._discard()  # a session that cannot even say is dead: nothing was kept
+            self.discard()
             return False
 
     def after_failure(self, failure: Failure) -> None:
@@ -228,12 +328,12 @@ class Database:
         if self._conn is None:
             return
         if failure.reconnect:
-            self._discard()
+            self.discard()
             return
         try:
             self._conn.rollback()
         except Exception:
-            self._discard()
+            self.discard()
 
     def executemany(self, sql: str, rows: Iterable[Any], *,
                     batch_size: int = DEFAULT_BATCH_SIZE) -> list[RowError]:
@@ -241,18 +341,20 @@ class Database:
 
         Rows a database refuses for their data (constraint, conversion) are returned with their
         offset; the others stay applied in the open transaction, and the caller commits or
-        rolls back. Any other error (connection, missing table) is raised.
+        rolls back. Any other error (connection, lock, deadlock, missing table) is raised.
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         return self.dialect.executemany(self.connection(), sql, rows, batch_size=batch_size)
 
-    def close(self) -> None:
-        self._discard()
-
-    def _discard(self) -> None:
+    def discard(self) -> None:
+        """Drop the session without ending its transaction (closing rolls it back); the next
+        connection() opens a new one."""
         conn, self._conn = self._conn, None
         close_quietly(conn)
+
+    def close(self) -> None:
+        self.discard()
 
 
 def batches(rows: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]]]:

@@ -2,66 +2,191 @@
 that imports oracledb.
 
 Error classification follows what thin mode really raises: dead sessions come as DPY-4011
-with the ORA number kept in `.code`, connection failures as DPY-6000/6001/6005, call timeouts
-as DPY-4024; an unresolvable host is a `socket.gaierror` from the standard library.
+with the ORA number kept in `.code`, connection failures as DPY-6000/6001/6005 (whose message
+and cause carry the reason, such as DPY-3001 for native network encryption), call timeouts as
+DPY-4024; an unresolvable host is a `socket.gaierror` from the standard library.
+
+Thin mode's limits that matter here: no native network encryption (use TLS, `oracle+tcps://`),
+no Transparent Application Failover and no Application Continuity (a session lost mid-item is
+an outage: the item runs again on a new session).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import socket
-from collections.abc import Iterable
+import ssl
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import oracledb
 
-from ..outcome import PERMANENT, RETRYABLE, Failure
+from ..errors import UsageError
+from ..outcome import CONFIG, DATABASE, OUTAGE, PERMANENT, RETRYABLE, Failure
 from . import DbSettings, RowError, batches, call_with_timeout, prepare_session
 
 PARAMSTYLE = "named"
-SAVEPOINT = "SAVEPOINT {name}"
-ROLLBACK_TO = "ROLLBACK TO SAVEPOINT {name}"
-#: Oracle has no RELEASE SAVEPOINT: savepoints live until the transaction ends.
-RELEASE = None
+NOW = "SYSTIMESTAMP"
 #: What the preflight runs to see that a session works.
 TRIVIAL_QUERY = "SELECT 1 FROM DUAL"
-NOW = "SYSTIMESTAMP"
+#: Minutes an idle connection waits before thin mode's TCP keepalive probes start
+#: (`expire_time`): a firewall or load balancer that drops idle connections (an AWS NLB after
+#: 350 s) is then noticed in about two minutes, not when TCP gives up after fifteen. `?expire_time=N`
+#: in the URL overrides it (0 turns it off).
+DEFAULT_EXPIRE_TIME = 1
+#: Where the password of an encrypted PEM wallet (ewallet.pem, for mutual TLS) comes from: never
+#: the URL.
+WALLET_PASSWORD_ENV = "BULKJOB_DB_WALLET_PASSWORD"
 
-#: The session is gone or was never made: reconnect, then retry. Thin mode raises most of
+#: The database cannot be reached or ended the session: an outage, not the item's fault.
+#: Reconnect, then run the item again without spending an attempt. Thin mode raises most of
 #: these as DPY codes; the ORA numbers are what a server (or thick mode) sends as they are.
-RECONNECT = frozenset({
-    "DPY-1001",  # not connected
-    "DPY-4005",  # timed out waiting for a pooled connection
+UNREACHABLE = frozenset({
     "DPY-4011",  # the database or network closed the connection (ORA-03113, 03135, 00028 ...)
-    "DPY-4024",  # call timeout (--statement-timeout) exceeded: the round trip was abandoned
+    "DPY-4033",  # the database closed the connection: idle time exceeded
     "DPY-6000",  # the listener refused the connection
-    "DPY-6001",  # the service is not registered with the listener
-    "DPY-6005",  # cannot connect (no listener, reset, TLS ...)
-    "ORA-00028", "ORA-01012", "ORA-01033", "ORA-01034", "ORA-01089", "ORA-01092", "ORA-02396",
-    "ORA-03113", "ORA-03114", "ORA-03135", "ORA-12170", "ORA-12514", "ORA-12537", "ORA-12541",
-    "ORA-12570", "ORA-12571", "ORA-25408",
+    "DPY-6001",  # the service is not registered with the listener (yet: startup, failover)
+    "DPY-6003",  # the SID is not registered with the listener
+    "DPY-6005",  # cannot connect (no listener, reset, timeout ...), unless REFUSED says why
+    "ORA-00018", "ORA-00020",  # maximum sessions / processes exceeded: wait for others to leave
+    "ORA-00028", "ORA-01012", "ORA-01033", "ORA-01034", "ORA-01089", "ORA-01090", "ORA-01092",
+    "ORA-02396", "ORA-03113", "ORA-03114", "ORA-03135", "ORA-12170", "ORA-12514", "ORA-12516",
+    "ORA-12518", "ORA-12519", "ORA-12520", "ORA-12521", "ORA-12526", "ORA-12527", "ORA-12528",
+    "ORA-12537", "ORA-12541", "ORA-12543", "ORA-12547", "ORA-12570", "ORA-12571", "ORA-25408",
 })
-#: Worth retrying on the same session after a rollback (to the step's savepoint).
-SAME_SESSION = frozenset({
+#: The database refuses our settings: trying again cannot help until the configuration is
+#: fixed, and every failed login counts towards locking the account (the DEFAULT profile locks
+#: it after 10, for a day, for every user of that account).
+REFUSED = frozenset({
+    "ORA-01017",  # invalid username/password; logon denied
+    "ORA-28000",  # the account is locked
+    "ORA-28001",  # the password has expired
+    "ORA-01045",  # the user lacks CREATE SESSION privilege
+    "ORA-01005",  # null password given
+    "ORA-28040",  # no matching authentication protocol
+    "ORA-12660",  # encryption or crypto-checksumming parameters incompatible
+    "ORA-28547",  # connection to server failed, probable Oracle Net admin error
+    "DPY-2018",   # the wallet file (ewallet.pem) was not found
+    "DPY-3001",   # a feature thin mode lacks, such as native network encryption (under DPY-6005)
+    "DPY-3010",   # a database version thin mode does not support
+    "DPY-3015",   # a password verifier type thin mode does not support (10G)
+    "DPY-4001",   # no credentials
+    "DPY-4017", "DPY-4018", "DPY-4021",  # a connect string the driver cannot use
+    "DPY-4032",   # an invalid TLS version
+    "DPY-6002", "DPY-6006", "DPY-6008", "DPY-6009",  # the server's certificate or name does not match
+})
+#: The session is unusable, the database is not in question: reconnect, then retry (an attempt).
+NEW_SESSION = frozenset({
+    "DPY-1001",  # not connected (the connection was closed)
+    "DPY-4005",  # timed out waiting for a pooled connection
+    "DPY-4024",  # call timeout (--statement-timeout) exceeded: thin mode drops the session
+})
+#: Worth another attempt after the transaction is rolled back (always all of it: on Oracle a
+#: rollback to a savepoint does not release a deadlock's waiter).
+PASSING = frozenset({
     "ORA-00051",  # timeout waiting for a resource
     "ORA-00054",  # resource busy and acquire with NOWAIT specified or timeout expired
-    "ORA-00060",  # deadlock detected: the statement was rolled back, the transaction was not
+    "ORA-00060",  # deadlock detected
+    "ORA-01555",  # snapshot too old
+    "ORA-02049",  # timeout: distributed transaction waiting for lock
+    "ORA-04020",  # deadlock detected while trying to lock object
     "ORA-04021",  # timeout waiting to lock an object
+    "ORA-04061",  # existing state of a package has been invalidated (recompiled)
+    "ORA-04065",  # not executed, a package was altered or dropped
+    "ORA-04068",  # existing state of packages has been discarded
     "ORA-08177",  # can't serialize access for this transaction
     "ORA-30006",  # resource busy; acquire with WAIT timeout expired
+    "ORA-63302",  # transaction must roll back: a priority transaction took its lock (23ai)
 })
-#: Retryable, but only with a new transaction: the serializable snapshot is the transaction's.
-RESTART_TRANSACTION = frozenset({"ORA-08177"})
-
+#: Row errors of a batch that are the row's data, returned as RowError; any other row error
+#: (a lock, a deadlock, a missing privilege) is raised.
+DATA_ERRORS = frozenset({
+    1,      # unique constraint violated
+    1400,   # cannot insert NULL
+    1407,   # cannot update to NULL
+    1401, 12899,  # value too large for column
+    1438,   # value larger than specified precision
+    1426,   # numeric overflow
+    1722,   # invalid number
+    1858,   # a non-numeric character was found where a numeric was expected
+    1830, 1839, 1840, 1841, 1843, 1847, 1850, 1851, 1852, 1861,  # date conversions
+    1461,   # can bind a LONG value only for insert into a LONG column
+    2290,   # check constraint violated
+    2291,   # parent key not found
+    2292,   # child record found
+    6502,   # PL/SQL numeric or value error (in a trigger)
+    40441, 40479,  # JSON syntax error, JSON serializer error
+})
+#: Statements that accept `batcherrors=True` (DPY-2040 for anything else, a PL/SQL block too).
+_BATCH_ERROR_STATEMENTS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
+_FIRST_WORD = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*\(*\s*([A-Za-z]+)", re.S)
+_CODE_IN_TEXT = re.compile(r"\b(?:DPY|ORA)-\d{4,5}\b")
+#: An Easy Connect parameter value that needs no double quotes.
+_PLAIN_VALUE = re.compile(r"[\w./:@+-]*")
 _EAI_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("EAI_")}
 
 
 def dsn(settings: DbSettings) -> str:
-    """Easy Connect string `host:port/service_name[?params]` for oracledb."""
+    """Easy Connect string `[tcps://]host:port/service_name[?params]` for oracledb."""
     host = settings.host or ""
     if ":" in host:
         host = f"[{host}]"
-    query = "&".join(f"{k}={v}" for k, v in settings.params)
-    return f"{host}:{settings.port}/{settings.database}" + (f"?{query}" if query else "")
+    query = "&".join(f"{k}={_ezconnect_value(v)}" for k, v in settings.params)
+    protocol = "tcps://" if settings.tls else ""
+    return f"{protocol}{host}:{settings.port}/{settings.database}" + (f"?{query}" if query else "")
+
+
+def _ezconnect_value(value: str) -> str:
+    """A parameter value as Easy Connect takes it: double-quoted when it holds `=`, `,`, spaces
+    and the like (a certificate DN)."""
+    if _PLAIN_VALUE.fullmatch(value) or (len(value) > 1 and value[0] == value[-1] == '"'):
+        return value
+    return f'"{value}"'
+
+
+def connect_params(settings: DbSettings) -> oracledb.ConnectParams:
+    """The ConnectParams every connection is made with: the DSN (TLS, wallet and DN settings
+    from the URL's query string), `expire_time` (DEFAULT_EXPIRE_TIME unless the URL gives one)
+    and `tcp_connect_timeout` from --connect-timeout."""
+    params = oracledb.ConnectParams(expire_time=DEFAULT_EXPIRE_TIME, tcp_connect_timeout=settings.connect_timeout)
+    # Parameters in the connect string override the ones set above.
+    params.parse_connect_string(dsn(settings))
+    return params
+
+
+def check_settings(settings: DbSettings, environ: dict[str, str] | None = None) -> None:
+    """The URL as the driver reads it, and the wallet it names; UsageError for what cannot be
+    used, before any connect."""
+    try:
+        params = connect_params(settings)
+    except oracledb.Error as e:
+        raise UsageError(f"--db: {_first_line(str(e))}") from None
+    wallet = params.wallet_location
+    if wallet and wallet.upper() != "SYSTEM":
+        _check_wallet(os.path.join(wallet, "ewallet.pem"),
+                      (os.environ if environ is None else environ).get(WALLET_PASSWORD_ENV))
+
+
+def _check_wallet(path: str, password: str | None) -> None:
+    """A PEM wallet thin mode can use: there, and its private key (mutual TLS) readable with the
+    password given. Without this, a wrong password shows only as the server closing the TLS
+    handshake (an outage), and a missing one makes OpenSSL prompt on the worker's terminal."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            has_key = "PRIVATE KEY" in f.read()
+    except OSError as e:
+        raise UsageError(f"--db: wallet_location: cannot read {path}: {e.strerror} (thin mode reads the PEM "
+                         "wallet ewallet.pem; leave wallet_location out to use the system's CA "
+                         "certificates)") from None
+    if not has_key:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(path, password=lambda: password or "")
+    except (ssl.SSLError, OSError):
+        given = "set" if password else "not set"
+        raise UsageError(f"--db: the private key in {path} cannot be loaded with {WALLET_PASSWORD_ENV} "
+                         f"({given}): a wrong password, or a key that does not match its certificate") from None
 
 
 def call_timeout_ms(settings: DbSettings) -> int:
@@ -71,11 +196,15 @@ def call_timeout_ms(settings: DbSettings) -> int:
     return max(1, round(settings.statement_timeout * 1000))
 
 
-def connect(settings: DbSettings, password: str | None):
+def connect(settings: DbSettings, password: str | None, environ: dict[str, str] | None = None):
     """A new thin-mode connection with --statement-timeout and --session-sql applied."""
+    params = connect_params(settings)
+    wallet_password = (os.environ if environ is None else environ).get(WALLET_PASSWORD_ENV)
+    if wallet_password:
+        params.set(wallet_password=wallet_password)
+
     def login():
-        return oracledb.connect(user=settings.user, password=password, dsn=dsn(settings),
-                                tcp_connect_timeout=settings.connect_timeout)
+        return oracledb.connect(params=params, user=settings.user, password=password)
 
     conn = call_with_timeout(login, settings.connect_timeout,
                              f"connecting to Oracle at {settings.host}:{settings.port}")
@@ -96,12 +225,35 @@ def usable(conn) -> bool:
 
 
 def uncommitted(conn) -> bool:
-    """Oracle opens a transaction with the first DML statement, not with a query."""
+    """Oracle opens a transaction with the first DML statement (or SELECT FOR UPDATE), not with
+    a query."""
     return conn.transaction_in_progress
 
 
 def begin(conn) -> None:
     """Oracle starts a transaction with the first DML statement: nothing to do."""
+
+
+def limit_calls(conn, seconds: float) -> None:
+    """Bound every round trip on `conn` (DPY-4024 past it): a call on a connection that a
+    firewall dropped would otherwise hang until TCP gives up."""
+    conn.call_timeout = max(1, round(seconds * 1000))
+
+
+def items_cursor(conn):
+    """A cursor that fetches CLOBs as str and BLOBs as bytes (`fetch_lobs=False`): a payload
+    in a CLOB would otherwise cost a round trip per row to read."""
+    cur = conn.cursor()
+
+    def as_value(cursor, metadata):
+        if metadata.type_code in (oracledb.DB_TYPE_CLOB, oracledb.DB_TYPE_NCLOB):
+            return cursor.var(oracledb.DB_TYPE_LONG, arraysize=cursor.arraysize)
+        if metadata.type_code is oracledb.DB_TYPE_BLOB:
+            return cursor.var(oracledb.DB_TYPE_LONG_RAW, arraysize=cursor.arraysize)
+        return None
+
+    cur.outputtypehandler = as_value
+    return cur
 
 
 def classify(exc: BaseException) -> Failure | None:
@@ -111,33 +263,99 @@ def classify(exc: BaseException) -> Failure | None:
     whether trying again makes sense.
     """
     if isinstance(exc, socket.gaierror):
-        return Failure(RETRYABLE, "gaierror", f"cannot resolve the database host: {exc}",
-                       code=_EAI_NAMES.get(exc.errno, "EAI"), reconnect=True)
+        return Failure(OUTAGE, "gaierror", f"cannot resolve the database host: {exc}",
+                       code=_EAI_NAMES.get(exc.errno, "EAI"), reconnect=True, system=DATABASE)
     if not isinstance(exc, oracledb.Error):
         return None
-    error = exc.args[0] if exc.args else None
-    full_code = str(getattr(error, "full_code", "") or "")
-    number = int(getattr(error, "code", 0) or 0)
-    ora = f"ORA-{number:05d}" if number else None
-    code = full_code or ora
-    if full_code.startswith("DPY-") and ora:
-        code = f"{full_code}/{ora}"
+    full_code, ora = _codes(exc)
+    code = f"{full_code}/{ora}" if full_code.startswith("DPY-") and ora else (full_code or ora)
     name = type(exc).__name__
     message = str(exc)
-    if full_code in RECONNECT or ora in RECONNECT:
+    own = {full_code, ora}
+    if (own | _codes_within(exc)) & REFUSED or _tls_refused(exc):
+        return Failure(CONFIG, name, message, code=code, reconnect=True, system=DATABASE)
+    if own & UNREACHABLE:
+        return Failure(OUTAGE, name, message, code=code, reconnect=True, system=DATABASE)
+    if full_code in NEW_SESSION:
         return Failure(RETRYABLE, name, message, code=code, reconnect=True)
-    if full_code in SAME_SESSION:
+    if own & PASSING:
         return Failure(RETRYABLE, name, message, code=code)
     return Failure(PERMANENT, name, message, code=code)
 
 
+def _codes(exc: BaseException) -> tuple[str, str | None]:
+    """(full code such as `DPY-4011` or `ORA-00060`, `ORA-nnnnn` from `.code` or None)."""
+    error = exc.args[0] if exc.args else None
+    full_code = str(getattr(error, "full_code", "") or "")
+    number = int(getattr(error, "code", 0) or 0)
+    return full_code, (f"ORA-{number:05d}" if number else None)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and what caused it, as the driver chains them (DPY-6005 from DPY-3001)."""
+    current: BaseException | None = exc
+    for _ in range(10):  # a bound, should a chain ever loop
+        if current is None:
+            return
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _codes_within(exc: BaseException) -> set[str]:
+    """The driver and server codes of the errors this one carries: its causes', and those the
+    driver wrote into its message (the cause's text follows the first line)."""
+    found = set(_CODE_IN_TEXT.findall(str(exc)))
+    for cause in _chain(exc):
+        if isinstance(cause, oracledb.Error):
+            found.update(c for c in _codes(cause) if c)
+    return found
+
+
+def _tls_refused(exc: BaseException) -> bool:
+    """A TLS handshake that failed for a reason of configuration (a certificate that does not
+    verify, a protocol mismatch), not because the connection was cut."""
+    cut = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+    return any(isinstance(e, ssl.SSLError) and not isinstance(e, cut) for e in _chain(exc))
+
+
+def is_dml(sql: str) -> bool:
+    """Whether a statement is INSERT, UPDATE, DELETE or MERGE (the ones batch errors work for)."""
+    m = _FIRST_WORD.match(sql)
+    return m is not None and m.group(1).upper() in _BATCH_ERROR_STATEMENTS
+
+
+def split_batch_errors(errors: Iterable[Any], start: int) -> tuple[list[RowError], BaseException | None]:
+    """The batch errors of a batch starting at row `start`: the data errors as RowErrors, and
+    the exception to raise for the first error that is not about its row's data (a lock, a
+    deadlock), or None."""
+    rows: list[RowError] = []
+    for error in errors:
+        if int(getattr(error, "code", 0) or 0) not in DATA_ERRORS:
+            exc_type = getattr(error, "exc_type", oracledb.DatabaseError)
+            return rows, exc_type(error)
+        rows.append(RowError(start + error.offset, error.full_code, error.message))
+    return rows, None
+
+
 def executemany(conn, sql: str, rows: Iterable[Any], *, batch_size: int) -> list[RowError]:
-    """Batches with `batcherrors=True`: Oracle applies the good rows of a batch and reports the
-    bad ones; the transaction stays open for the caller to commit or roll back."""
+    """INSERT, UPDATE, DELETE and MERGE run with `batcherrors=True`: Oracle applies the good
+    rows of a batch and reports the bad ones; a reported error that is not about its row's data
+    is raised. Anything else (a PL/SQL block) runs without batch errors, and its first error is
+    raised. The transaction stays open for the caller to commit or roll back."""
+    dml = is_dml(sql)
     errors: list[RowError] = []
     with conn.cursor() as cur:
         for start, batch in batches(rows, batch_size):
+            if not dml:
+                cur.executemany(sql, batch)
+                continue
             cur.executemany(sql, batch, batcherrors=True)
-            for error in cur.getbatcherrors():
-                errors.append(RowError(start + error.offset, error.full_code, error.message))
+            found, other = split_batch_errors(cur.getbatcherrors(), start)
+            if other is not None:
+                raise other
+            errors += found
     return errors
+
+
+def _first_line(text: str) -> str:
+    return text.splitlines()[0] if text else ""

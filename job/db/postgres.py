@@ -1,7 +1,8 @@
 """PostgreSQL through psycopg 3: the only module that imports psycopg.
 
 Errors are told apart by SQLSTATE. A connection that failed or was cut comes as an
-OperationalError without one ("connection is closed", "server closed the connection").
+OperationalError without one ("connection is closed", "server closed the connection"), and so
+does a login the server refused: libpq reports those as text, which is matched here.
 """
 
 from __future__ import annotations
@@ -14,41 +15,71 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from ..errors import UsageError
 from ..outcome import CONFIG, DATABASE, OUTAGE, PERMANENT, RETRYABLE, Failure
 from . import DbSettings, RowError, executemany_with_savepoints, prepare_session
 
 PARAMSTYLE = "pyformat"
-SAVEPOINT = "SAVEPOINT {name}"
-ROLLBACK_TO = "ROLLBACK TO SAVEPOINT {name}"
-RELEASE = "RELEASE SAVEPOINT {name}"
+NOW = "now()"
 #: What the preflight runs to see that a session works.
 TRIVIAL_QUERY = "SELECT 1"
-NOW = "now()"
 APPLICATION_NAME = "bulkjob"
 
-#: Worth retrying on the same session after a rollback to the step's savepoint.
-SAME_SESSION = frozenset({
+#: Worth another attempt after the transaction is rolled back.
+PASSING = frozenset({
     "40001",  # serialization_failure
     "40P01",  # deadlock_detected
     "55P03",  # lock_not_available (NOWAIT, lock_timeout)
 })
-#: Retryable, but only with a new transaction: the serializable snapshot is the transaction's.
-RESTART_TRANSACTION = frozenset({"40001"})
-#: The server ended the session: reconnect, then retry. Class 08 (connection exceptions) too.
-RECONNECT = frozenset({
+#: The server ended the session or cannot take one now: an outage. Class 08 (connection
+#: exceptions) too.
+UNREACHABLE = frozenset({
     "57P01",  # admin_shutdown (also pg_terminate_backend)
     "57P02",  # crash_shutdown
     "57P03",  # cannot_connect_now (starting up, recovering)
+    "53300",  # too_many_connections: wait for others to leave
 })
-#: The server refuses our settings: the same ones will be refused again.
-CONFIGURATION = frozenset({
+#: The server refuses our settings: trying again cannot help.
+REFUSED = frozenset({
     "28P01",  # invalid_password
-    "28000",  # invalid_authorization_specification
-    "3D000",  # invalid_catalog_name: no such database
+    "28000",  # invalid_authorization_specification (no such role, no pg_hba.conf entry)
+    "3D000",  # invalid_catalog_name: the database does not exist
 })
-#: What libpq says (no SQLSTATE: the connection never got that far) when it refuses our settings.
-_CONFIG_TEXTS = ("authentication failed", "no password supplied", "password authentication")
-_MISSING = re.compile(r'(database|role) "[^"]*" does not exist')
+#: What libpq says, without a SQLSTATE, when a connect fails or a session is cut: (pattern,
+#: kind, the SQLSTATE the server would have sent). The first that matches the message wins.
+_CONNECTION_TEXTS = tuple((re.compile(pattern, re.IGNORECASE), kind, code) for pattern, kind, code in (
+    ("password authentication failed", CONFIG, "28P01"),
+    ("no password supplied", CONFIG, "28P01"),
+    ("no pg_hba.conf entry", CONFIG, "28000"),
+    ('role ".*" does not exist', CONFIG, "28000"),
+    ('database ".*" does not exist', CONFIG, "3D000"),
+    ("certificate verify failed", CONFIG, "08001"),
+    ("server does not support SSL", CONFIG, "08001"),
+    ("too many clients", OUTAGE, "53300"),
+    ("remaining connection slots are reserved", OUTAGE, "53300"),
+    ("the database system is", OUTAGE, "57P03"),  # starting up, shutting down, in recovery mode
+    ("terminating connection", OUTAGE, "57P01"),
+    ("connection refused", OUTAGE, "08001"),
+    ("could not connect", OUTAGE, "08001"),
+    ("failed to resolve host", OUTAGE, "08001"),
+    ("could not translate host name", OUTAGE, "08001"),
+    ("no route to host", OUTAGE, "08001"),
+    ("network is unreachable", OUTAGE, "08001"),
+    ("timeout expired", OUTAGE, "08001"),
+    ("connection timed out", OUTAGE, "08006"),
+    ("server closed the connection", OUTAGE, "08006"),
+    ("connection is closed", OUTAGE, "08003"),
+    ("connection is lost", OUTAGE, "08006"),
+    ("connection reset", OUTAGE, "08006"),
+    ("broken pipe", OUTAGE, "08006"),
+    ("consuming input failed", OUTAGE, "08006"),
+    ("sending query failed", OUTAGE, "08006"),
+    ("could not receive data", OUTAGE, "08006"),
+    ("could not send data", OUTAGE, "08006"),
+    ("ssl syscall error", OUTAGE, "08006"),
+    ("ssl connection has been closed", OUTAGE, "08006"),
+    ("eof detected", OUTAGE, "08006"),
+))
 #: A 57014 query_canceled is ours to retry only when our statement_timeout caused it; a cancel
 #: by an operator (pg_cancel_backend) means stop.
 _STATEMENT_TIMEOUT_TEXT = "statement timeout"
@@ -70,6 +101,14 @@ def session_statements(settings: DbSettings) -> list[str]:
     if settings.statement_timeout:
         statements.append(f"SET statement_timeout = {max(1, round(settings.statement_timeout * 1000))}")
     return statements + list(settings.session_sql)
+
+
+def check_settings(settings: DbSettings) -> None:
+    """The URL's query parameters as libpq reads them; UsageError for one it does not know."""
+    try:
+        conninfo(settings, None)
+    except psycopg.Error as e:
+        raise UsageError(f"--db: {e}") from None
 
 
 def connect(settings: DbSettings, password: str | None):
@@ -106,8 +145,19 @@ def begin(conn) -> None:
     """psycopg starts a transaction with the first statement: nothing to do."""
 
 
+def limit_calls(conn, seconds: float) -> None:
+    """psycopg has no client-side bound on a round trip: libpq's TCP keepalives (on by default,
+    tuned with `?keepalives_idle=`) are what notices a dropped connection."""
+
+
+def items_cursor(conn):
+    """psycopg fetches text and JSON as Python values already."""
+    return conn.cursor()
+
+
 def classify(exc: BaseException) -> Failure | None:
-    """A Failure for psycopg errors, by SQLSTATE; None for anything else."""
+    """A Failure for psycopg errors, by SQLSTATE (or libpq's text when there is none); None for
+    anything else."""
     if not isinstance(exc, psycopg.Error):
         return None
     state = getattr(exc, "sqlstate", None)
@@ -115,16 +165,16 @@ def classify(exc: BaseException) -> Failure | None:
     message = str(exc)
     if state is None:
         if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
-            # Login refused, or no such database or role: the same settings fail again.
-            if any(text in message for text in _CONFIG_TEXTS) or _MISSING.search(message):
-                return Failure(CONFIG, name, message, system=DATABASE)
-            return Failure(OUTAGE, name, message, reconnect=True, system=DATABASE)
+            for pattern, kind, code in _CONNECTION_TEXTS:
+                if pattern.search(message):
+                    return Failure(kind, name, message, code=code, reconnect=True, system=DATABASE)
+            return Failure(RETRYABLE, name, message, reconnect=True)
         return Failure(PERMANENT, name, message)
-    if state in CONFIGURATION:
-        return Failure(CONFIG, name, message, code=state, system=DATABASE)
-    if state.startswith("08") or state in RECONNECT:
+    if state in REFUSED:
+        return Failure(CONFIG, name, message, code=state, reconnect=True, system=DATABASE)
+    if state.startswith("08") or state in UNREACHABLE:
         return Failure(OUTAGE, name, message, code=state, reconnect=True, system=DATABASE)
-    if state in SAME_SESSION or (state == "57014" and _STATEMENT_TIMEOUT_TEXT in message):
+    if state in PASSING or (state == "57014" and _STATEMENT_TIMEOUT_TEXT in message):
         return Failure(RETRYABLE, name, message, code=state)
     return Failure(PERMANENT, name, message, code=state)
 

@@ -16,22 +16,25 @@ from ..outcome import CONFIG, DATABASE, PERMANENT, RETRYABLE, Failure
 from . import DbSettings, RowError, executemany_with_savepoints, prepare_session
 
 PARAMSTYLE = "named"
-SAVEPOINT = "SAVEPOINT {name}"
-ROLLBACK_TO = "ROLLBACK TO SAVEPOINT {name}"
-#: Not released: RELEASE of the outermost savepoint would commit the transaction.
-RELEASE = None
-#: What the preflight runs to see that a session works.
-TRIVIAL_QUERY = "SELECT 1"
 NOW = "CURRENT_TIMESTAMP"
+#: What the preflight runs to see that a session works: it reads the schema, so a file that is
+#: not a database fails here (SELECT 1 would not even read the file).
+TRIVIAL_QUERY = "SELECT COUNT(*) FROM sqlite_master"
 
 #: Default seconds a statement waits for another connection's lock before SQLITE_BUSY: a few
 #: short items of other workers may commit meanwhile.
 DEFAULT_BUSY_TIMEOUT = 5.0
 #: Primary result codes for "another connection holds the lock".
 _BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
-_CANTOPEN = 14
-#: A WAL read snapshot that went stale cannot be upgraded to a write: only a new transaction helps.
-RESTART_TRANSACTION = frozenset({"SQLITE_BUSY_SNAPSHOT"})
+#: Primary result codes for a file we may not use as configured: it is missing or cannot be
+#: opened (the directory, permissions), is not a database, or refuses writes.
+_REFUSED_CODES = frozenset({
+    3,   # SQLITE_PERM
+    8,   # SQLITE_READONLY
+    14,  # SQLITE_CANTOPEN
+    23,  # SQLITE_AUTH
+    26,  # SQLITE_NOTADB
+})
 
 
 def busy_timeout(settings: DbSettings) -> float:
@@ -48,13 +51,27 @@ def connect(settings: DbSettings, password: str | None):
     return conn
 
 
+def check_settings(settings: DbSettings) -> None:
+    """Nothing to check before opening the file: a missing one is found by the preflight."""
+
+
 def usable(conn) -> bool:
     return True
 
 
 def uncommitted(conn) -> bool:
-    """Python's sqlite3 opens a transaction before the first INSERT, UPDATE or DELETE only."""
+    """Python's sqlite3 opens a transaction before the first INSERT, UPDATE or DELETE only (and
+    bulkjob's `begin` with BEGIN IMMEDIATE)."""
     return conn.in_transaction
+
+
+def limit_calls(conn, seconds: float) -> None:
+    """A local file: the busy timeout already bounds the wait for a lock."""
+
+
+def items_cursor(conn):
+    """sqlite3 fetches text as str already."""
+    return conn.cursor()
 
 
 def begin(conn) -> None:
@@ -66,7 +83,8 @@ def begin(conn) -> None:
 
 
 def classify(exc: BaseException) -> Failure | None:
-    """Busy/locked is retryable; every other sqlite3 error is permanent."""
+    """Busy/locked is retryable; a file that cannot be opened or used is a configuration error
+    (SQLite has no server that could be unreachable); every other sqlite3 error is permanent."""
     if not isinstance(exc, sqlite3.Error):
         return None
     name = type(exc).__name__
@@ -77,9 +95,8 @@ def classify(exc: BaseException) -> Failure | None:
         or "database table is locked" in message
     if busy:
         return Failure(RETRYABLE, name, message, code=code or "SQLITE_BUSY")
-    if number is not None and number & 0xFF == _CANTOPEN:
-        # A mistyped path, or a file the pod cannot read: not the item's fault.
-        return Failure(CONFIG, name, message, code=code or "SQLITE_CANTOPEN", system=DATABASE)
+    if (number is not None and number & 0xFF in _REFUSED_CODES) or "unable to open database file" in message:
+        return Failure(CONFIG, name, message, code=code or "SQLITE_CANTOPEN", reconnect=True, system=DATABASE)
     return Failure(PERMANENT, name, message, code=code)
 
 

@@ -1,35 +1,36 @@
-"""The SQL steps handler (`--handler sql:PATH`): runs a steps file (see job.db.stepsfile) for
-every item on the worker's connection, a savepoint before each step, a commit per item or per
-step (--commit), and a retry in place of a step that hit a lock or a deadlock.
+"""The SQL steps handler (`--handler sql:PATH`): runs a steps file (see job.db.stepsparse) for
+every item on the worker's connection, committing per item or per step (--commit).
+
+It never sleeps and never retries a step in place: on any error it rolls back the open
+transaction (all of the item's work with --commit item, the failed step's with --commit step)
+and raises, and the parent decides whether and when the item runs again. No savepoints are
+needed for that: the unit of rollback is always a whole transaction, which is also the only
+thing that releases a deadlock's waiter on Oracle (ORA-00060) or ends a transaction that
+must roll back (ORA-63302, PostgreSQL 40001).
 """
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Mapping
 from contextlib import closing
 from typing import Any
 
 from ..errors import Permanent, UsageError
-from ..retry import backoff_delay, classify
-from . import COMMIT_ITEM, COMMIT_STEP, DbSettings, classifiers
-from .stepsfile import RenderedStep, StepsFile, load_steps
-
-#: Retries of one step inside an attempt (after a rollback to its savepoint), for retryable
-#: errors that keep the session: a lock or a deadlock usually clears within a second or two;
-#: longer waits go back to the run loop's backoff.
-STEP_RETRIES = 3
-#: Backoff between those retries, seconds (full jitter, doubling, capped).
-STEP_BACKOFF = 0.5
-STEP_MAX_BACKOFF = 4.0
+from . import COMMIT_ITEM, COMMIT_STEP, DbSettings
+from .stepsfile import RenderedStep, StepsFile
+from .stepsparse import load_steps
 
 
 def steps_handler(path: str, db: DbSettings | None = None) -> StepsHandler:
     """The handler for `--handler sql:PATH`: parses and checks the file; does not connect."""
     if db is None:
         raise UsageError(f"--handler sql:{path} needs --db")
-    return StepsHandler(load_steps(path, dialect=db.dialect), db)
+    steps = load_steps(path, dialect=db.dialect)
+    committing = [step.name for step in steps.steps if step.commits]
+    if committing and db.commit == COMMIT_ITEM:
+        raise UsageError(f"--handler sql:{path}: step {committing[0]!r} declares `-- commits: yes`, which "
+                         "breaks the item's one transaction (--commit item); use --commit step")
+    return StepsHandler(steps, db)
 
 
 class StepsHandler:
@@ -44,6 +45,11 @@ class StepsHandler:
         return self.steps.problems(payload)
 
     def __call__(self, item, ctx) -> dict[str, Any]:
+        """Run the steps not yet committed for this item; returns {"steps", "rows"} (and
+        "resumed_after"). Raises InvalidPayload before any SQL when the payload cannot fill the
+        steps; raises the driver's error after rolling back when a statement fails. With
+        --commit step, `ctx.progress["step"]` names the last committed step, so the next
+        attempt starts at the one that failed."""
         database = ctx.resources.db
         rendered = self.steps.render(item.payload, database.dialect.PARAMSTYLE)
         start = self._resume_at(ctx.progress)
@@ -51,7 +57,7 @@ class StepsHandler:
         rows = 0
         try:
             for index in range(start, len(rendered)):
-                rows += self._run_step(conn, database.dialect, index, rendered[index], ctx)
+                rows += _run_step(conn, database.dialect, rendered[index])
                 if self.db.commit == COMMIT_STEP:
                     conn.commit()
                     # Only after the commit: a retry resumes after the last committed step.
@@ -76,46 +82,19 @@ class StepsHandler:
                             "more; rerun the item under a new run id", code="SQL-STEPS")
         return names.index(name) + 1
 
-    def _run_step(self, conn, dialect, index: int, step: RenderedStep, ctx) -> int:
-        """Run one step under its savepoint; retry it in place after a retryable error that kept
-        the session (lock, deadlock), at most STEP_RETRIES times. Returns rows affected."""
-        savepoint = f"bulkjob_step_{index + 1}"
-        retries = 0
-        while True:
-            marked = False
-            try:
-                dialect.begin(conn)
-                with closing(conn.cursor()) as cur:
-                    cur.execute(dialect.SAVEPOINT.format(name=savepoint))
-                    marked = True
-                    rows = 0
-                    for sql, params in step.statements:
-                        if params is None:
-                            cur.execute(sql)
-                        else:
-                            cur.execute(sql, params)
-                        rows += max(cur.rowcount or 0, 0)
-                    if dialect.RELEASE and self.db.commit == COMMIT_ITEM:
-                        cur.execute(dialect.RELEASE.format(name=savepoint))
-                return rows
-            except Exception as exc:
-                failure = classify(exc, retry_on=ctx.resources.settings.retry_on,
-                                   classifiers=classifiers(self.db))
-                if (retries >= STEP_RETRIES or not failure.retryable or failure.reconnect
-                        or failure.code in dialect.RESTART_TRANSACTION):
-                    raise
-                if marked:
-                    try:
-                        with closing(conn.cursor()) as cur:
-                            cur.execute(dialect.ROLLBACK_TO.format(name=savepoint))
-                    except Exception:
-                        raise exc from None
-                retries += 1
-                delay = backoff_delay(retries, base=STEP_BACKOFF, cap=STEP_MAX_BACKOFF, rand=random.random())
-                ctx.log.warning("step %s: %s%s; rolled back the step, retry %d/%d in %.2fs",
-                                step.name, failure.error_class, f" {failure.code}" if failure.code else "",
-                                retries, STEP_RETRIES, delay)
-                time.sleep(delay)
+
+def _run_step(conn, dialect, step: RenderedStep) -> int:
+    """Run one step's statements in the open transaction; returns the rows they affected."""
+    dialect.begin(conn)
+    rows = 0
+    with closing(conn.cursor()) as cur:
+        for sql, params in step.statements:
+            if params is None:
+                cur.execute(sql)
+            else:
+                cur.execute(sql, params)
+            rows += max(cur.rowcount or 0, 0)
+    return rows
 
 
 def _rollback(conn) -> None:

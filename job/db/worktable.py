@@ -19,11 +19,22 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import Fenced, UsageError
+from ..errors import ConfigError, Fenced, UsageError
 from ..manifest import DONE, FAILED, ItemStates
-from ..outcome import OUTAGE, RETRYABLE
+from ..outcome import CONFIG, OUTAGE, PERMANENT, RETRYABLE
+from ..retry import classify
 from ..writer import BackgroundWriter
-from . import DatabaseUnavailable, DbSettings, batches, bind_marker, close_quietly, dialect_of, read_password
+from . import (
+    DatabaseUnavailable,
+    DbSettings,
+    batches,
+    bind_marker,
+    classifiers,
+    close_quietly,
+    dialect_of,
+    plain_sql,
+    read_password,
+)
 from .stepsfile import is_identifier
 
 log = logging.getLogger("bulkjob.worktable")
@@ -38,8 +49,13 @@ WRITEBACK_RETRY_BASE = 1.0
 WRITEBACK_RETRY_CAP = 30.0
 #: Rows fetched per round trip when reading items.
 FETCH_ROWS = 1000
-#: Longest error text written to the table's optional `error` column (VARCHAR2(4000) in bytes).
+#: Longest error text written to the table's optional `error` column (VARCHAR2(4000) in bytes);
+#: a narrower column's own width is read when the items are.
 MAX_ERROR_CHARS = 1000
+#: Longest a write-back round trip may take (where the driver can bound it: Oracle's
+#: call_timeout): the connection sits idle between batches, and one a firewall dropped would
+#: otherwise hang the next batch until TCP gives up.
+WRITEBACK_CALL_TIMEOUT = 60.0
 
 #: The work table, per database. `error` is optional: bulkjob fills it when the column exists.
 DDL = {
@@ -105,7 +121,7 @@ def db_items(*, items: str | None, items_sql: str | None, work_table: str | None
         raise UsageError(f"{given[0]} needs --db")
     if work_table is not None and not is_identifier(work_table):
         raise UsageError(f"--work-table {work_table!r}: expected a table name (schema.table allowed)")
-    return DbItems(sql=items_sql, table=work_table)
+    return DbItems(sql=plain_sql(items_sql, db.dialect) if items_sql else None, table=work_table)
 
 
 def items_query(items: DbItems, *, retry_failed: bool) -> str:
@@ -141,12 +157,14 @@ class ItemLines:
     """Opens the items read from the database (like job.sources' openers), and knows their ids."""
 
     def __init__(self, path: str, ids: frozenset[str], settings: DbSettings, items: DbItems,
-                 error_column: bool) -> None:
+                 error_column: bool, error_width: int | None = None) -> None:
         self.path = path
         self.ids = ids
         self.settings = settings
         self.items = items
         self.error_column = error_column
+        #: The `error` column's width (characters or bytes, as the driver reports it), or None.
+        self.error_width = error_width
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[Iterator[bytes]]:
@@ -164,23 +182,30 @@ class ItemLines:
         (the lease); None for --items-sql."""
         if not self.items.table:
             return None
-        writer = WorkTableWriter(self.settings, self.items.table, error_column=self.error_column, fence=fence)
+        writer = WorkTableWriter(self.settings, self.items.table, error_column=self.error_column,
+                                 error_width=self.error_width, fence=fence)
         writer.start()
         return writer
 
 
 @contextlib.contextmanager
-def open_db_items(settings: DbSettings, items: DbItems, *, retry_failed: bool
+def open_db_items(settings: DbSettings, items: DbItems, *, retry_failed: bool, retry_on=(), outage_on=()
                   ) -> Iterator[tuple[str, ItemLines]]:
-    """Yield (source name, ItemLines) for the rows of --items-sql or --work-table."""
+    """Yield (source name, ItemLines) for the rows of --items-sql or --work-table.
+
+    A failure is classified as a worker's would be (`retry_on`, `outage_on` are --retry-on and
+    --outage-on): DatabaseUnavailable for an outage or a passing error (a lock, ORA-01555 with
+    --retry-on ORA-01555), for the caller to wait and try again; ConfigError when the database
+    refuses our settings; UsageError for anything else (a bad query, a missing table).
+    """
     dialect = dialect_of(settings)
     with tempfile.TemporaryDirectory(prefix="bulkjob-items-") as tmpdir:
         path = os.path.join(tmpdir, "items.jsonl")
         ids: set[str] = set()
         try:
             with closing(dialect.connect(settings, read_password(settings))) as conn:
-                error_column = bool(items.table) and _has_column(conn, items.table, "error")
-                with closing(conn.cursor()) as cur, open(path, "wb") as out:
+                error_column, error_width = _error_column(conn, items.table, settings) if items.table else (False, None)
+                with closing(dialect.items_cursor(conn)) as cur, open(path, "wb") as out:
                     cur.arraysize = FETCH_ROWS
                     cur.execute(items_query(items, retry_failed=retry_failed))
                     while rows := cur.fetchmany(FETCH_ROWS):
@@ -190,22 +215,33 @@ def open_db_items(settings: DbSettings, items: DbItems, *, retry_failed: bool
                             out.write(item_line(row))
                 conn.rollback()
         except Exception as e:
-            failure = dialect.classify(e)
-            if isinstance(e, TimeoutError) or (failure is not None and failure.kind in (RETRYABLE, OUTAGE)):
-                raise DatabaseUnavailable(f"{items.name}: {e}") from e
-            raise UsageError(f"{items.name}: {type(e).__name__}: {e}") from e
-        yield items.name, ItemLines(path, frozenset(ids), settings, items, error_column)
+            failure = classify(e, retry_on=retry_on, outage_on=outage_on, classifiers=classifiers(settings))
+            code = f" {failure.code}" if failure.code else ""
+            text = f"{items.name}: {failure.error_class}{code}: {_first_line(failure.message)}"
+            if failure.kind in (OUTAGE, RETRYABLE):
+                raise DatabaseUnavailable(text) from e
+            if failure.kind == CONFIG:
+                raise ConfigError(f"{text} (the database refused bulkjob's settings)") from e
+            raise UsageError(text) from e
+        yield items.name, ItemLines(path, frozenset(ids), settings, items, error_column, error_width)
 
 
-def _has_column(conn, table: str, column: str) -> bool:
+def _error_column(conn, table: str, settings: DbSettings) -> tuple[bool, int | None]:
+    """Whether the work table has an `error` column, and its width when the driver says (the
+    smaller of display and internal size: characters and bytes, for Oracle's BYTE and CHAR
+    semantics alike); None for an unbounded one (CLOB, text)."""
     try:
         with closing(conn.cursor()) as cur:
-            cur.execute(f"SELECT {column} FROM {table} WHERE 1 = 0")
+            cur.execute(f"SELECT error FROM {table} WHERE 1 = 0")
+            description = cur.description
             cur.fetchall()
-        return True
-    except Exception:
+    except Exception as e:
+        if classify(e, classifiers=classifiers(settings)).kind != PERMANENT:
+            raise  # not "no such column": the connection, a lock ... (classified by the caller)
         conn.rollback()  # PostgreSQL refuses every statement after an error until then
-        return False
+        return False, None
+    sizes = [size for size in (description[0][2], description[0][3]) if isinstance(size, int) and size > 0]
+    return True, min(sizes) if sizes else None
 
 
 def update_sql(table: str, *, paramstyle: str, now: str, error_column: bool) -> str:
@@ -229,7 +265,7 @@ class WorkTableWriter(BackgroundWriter[dict[str, tuple[str, str | None]]]):
     again with backoff on a new connection. The UPDATE never changes a DONE row.
     """
 
-    def __init__(self, settings: DbSettings, table: str, *, error_column: bool,
+    def __init__(self, settings: DbSettings, table: str, *, error_column: bool, error_width: int | None = None,
                  interval: float = WRITEBACK_INTERVAL, batch: int = WRITEBACK_BATCH,
                  fence: Callable[[], bool] | None = None) -> None:
         super().__init__(name="worktable", interval=interval, retry_base=WRITEBACK_RETRY_BASE,
@@ -238,6 +274,7 @@ class WorkTableWriter(BackgroundWriter[dict[str, tuple[str, str | None]]]):
         self.table = table
         self.dialect = dialect_of(settings)
         self.error_column = error_column
+        self.error_width = error_width
         self.sql = update_sql(table, paramstyle=self.dialect.PARAMSTYLE, now=self.dialect.NOW,
                               error_column=error_column)
         self.batch = batch
@@ -253,7 +290,7 @@ class WorkTableWriter(BackgroundWriter[dict[str, tuple[str, str | None]]]):
         if state == DONE:
             self._add(item_id, TABLE_DONE, None)
         elif state == FAILED:
-            self._add(item_id, ERR, _error_text(error))
+            self._add(item_id, ERR, error_text(error, self.error_width))
 
     @property
     def unsaved(self) -> int:
@@ -292,6 +329,7 @@ class WorkTableWriter(BackgroundWriter[dict[str, tuple[str, str | None]]]):
         try:
             if self._conn is None:
                 self._conn = self.dialect.connect(self.settings, read_password(self.settings))
+                self.dialect.limit_calls(self._conn, WRITEBACK_CALL_TIMEOUT)
             first = True
             for _, chunk in batches(rows, self.batch):
                 if not first:
@@ -318,9 +356,20 @@ class WorkTableWriter(BackgroundWriter[dict[str, tuple[str, str | None]]]):
         close_quietly(conn)
 
 
-def _error_text(error: dict[str, Any] | None) -> str | None:
+def error_text(error: dict[str, Any] | None, width: int | None = None) -> str | None:
+    """The text for the `error` column: code, class and message, cut to MAX_ERROR_CHARS and to
+    the column's `width` in characters and in UTF-8 bytes (Oracle counts bytes unless the
+    column says CHAR), so that a narrow column never refuses the batch (ORA-12899)."""
     if not error:
         return None
     head = " ".join(str(error[k]) for k in ("code", "class") if error.get(k))
     text = f"{head}: {error.get('message', '')}" if head else str(error.get("message", ""))
-    return text[:MAX_ERROR_CHARS]
+    limit = MAX_ERROR_CHARS if width is None else min(MAX_ERROR_CHARS, width)
+    text = text[:limit]
+    if width is not None:
+        text = text.encode("utf-8")[:width].decode("utf-8", "ignore")
+    return text
+
+
+def _first_line(text: str) -> str:
+    return text.splitlines()[0] if text else ""

@@ -1,8 +1,9 @@
 -- The demo's daily load, run for every (store, day) item by `make run`:
 --   bulkjob run --handler sql:job/demo/load.sql --db sqlite:///.cache/demo/demo.db ...
 -- :store and :day are bound from the item's payload; {target} is the payload's table name,
--- accepted only when it is a plain identifier. Every step is idempotent (delete then insert,
--- upsert), so an item that is tried again repeats nothing.
+-- accepted only when it is one of the names declared below, and sent quoted. Every step is
+-- idempotent (delete then insert, upsert), so an item that is tried again repeats nothing.
+-- allow target: daily_totals
 
 -- step: stage
 DELETE FROM stage_sales WHERE store = :store AND day = :day;
