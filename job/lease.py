@@ -330,7 +330,7 @@ class Lease:
             log.warning("took over the lease (generation %d) after watching it unchanged for %gs: %s",
                         generation, max(self.ttl, previous.ttl), previous.describe())
         else:
-            log.info("took the lease on this shard (generation %d)", generation)
+            log.debug("took the lease on this shard (generation %d)", generation)
         return True
 
     def _adopt(self, state: LeaseState, etag: str) -> bool:
