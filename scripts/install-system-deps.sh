@@ -5,6 +5,7 @@
 #   postgresql                    -> the PostgreSQL dialect tests
 #   prometheus, prometheus-pushgateway -> the metrics tests
 #   parallel                      -> the benchmark scripts
+#   faketime                      -> the lease's clock-skew tests (libfaketime)
 # Only what is missing is installed, and only as root; elsewhere it prints
 # what to install and exits 0 so that a laptop run can still skip those tests.
 #
@@ -15,7 +16,7 @@ set -euo pipefail
 if [ "$#" -gt 0 ]; then
     packages=("$@")
 else
-    packages=(podman runc debootstrap uidmap postgresql prometheus prometheus-pushgateway parallel)
+    packages=(podman runc debootstrap uidmap postgresql prometheus prometheus-pushgateway parallel faketime)
 fi
 
 missing=()
