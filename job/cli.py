@@ -210,6 +210,9 @@ def main() -> None:
         help="Longest accepted input line.")
 @option("--lease-ttl", type=click.FloatRange(min=1), default=30.0, show_default=True,
         help="Seconds the shard's lease lasts unless renewed: how long a restart after a hard crash waits.")
+@option("--lease-wait", type=click.FloatRange(min=0), metavar="SECONDS",
+        help="How long a run waits for a shard whose lease another runner holds, before it exits 4 "
+             "[default: the lease's TTL plus what a takeover needs: 50 s for a 30 s TTL].")
 @option("--metrics-port", type=click.IntRange(min=0, max=65535), default=DEFAULT_METRICS_PORT,
         show_default=True, help="Port for Prometheus /metrics (0: off), served once the run starts.")
 @option("--metrics-host", default=DEFAULT_METRICS_HOST, show_default=True, metavar="ADDRESS",
@@ -309,7 +312,7 @@ def _run(opts: dict, end) -> tuple[dict, int]:
         retry_failed=opts["retry_failed"], dry_run=opts["dry_run"], skip_invalid=opts["skip_invalid"],
         retry_on=tuple(opts["retry_on"]), xcom_path=xcom_path, s3_endpoint_url=opts["s3_endpoint_url"],
         progress_interval=opts["progress_interval"], prefetch=opts["prefetch"],
-        max_item_bytes=opts["max_item_bytes"], lease_ttl=opts["lease_ttl"],
+        max_item_bytes=opts["max_item_bytes"], lease_ttl=opts["lease_ttl"], lease_wait=opts["lease_wait"],
         manifest_repair=opts["manifest_repair"], outage_timeout=opts["outage_timeout"], db_items=items_from_db,
         allow_empty=opts["allow_empty"], worker=worker_settings)
     from .engine import Run

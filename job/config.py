@@ -135,6 +135,9 @@ class RunConfig:
     prefetch: int = DEFAULT_PREFETCH
     max_item_bytes: int = 1024 * 1024
     lease_ttl: float = 30.0
+    #: How long a starting run watches a shard whose lease another runner holds (None: the
+    #: TTL plus what a takeover needs, see job.lease.default_wait).
+    lease_wait: float | None = None
     manifest_repair: bool = False
     outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT
     #: An input without items is accepted (--allow-empty) instead of being a usage error.

@@ -20,22 +20,20 @@ from typing import Any
 from . import items as items_module
 from .checkpoint import Checkpointer
 from .config import RunConfig
-from .errors import ManifestCorrupt, UsageError
+from .errors import UsageError
 from .exits import EXIT_INTERNAL, EXIT_OK, run_exit_code, status_of
-from .lease import Lease
-from .manifest import DONE, FAILED, PARTIAL, RUNNING, ItemStates, ShardManifest, list_shards
+from .lease import LOST, SUSPENDED, VALID
+from .manifest import DONE, FAILED, PARTIAL, RUNNING, ItemStates, ShardManifest
 from .observe import NullObserver, Observer
-from .outcome import CRASHED, TIMEOUT, Failure, Outcome
+from .outcome import CRASHED, STORE, TIMEOUT, Failure, Outcome
+from .plan import Crashed, Decision, plan
 from .pool import Died, Finished, Pool
 from .progress import Progress
 from .redact import field_values, scrub_text
 from .scheduler import FAIL, REFUND, RETRY, STOP, Outage, Scheduler, Task
 from .signals import Signals
-from .sources import open_source
-from .startup import check_database, patiently
-from .store import open_store
+from .startup import Shard, open_shard, patiently
 from .tracebacks import raised_at
-from .worker import load_handler
 
 log = logging.getLogger("bulkjob")
 
@@ -55,6 +53,9 @@ CAREFUL_PER_WORKER = 4
 CAREFUL_MIN = 16
 #: Seconds the loop may wait for a start record to be durable before it tries again later.
 START_RECORD_TIMEOUT = 5.0
+#: Seconds before the lease's hard deadline (when another runner could take over) at which
+#: items still running are killed: the kill and the workers' exit take a moment.
+HARD_DEADLINE_MARGIN = 1.0
 #: Longest traceback kept with a failed item in the manifest and the log: its last lines
 #: (where the error was raised) matter most.
 MAX_TRACEBACK_CHARS = 4000
@@ -95,6 +96,8 @@ class Run:
         #: Writes item states back to a --work-table as they change (None otherwise).
         self.writeback = None
         self.sched: Scheduler | None = None
+        #: Since when (monotonic) the lease could not be renewed, while it cannot.
+        self._store_outage: float | None = None
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -115,83 +118,51 @@ class Run:
 
     def _execute(self) -> tuple[dict[str, Any], int]:
         cfg = self.config
-        store, prefix = open_store(cfg.manifest, endpoint_url=cfg.s3_endpoint_url)
-        manifest = ShardManifest(store, prefix, cfg.run_id, cfg.shard_index, cfg.shard_count)
-        # An unknown handler or a bad steps file is a usage error before anything runs.
-        handler = load_handler(cfg.handler, cfg.worker.db)
-        counts = {count for _, count in self._patiently("the manifest store", list_shards, store, prefix,
-                                                        cfg.run_id)}
-        if counts - {cfg.shard_count}:
-            raise UsageError(
-                f"run {cfg.run_id} was started with --shard-count {min(counts - {cfg.shard_count})}; "
-                f"resume it with the same count, or start a new run id")
-        self.lease = Lease(store, manifest.dir + "lease.json", ttl=cfg.lease_ttl)
-        if cfg.manifest_repair and not cfg.dry_run:
-            self._patiently("the manifest store (taking the lease)", self.lease.acquire)
-            kept, objects = self._patiently("the manifest store (repairing)", manifest.repair)
-            log.warning("manifest repaired: %d item record(s) kept from %d object(s) in %s",
-                        kept, objects, manifest.url)
-        try:
-            loaded = self._patiently("the manifest store", manifest.load)
-        except ManifestCorrupt as e:
-            raise ManifestCorrupt(f"damaged manifest: {e}. Nothing was changed; run again with "
-                                  "--manifest-repair to keep every record that can still be read") from None
-        latest = loaded.states()
         with contextlib.ExitStack() as stack:
-            source_name, lines = self._patiently("the items source", lambda: stack.enter_context(self._open_items()))
-            with lines() as it:
-                scan = items_module.scan(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
-                                         max_bytes=cfg.max_item_bytes)
-            if scan.invalid and not cfg.skip_invalid:
-                raise items_module.input_error(source_name, scan.invalid)
-            if scan.empty and not cfg.allow_empty and cfg.db_items is None:
-                raise items_module.no_items_error(source_name, scan)
-            invalid = scan.shard_invalid(cfg.shard_index, cfg.shard_count) if cfg.skip_invalid else []
-            self.counts.total = scan.shard_items + len(invalid)
-            self._count_known(latest)
+            shard = open_shard(cfg, stack, signals=self.signals, rand=self._rand.random)
+            self.shard = shard
+            if shard.lease is not None:
+                self.lease = shard.lease
+            states = shard.states
+            self.counts.total = shard.scan.shard_items + len(shard.invalid)
+            self._count_known(states)
             if cfg.db_items is not None:
-                self.counts.total += lines.finished_earlier(latest, retry_failed=cfg.retry_failed)
+                self.counts.total += shard.lines.finished_earlier(states, retry_failed=cfg.retry_failed)
             if cfg.dry_run:
-                self._check_payloads(handler, lines, scan)
-                return self._plan_summary(scan, invalid, source_name, manifest), EXIT_OK
-            if cfg.worker.db is not None:
-                self._patiently("the database", check_database, cfg.worker.db, retry_on=cfg.worker.retry_on,
-                                outage_on=cfg.worker.outage_on)
-            previous = loaded.meta or {}
-            meta = dict(previous)
-            meta.update(run_id=cfg.run_id, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
-                        items=source_name, handler=cfg.handler, total=self.counts.total,
-                        last_started_at=time.time(), state="running")
-            meta.setdefault("created_at", meta["last_started_at"])
-            if not self.lease.expires_at:
-                self._patiently("the manifest store (taking the lease)", self.lease.acquire)
-            self.lease.start()
-            self._patiently("the manifest store", manifest.write_meta, meta)
-            self.meta = meta
-            failed_before = latest.count(FAILED)
+                self._check_payloads(shard.handler, shard.lines, shard.scan)
+                return self._plan_summary(shard), EXIT_OK
+            manifest, lease = shard.manifest, self.lease
+            previous = shard.loaded.meta or {}
+            self.meta = dict(previous, run_id=cfg.run_id, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
+                             items=shard.source_name, handler=cfg.handler, total=self.counts.total,
+                             last_started_at=time.time(), state="running", generation=lease.generation)
+            self.meta.setdefault("created_at", self.meta["last_started_at"])
+            self._patiently("the manifest store", manifest.write_meta, self.meta)
+            failed_before = states.count(FAILED)
             log.info("run %s shard %d/%d: %d items, %d already done, %s; manifest %s",
                      cfg.run_id, cfg.shard_index, cfg.shard_count, self.counts.total, self.counts.done,
                      f"retrying {failed_before} that failed (--retry-failed)" if cfg.retry_failed
                      else f"{failed_before} already failed", manifest.url)
-            self.checkpointer = Checkpointer(manifest, loaded, interval=cfg.checkpoint_interval,
-                                             observe=self.observer.checkpoint, may_write=self.lease.valid)
+            self.checkpointer = Checkpointer(manifest, shard.loaded, generation=lease.generation,
+                                             interval=cfg.checkpoint_interval, observe=self.observer.checkpoint,
+                                             fence=lease.fence)
             self.checkpointer.start()
             if cfg.db_items is not None:
-                self.writeback = lines.writeback()
-            for bad in invalid:
-                known = latest.get(bad.record_id)
+                self.writeback = shard.lines.writeback(fence=lease.fence)
+            for bad in shard.invalid:
+                known = states.get(bad.record_id)
                 if known is None or known.state != FAILED or cfg.retry_failed:
-                    self._record_invalid(bad, source_name)
-            with lines() as it:
-                todo = self._todo(items_module.iter_items(
-                    it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
-                    skip_lines=scan.skip_lines), latest)
-                self.sched = Scheduler(todo, policy=cfg.policy, rand=self._rand.random,
+                    self._record_invalid(bad, shard.source_name)
+            with shard.lines() as it:
+                decisions = plan(items_module.iter_items(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
+                                                         skip_lines=shard.scan.skip_lines),
+                                 states, max_attempts=cfg.policy.max_attempts, retry_failed=cfg.retry_failed)
+                self.sched = Scheduler(self._tasks(decisions), policy=cfg.policy, rand=self._rand.random,
                                        fixed_depth=cfg.prefetch or None)
                 if previous.get("state") == "running":
                     # The last runner of this shard died without a word (SIGKILL, OOM, node
                     # loss): whatever killed it may be among the first items again.
-                    self.sched.careful = max(CAREFUL_MIN, 2 * loaded.last_checkpoint_records
+                    self.sched.careful = max(CAREFUL_MIN, 2 * shard.loaded.last_checkpoint_records
                                              + CAREFUL_PER_WORKER * cfg.workers)
                     log.warning("the last run of this shard ended without a word; the first %d item(s) "
                                 "go out one per worker, each start recorded first", self.sched.careful)
@@ -208,54 +179,29 @@ class Run:
                     self.internal_error = True
             return self._finish(manifest)
 
-    def _count_known(self, latest: ItemStates) -> None:
-        self.counts.done = latest.count(DONE)
+    def _count_known(self, states: ItemStates) -> None:
+        self.counts.done = states.count(DONE)
         if not self.config.retry_failed:
-            self.counts.failed = latest.count(FAILED)
+            self.counts.failed = states.count(FAILED)
         self.counts.skipped_already_done = self.counts.done
 
-    def _todo(self, items: Iterator[items_module.Item], latest: ItemStates) -> Iterator[Task]:
-        """Items still to run: not done, and not failed unless --retry-failed. An item records
-        its attempts across restarts: its next attempt continues the count."""
-        max_attempts = self.config.policy.max_attempts
-        for item in items:
-            known = latest.get(item.id)
-            if known is None:
-                task = Task(item.id, item.payload, 1)
-            elif known.state == PARTIAL:
-                task = Task(item.id, item.payload, known.attempts + 1, known.progress)
-            elif known.state == RUNNING:
-                # The whole run died while this attempt ran: it counts as crashed.
-                if known.attempts >= max_attempts:
-                    self.counts.attempts += 1
-                    self._record_failed(item.id, known.attempts, Failure(
-                        CRASHED, "RunCrashed", f"the whole run died while this item ran, {known.attempts} "
-                        "time(s) (killed with its pod: out of memory, SIGKILL, node loss)"), known.progress,
-                        payload=item.payload)
-                    continue
-                task = Task(item.id, item.payload, known.attempts + 1, known.progress, suspect=True)
-            elif known.state == FAILED and self.config.retry_failed:
-                # A new set of attempts, numbered after the ones already spent.
-                task = Task(item.id, item.payload, known.attempts + 1, known.progress,
-                            budget_from=known.attempts + 1)
+    def _tasks(self, decisions: Iterator[Decision]) -> Iterator[Task]:
+        """The tasks to hand out; on the way, what needs no run is acted on."""
+        for decision in decisions:
+            if isinstance(decision, Task):
+                if self.writeback is not None:
+                    self.writeback.taken(decision.item_id)
+                yield decision
+            elif isinstance(decision, Crashed):
+                self.counts.attempts += 1
+                self._record_failed(decision.item.id, decision.attempts, Failure(
+                    CRASHED, "RunCrashed", f"the whole run died while this item ran, {decision.attempts} "
+                    "time(s) (killed with its pod: out of memory, SIGKILL, node loss)"), decision.progress,
+                    payload=decision.item.payload)
             else:
                 # Finished before a restart but still open in the work table: the write-back
                 # was cut short, so write it now.
-                self._write_back(item.id, known.state, known.error)
-                continue
-            if self.writeback is not None:
-                self.writeback.taken(item.id)
-            yield task
-
-    def _open_items(self):
-        """The items source: a JSON Lines file, S3 object or stdin, or the database."""
-        cfg = self.config
-        if cfg.db_items is not None:
-            from .db.worktable import open_db_items
-
-            return open_db_items(cfg.worker.db, cfg.db_items, retry_failed=cfg.retry_failed,
-                                 retry_on=cfg.worker.retry_on, outage_on=cfg.worker.outage_on)
-        return open_source(cfg.items, endpoint_url=cfg.s3_endpoint_url)
+                self._write_back(decision.item.id, decision.state, decision.error)
 
     def _check_payloads(self, handler, lines, scan) -> None:
         """For --dry-run: ask a handler that can check payloads (the SQL steps handler) about
@@ -279,10 +225,11 @@ class Run:
         if self.writeback is not None:
             self.writeback.finished(item_id, state, error)
 
-    def _plan_summary(self, scan, invalid, source_name, manifest) -> dict[str, Any]:
+    def _plan_summary(self, shard: Shard) -> dict[str, Any]:
+        scan = shard.scan
         return {
             "dry_run": True, "run_id": self.config.run_id, "shard": self.config.shard_index,
-            "shard_count": self.config.shard_count, "items": source_name, "manifest": manifest.url,
+            "shard_count": self.config.shard_count, "items": shard.source_name, "manifest": shard.manifest.url,
             "lines": scan.lines, "valid_items": scan.valid, "invalid_lines": len(scan.invalid),
             "items_per_shard": scan.per_shard,
             "total": self.counts.total, "already_done": self.counts.done,
@@ -304,6 +251,8 @@ class Run:
         signals = self.signals
         progress = Progress(self.counts.total, interval=cfg.progress_interval)
         timed_out: set[int] = set()
+        #: Workers killed because the lease ran out under them: their attempts are given back.
+        self._fenced: set[int] = set()
         drain_deadline: float | None = None
         start_failures = 0
         self.observer.run_started(total=self.counts.total, pending=self.counts.pending,
@@ -315,7 +264,19 @@ class Run:
             while True:
                 now = time.monotonic()
                 if drain_deadline is None:
-                    self._dispatch(pool, sched, now)
+                    # Before anything goes out: a signal that came while the input was read
+                    # must stop the run before its first item.
+                    why = self._reason_to_stop(sched, now)
+                    if why is not None:
+                        drain_deadline = now + cfg.drain_timeout
+                        pool.stop_starting_items()
+                        if pool.busy():
+                            log.warning("%s: draining %d running item(s) for up to %.0fs%s", why, pool.busy(),
+                                        cfg.drain_timeout,
+                                        " (send the signal again to stop at once)" if self.interrupted else "")
+                if drain_deadline is None:
+                    if self.lease.status() == VALID:  # SUSPENDED: nothing starts, nothing is written
+                        self._dispatch(pool, sched, now)
                     if sched.finished() and pool.busy() == 0:
                         break
                 elif pool.busy() == 0:
@@ -340,6 +301,7 @@ class Run:
                         start_failures = self._on_death(pool, event, timed_out, start_failures,
                                                         draining=drain_deadline is not None)
                 now = time.monotonic()
+                self._watch_lease(pool, sched, now)
                 if cfg.item_timeout:
                     for handle in pool.overdue(cfg.item_timeout, now):
                         if handle.pid not in timed_out:
@@ -350,15 +312,6 @@ class Run:
                             pool.kill(handle)
                 pool.start_items_until(self.lease.valid_until)
                 self.checkpointer.set_running(self._running_records(pool))
-                if drain_deadline is None:
-                    why = self._reason_to_stop(sched, now)
-                    if why is not None:
-                        drain_deadline = now + cfg.drain_timeout
-                        pool.stop_starting_items()
-                        if pool.busy():
-                            log.warning("%s: draining %d running item(s) for up to %.0fs%s", why, pool.busy(),
-                                        cfg.drain_timeout,
-                                        " (send the signal again to stop at once)" if self.interrupted else "")
                 if drain_deadline is not None and (signals.count > 1 or now >= drain_deadline):
                     running = [w.inflight[0] for w in pool.workers if w.inflight]
                     if running:
@@ -382,13 +335,37 @@ class Run:
             progress.finish(done=self.counts.done, failed=self.counts.failed, pending=self.counts.pending,
                             paused=_pause_text(paused) if paused is not None else None)
 
+    def _watch_lease(self, pool: Pool, sched: Scheduler, now: float) -> None:
+        """While the lease cannot be renewed (the store unreachable), the run is paused like in
+        an outage: nothing starts and nothing is written. Items still running when another
+        runner could take over are killed (their attempts given back); when the store answers
+        again and the lease is still ours, the run goes on where it stopped."""
+        suspended = self.lease.status() == SUSPENDED
+        if suspended and self._store_outage is None:
+            self._store_outage = now
+            log.warning("pausing: the lease on this shard could not be renewed (the manifest store does not "
+                        "answer); nothing starts and nothing is written until it does")
+            self.observer.paused(STORE)
+        elif not suspended and self._store_outage is not None and self.lease.status() == VALID:
+            log.warning("resuming: the lease on this shard was renewed after %.1fs", now - self._store_outage)
+            self.observer.resumed(now - self._store_outage)
+            self._store_outage = None
+        if suspended and now >= self.lease.hard_deadline - HARD_DEADLINE_MARGIN:
+            for handle in pool.workers:
+                if handle.inflight and handle.pid not in self._fenced:
+                    self._fenced.add(handle.pid)
+                    log.warning("the lease on this shard runs out; killing worker %d and item %s (not charged)",
+                                handle.pid, self._shown(handle.inflight[0].item_id, handle.inflight[0].payload))
+                    pool.kill(handle)
+
     def _reason_to_stop(self, sched: Scheduler, now: float) -> str | None:
         """Why the run must stop handing out items now, or None to go on."""
         outage = sched.breaker.outage
-        if not self.lease.valid():
-            # Another runner may have the shard: stop handing out items at once. What is
-            # running finishes, but nothing more is written to the manifest.
+        if self.lease.status() == LOST:
+            # Another runner has the shard: stop handing out items at once. Running items are
+            # killed when the lease runs out; nothing more is written to the manifest.
             self.lease_lost = True
+            log.error("lost the lease on this shard: %s", self.lease.lost_because or "another runner took it")
             return "lost the lease on this shard"
         if self.signals.count:
             self.interrupted = True
@@ -401,6 +378,13 @@ class Run:
                       "run again with --run-id %s once it is back", outage.system or "the environment",
                       outage.seconds(now), self.config.outage_timeout, self.config.run_id)
             return "outage too long"
+        stuck = [t for t in (self._store_outage, self.checkpointer.failing_since) if t is not None]
+        if stuck and now - min(stuck) > self.config.outage_timeout:
+            self.unavailable = True
+            log.error("the manifest could not be written for %.0fs, longer than --outage-timeout %.0fs (%s); "
+                      "run again with --run-id %s once it can", now - min(stuck), self.config.outage_timeout,
+                      self.checkpointer.last_error or "the store does not answer", self.config.run_id)
+            return "the manifest store unavailable too long"
         return None
 
     def _dispatch(self, pool: Pool, sched: Scheduler, now: float) -> None:
@@ -561,7 +545,13 @@ class Run:
         pid = event.handle.pid
         cause = "timeout" if pid in timed_out else "recycle" if event.handle.retiring else "crash"
         timed_out.discard(pid)
-        if event.running is not None:
+        if pid in self._fenced:
+            # Killed by the run itself because the lease ran out: not the item's fault.
+            self._fenced.discard(pid)
+            if event.running is not None:
+                self.counts.refunded += 1
+                self.sched.put_back([event.running])
+        elif event.running is not None:
             start_failures = 0
             seconds = time.monotonic() - event.handle.head_started
             if cause == "timeout":
@@ -587,18 +577,21 @@ class Run:
     def _finish(self, manifest: ShardManifest) -> tuple[dict[str, Any], int]:
         timeout = INTERRUPTED_FLUSH_TIMEOUT if self.interrupted else FINAL_FLUSH_TIMEOUT
         self.checkpointer.set_running([])
-        saved = self.checkpointer.close(0 if self.lease.lost else timeout)
-        self.lease_lost = self.lease_lost or self.lease.lost
+        # Flushed while the lease is still held, and not at all once it is lost: an old runner
+        # must never write over a new one's records or work-table rows.
+        lost = self.lease.status() == LOST
+        saved = self.checkpointer.close(0 if lost else timeout)
+        self.lease_lost = self.lease_lost or lost or self.lease.status() == LOST
         if not saved and not self.lease_lost:
             self.unsaved = True
             log.error("could not save the last %d record(s) to %s within %.0fs; "
                       "a rerun with the same run id repeats those items",
                       self.checkpointer.unsaved, manifest.url, timeout)
-        if self.writeback is not None and not self.writeback.close(timeout):
-            self.unsaved = True
+        if self.writeback is not None and not self.writeback.close(0 if self.lease_lost else timeout):
+            self.unsaved = self.unsaved or not self.lease_lost
             log.error("could not write %d item state(s) back to the work table within %.0fs; "
                       "a rerun with the same run id writes them", self.writeback.unsaved, timeout)
-        if saved and not self.lease_lost:
+        if saved and self.lease.writable():
             self._end_meta(manifest)
         self.lease.release()
         if self.internal_error:

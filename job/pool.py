@@ -128,7 +128,8 @@ class Pool:
         self._stop_flag.value = 1
 
     def start_items_until(self, deadline: float) -> None:
-        """Workers start no item after this wall-clock time (the lease's end) unless moved on."""
+        """Workers start no item after this time (the lease's `valid_until`, on the monotonic
+        clock, which every process of a Linux host shares) unless it is moved on."""
         self._start_deadline.value = deadline
 
     def free(self) -> list[WorkerHandle]:

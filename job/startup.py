@@ -1,5 +1,11 @@
-"""Before the first item: waiting out an unreachable store or database, and the preflight that
-tells a configuration error (exit 2, within seconds) from an outage (wait, then exit 5).
+"""Before the first item: opening the shard in the one safe order, waiting out an unreachable
+store or database, and the preflight that tells a configuration error (exit 2, within seconds)
+from an outage (wait, then exit 5).
+
+The order (`open_shard`): everything that can be refused without touching the manifest first
+(the handler, the input, the database's preflight), so that a usage or configuration error
+leaves the shard's directory as it was; then the lease; then, holding it, the manifest is read,
+so that what is read is what this runner continues from.
 
 The waits here block the parent, which has nothing else to do yet, but a SIGTERM or SIGINT
 ends them at once.
@@ -7,19 +13,28 @@ ends them at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import select
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from .errors import BulkjobError, ConfigError, EnvironmentUnavailable, Unreachable
+from . import items as items_module
+from .config import RunConfig
+from .errors import BulkjobError, ConfigError, EnvironmentUnavailable, ManifestCorrupt, Unreachable, UsageError
 from .exits import EXIT_INTERRUPTED
+from .lease import Lease, LeaseState, default_wait, lease_timing
+from .manifest import ItemStates, Loaded, ShardManifest, list_shards
 from .outcome import CONFIG
 from .retry import backoff_delay
 from .scheduler import PROBE_BASE, PROBE_CAP, PROBE_FACTOR, PROBE_JITTER
 from .signals import Signals
+from .sources import open_source
+from .store import open_store
+from .worker import load_handler
 
 log = logging.getLogger("bulkjob")
 
@@ -70,6 +85,99 @@ def _sleep(seconds: float, signals: Signals | None) -> None:
         signals.drain_wakeups()
     if signals.count:
         raise Interrupted("interrupted while waiting before the first item; nothing ran")
+
+
+@dataclass(slots=True)
+class Shard:
+    """What a run works on once the shard is open."""
+
+    manifest: ShardManifest
+    handler: Any
+    source_name: str
+    #: Opens the items again (a second pass streams them): see job.sources.
+    lines: Any
+    scan: items_module.Scan
+    #: Invalid lines this shard records (--skip-invalid).
+    invalid: list[items_module.Invalid]
+    loaded: Loaded
+    states: ItemStates
+    #: Held, heartbeat running; None for --dry-run, which writes nothing.
+    lease: Lease | None
+
+
+def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals | None,
+               rand: Callable[[], float] = random.random) -> Shard:
+    """Open the run's shard in the safe order (see the module's docstring). The items source and
+    the lease are closed and released by `stack`."""
+    def wait(what: str, fn: Callable[[], T]) -> T:
+        return patiently(what, fn, timeout=cfg.outage_timeout, signals=signals, rand=rand)
+
+    timing = lease_timing(cfg.lease_ttl)
+    store, prefix = open_store(cfg.manifest, endpoint_url=cfg.s3_endpoint_url,
+                               request_timeout=timing.request_timeout)
+    manifest = ShardManifest(store, prefix, cfg.run_id, cfg.shard_index, cfg.shard_count)
+    # An unknown handler or a bad steps file is a usage error before anything runs.
+    handler = load_handler(cfg.handler, cfg.worker.db)
+    counts = {count for _, count in wait("the manifest store", lambda: list_shards(store, prefix, cfg.run_id))}
+    if counts - {cfg.shard_count}:
+        raise UsageError(f"run {cfg.run_id} was started with --shard-count {min(counts - {cfg.shard_count})}; "
+                         "resume it with the same count, or start a new run id")
+    source_name, lines = wait("the items source", lambda: stack.enter_context(_open_items(cfg)))
+    with lines() as it:
+        scan = items_module.scan(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
+                                 max_bytes=cfg.max_item_bytes)
+    if scan.invalid and not cfg.skip_invalid:
+        raise items_module.input_error(source_name, scan.invalid)
+    if scan.empty and not cfg.allow_empty and cfg.db_items is None:
+        raise items_module.no_items_error(source_name, scan)
+    invalid = scan.shard_invalid(cfg.shard_index, cfg.shard_count) if cfg.skip_invalid else []
+    lease = None
+    if not cfg.dry_run:
+        if cfg.worker.db is not None:
+            wait("the database", lambda: check_database(cfg.worker.db, retry_on=cfg.worker.retry_on,
+                                                         outage_on=cfg.worker.outage_on))
+        lease = manifest.lease(ttl=cfg.lease_ttl)
+        stack.callback(lease.release)
+        patience = cfg.lease_wait if cfg.lease_wait is not None else default_wait(cfg.lease_ttl)
+        wait("the manifest store (taking the lease)",
+             lambda: lease.acquire(wait=patience, on_wait=_WaitNotice(patience)))
+        # Heartbeat from this moment, the repair and the reading included.
+        lease.start()
+        if cfg.manifest_repair:
+            kept, objects = wait("the manifest store (repairing)", lambda: manifest.repair(generation=lease.generation))
+            log.warning("manifest repaired: %d item record(s) kept from %d object(s) in %s",
+                        kept, objects, manifest.url)
+    try:
+        loaded = wait("the manifest store", manifest.load)
+    except ManifestCorrupt as e:
+        raise ManifestCorrupt(f"damaged manifest: {e}. Nothing was changed; run again with "
+                              "--manifest-repair to keep every record that can still be read") from None
+    return Shard(manifest, handler, source_name, lines, scan, invalid, loaded, loaded.states(), lease)
+
+
+def _open_items(cfg: RunConfig) -> contextlib.AbstractContextManager[tuple[str, Any]]:
+    """The items source: a JSON Lines file, S3 object or stdin, or the database."""
+    if cfg.db_items is not None:
+        from .db.worktable import open_db_items
+
+        return open_db_items(cfg.worker.db, cfg.db_items, retry_failed=cfg.retry_failed,
+                             retry_on=cfg.worker.retry_on, outage_on=cfg.worker.outage_on)
+    return open_source(cfg.items, endpoint_url=cfg.s3_endpoint_url)
+
+
+class _WaitNotice:
+    """Says once that the shard's lease is held and the run waits for it."""
+
+    def __init__(self, patience: float) -> None:
+        self.patience = patience
+        self.said = False
+
+    def __call__(self, state: LeaseState | None) -> None:
+        if not self.said:
+            self.said = True
+            holder = state.describe() if state is not None else "another runner"
+            log.warning("this shard's lease is %s; waiting up to %.0f s for it to be released or to "
+                        "expire (--lease-wait)", holder, self.patience)
 
 
 def check_database(settings, *, retry_on: Iterable[str] = (), outage_on: Iterable[str] = ()) -> None:

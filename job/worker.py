@@ -320,10 +320,10 @@ def main(conn, settings: Any, stop_flag, start_deadline, environment) -> None:
             if tasks is None:
                 break
             for task in tasks:
-                # The deadline is the end of the shard's lease as of its last renewal: a parent
-                # that stalls (stopped, starved) past it must not have its workers start items
-                # it may no longer record.
-                if stop_flag.value or time.time() > start_deadline.value:
+                # The deadline is the end of the shard's lease as of its last acknowledged
+                # renewal (monotonic): a parent that stalls (stopped, starved) past it must not
+                # have its workers start items it may no longer record.
+                if stop_flag.value or time.monotonic() > start_deadline.value:
                     conn.send(Outcome(task[0], 0, 0.0))
                     continue
                 resources.new_epoch(environment.value)

@@ -138,25 +138,27 @@ def test_second_signal_stops_at_once(tmp_path, env):
     assert status_of(str(tmp_path / "state"), "r1")["done"] == 0
 
 
-def test_parent_sigkill_then_resume_repeats_only_unsaved_items(tmp_path, env):
+def test_parent_sigkill_then_an_immediate_replacement_waits_and_finishes(tmp_path, env):
     write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"seconds": 0.01}} for i in range(600)])
     proc = start_bulkjob(*args(tmp_path, "r1", "--workers", "2", "--checkpoint-interval", "0.3",
                                "--lease-ttl", "2"), env=env)
     wait_for_ledger(tmp_path / "ledger.db", 200)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    held = run_bulkjob(*args(tmp_path, "r1", "--workers", "2"), env=env)
-    assert held.returncode == 4 and "another runner holds this shard" in held.stderr
     time.sleep(0.5)
     frozen = sum(applied(tmp_path / "ledger.db").values())
-    time.sleep(1.5)
+    time.sleep(0.5)
     assert sum(applied(tmp_path / "ledger.db").values()) == frozen  # the workers died with the parent
     loaded = ShardManifest(LocalStore(tmp_path / "state"), "", "r1", 0, 1).load()
     recorded = {r["id"] for r in loaded.records if r["state"] == "done"}
     last_checkpoint = loaded.updated_at
-    time.sleep(1)  # the dead runner's lease expires
-    resumed = run_bulkjob(*args(tmp_path, "r1", "--workers", "2"), env=env)
+    # The replacement starts at once, as a pod's replacement does: it finds the dead runner's
+    # lease, waits until it has seen it unrenewed for a whole TTL, takes over and finishes.
+    started = time.monotonic()
+    resumed = run_bulkjob(*args(tmp_path, "r1", "--workers", "2", "--lease-ttl", "2"), env=env)
     assert resumed.returncode == 0, resumed.stderr
+    assert time.monotonic() - started >= 1.5 and "--lease-wait" in resumed.stderr
+    assert "generation 1" in resumed.stderr  # the holder it waited for is named
     counts = applied(tmp_path / "ledger.db")
     assert len(counts) == 600
     repeated = {item_id for item_id, n in counts.items() if n > 1}
