@@ -154,9 +154,10 @@ class Run:
                 if known is None or known.state != FAILED or cfg.retry_failed:
                     self._record_invalid(bad, shard.source_name)
             with shard.lines() as it:
-                decisions = plan(items_module.iter_items(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
-                                                         skip_lines=shard.scan.skip_lines),
-                                 states, max_attempts=cfg.policy.max_attempts, retry_failed=cfg.retry_failed)
+                # Nothing left to run (a resume of a finished shard): the input is not read again.
+                items = items_module.iter_items(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
+                                                skip_lines=shard.scan.skip_lines) if shard.scan.to_run else iter(())
+                decisions = plan(items, states, max_attempts=cfg.policy.max_attempts, retry_failed=cfg.retry_failed)
                 self.sched = Scheduler(self._tasks(decisions), policy=cfg.policy, rand=self._rand.random,
                                        fixed_depth=cfg.prefetch or None)
                 if previous.get("state") == "running":

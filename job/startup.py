@@ -3,9 +3,11 @@ store or database, and the preflight that tells a configuration error (exit 2, w
 from an outage (wait, then exit 5).
 
 The order (`open_shard`): everything that can be refused without touching the manifest first
-(the handler, the input, the database's preflight), so that a usage or configuration error
-leaves the shard's directory as it was; then the lease; then, holding it, the manifest is read,
-so that what is read is what this runner continues from.
+(the handler, the input of a new run, the database's preflight), so that a usage or
+configuration error leaves the shard's directory as it was; then the lease; then, holding it,
+the manifest is read, so that what is read is what this runner continues from. A resumed run
+reads its input after the manifest, so that the scan skips finished items without parsing
+them; bad input found then releases the lease and changes no record.
 
 The waits here block the parent, which has nothing else to do yet, but a SIGTERM or SIGINT
 ends them at once.
@@ -27,7 +29,7 @@ from .config import RunConfig
 from .errors import BulkjobError, ConfigError, EnvironmentUnavailable, ManifestCorrupt, Unreachable, UsageError
 from .exits import EXIT_INTERRUPTED
 from .lease import Lease, LeaseState, default_wait, lease_timing
-from .manifest import ItemStates, Loaded, ShardManifest, list_shards
+from .manifest import DONE, FAILED, ItemStates, Loaded, ShardManifest, list_shards
 from .outcome import CONFIG
 from .retry import backoff_delay
 from .scheduler import PROBE_BASE, PROBE_CAP, PROBE_FACTOR, PROBE_JITTER
@@ -118,20 +120,18 @@ def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals 
     manifest = ShardManifest(store, prefix, cfg.run_id, cfg.shard_index, cfg.shard_count)
     # An unknown handler or a bad steps file is a usage error before anything runs.
     handler = load_handler(cfg.handler, cfg.worker.db)
-    counts = {count for _, count in wait("the manifest store", lambda: list_shards(store, prefix, cfg.run_id))}
+    shards = wait("the manifest store", lambda: list_shards(store, prefix, cfg.run_id))
+    counts = {count for _, count in shards}
     if counts - {cfg.shard_count}:
         raise UsageError(f"run {cfg.run_id} was started with --shard-count {min(counts - {cfg.shard_count})}; "
                          "resume it with the same count, or start a new run id")
     source_name, lines = wait("the items source", lambda: stack.enter_context(_open_items(cfg)))
-    with lines() as it:
-        scan = items_module.scan(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
-                                 max_bytes=cfg.max_item_bytes)
-    if scan.invalid and not cfg.skip_invalid:
-        raise items_module.input_error(source_name, scan.invalid)
-    if scan.empty and not cfg.allow_empty and cfg.db_items is None:
-        raise items_module.no_items_error(source_name, scan)
-    invalid = scan.shard_invalid(cfg.shard_index, cfg.shard_count) if cfg.skip_invalid else []
-    lease = None
+    # A resume reads the manifest before the input, so that the scan can skip what is finished
+    # without parsing it; a new run checks its input before it touches the shard at all.
+    resuming = (cfg.shard_index, cfg.shard_count) in shards and cfg.db_items is None
+    lease = loaded = None
+    if not resuming:
+        scan, invalid = _scan(cfg, source_name, lines, None)
     if not cfg.dry_run:
         if cfg.worker.db is not None:
             wait("the database", lambda: check_database(cfg.worker.db, retry_on=cfg.worker.retry_on,
@@ -152,7 +152,31 @@ def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals 
     except ManifestCorrupt as e:
         raise ManifestCorrupt(f"damaged manifest: {e}. Nothing was changed; run again with "
                               "--manifest-repair to keep every record that can still be read") from None
-    return Shard(manifest, handler, source_name, lines, scan, invalid, loaded, loaded.states(), lease)
+    states = loaded.states()
+    if resuming:
+        scan, invalid = _scan(cfg, source_name, lines, states)
+    return Shard(manifest, handler, source_name, lines, scan, invalid, loaded, states, lease)
+
+
+def _scan(cfg: RunConfig, source_name: str, lines: Any, states: ItemStates | None
+          ) -> tuple[items_module.Scan, list[items_module.Invalid]]:
+    """The first pass over the input (told what is finished, on a resume); bad or empty input
+    is refused here."""
+    finished = None
+    if states is not None:
+        def finished(item_id: str) -> bool:
+            known = states.get(item_id)
+            return known is not None and (known.state == DONE or (known.state == FAILED and not cfg.retry_failed))
+
+    with lines() as it:
+        scan = items_module.scan(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
+                                 max_bytes=cfg.max_item_bytes, finished=finished)
+    if scan.invalid and not cfg.skip_invalid:
+        raise items_module.input_error(source_name, scan.invalid)
+    if scan.empty and not cfg.allow_empty and cfg.db_items is None:
+        raise items_module.no_items_error(source_name, scan)
+    invalid = scan.shard_invalid(cfg.shard_index, cfg.shard_count) if cfg.skip_invalid else []
+    return scan, invalid
 
 
 def _open_items(cfg: RunConfig) -> contextlib.AbstractContextManager[tuple[str, Any]]:

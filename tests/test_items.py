@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from job.items import Invalid, Item, invalid_line_id, iter_items, line_of, parse_line, scan
+from job.items import Invalid, Item, invalid_line_id, iter_items, leading_id, line_of, parse_line, scan
 from job.shard import shard_of
 
 
@@ -96,7 +96,7 @@ def test_scan_counts_blank_lines_and_finds_duplicates():
     assert result.shard_items == 2
     assert [(i.line, i.reason) for i in result.invalid] == [
         (4, "duplicate id '1' (first on line 1)"), (5, result.invalid[1].reason)]
-    assert result.skip_lines == {2, 4, 5}
+    assert set(result.skip_lines) == {2, 4, 5}
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
@@ -140,3 +140,42 @@ def test_each_invalid_line_is_recorded_by_exactly_one_shard(count):
 ])
 def test_an_input_without_items_is_empty(texts, empty):
     assert scan(lines(*texts), shard_index=0, shard_count=1).empty is empty
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b'{"id": "a-1", "payload": {"x": 1}}', "a-1"),
+    (b'  {"id":"caf\xc3\xa9"}', "café"),
+    (b'{"id": 17, "payload": {}}', "17"),
+    (b'{"id": -0}', "0"),             # what JSON reads: the integer 0
+    (b'{"id": 007}', None),           # not JSON: parsed, and refused there
+    (b'{"id": "a\\"b"}', None),       # escapes: parsed
+    (b'{"payload": {}, "id": "z"}', None),
+    (b'{"id": "a", "id": "b"}', None),  # JSON keeps the last: parsed
+    (b'{"id": "a", "payload": {"id": 1}}', None),
+    (b'{"id": ""}', None),
+])
+def test_a_leading_id_is_read_without_parsing_only_when_that_is_safe(raw, expected):
+    assert leading_id(raw) == expected
+
+
+def test_a_resume_scan_skips_finished_items_without_parsing_them():
+    texts = ['{"id": "done-1", "payload": {"broken": ', '{"id": "todo"}', '{"id": "done-2"}', '',
+             '{"id": "done-2"}', '{"payload": {}, "id": "done-3"}']
+    finished = {"done-1", "done-2", "done-3"}
+    result = scan(lines(*texts), shard_index=0, shard_count=1, finished=finished.__contains__)
+    # Line 1 is not parsed (it was valid when it ran); line 5 repeats an id; line 6 is parsed.
+    assert [(i.line, i.reason.split(" (")[0]) for i in result.invalid] == [(5, "duplicate id 'done-2'")]
+    assert (result.shard_items, result.finished, result.to_run) == (4, 3, 1)
+    assert set(result.skip_lines) == {1, 3, 4, 5, 6}
+    got = list(iter_items(lines(*texts), shard_index=0, shard_count=1, skip_lines=result.skip_lines))
+    assert got == [Item("todo", {})]
+
+
+def test_a_resume_scan_counts_every_shard_alike():
+    texts = [json.dumps({"id": f"i{n}"}) for n in range(200)]
+    finished = {f"i{n}" for n in range(0, 200, 2)}
+    fresh = [scan(lines(*texts), shard_index=k, shard_count=3) for k in range(3)]
+    resumed = [scan(lines(*texts), shard_index=k, shard_count=3, finished=finished.__contains__) for k in range(3)]
+    for a, b in zip(fresh, resumed, strict=True):
+        assert (a.valid, a.shard_items, a.per_shard) == (b.valid, b.shard_items, b.per_shard)
+    assert sum(r.finished for r in resumed) == 100
