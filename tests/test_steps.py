@@ -397,6 +397,25 @@ def test_steps_handler_needs_db_and_checks_payloads(tmp_path):
     assert len(handler.check_payload({"t": "x y"})) == 2
 
 
+def test_rendering_is_compiled_once_and_filled_per_item():
+    parsed = parse_steps("-- allow t: a, b\n-- step: s\nINSERT INTO {t} (k, p) VALUES (:k, '5%');\nSELECT 1;\n",
+                         dialect="postgres")
+    first, second = (parsed.render({"t": t, "k": k}, "pyformat")[0].statements for t, k in (("a", 1), ("b", 2)))
+    assert first == (('INSERT INTO "a" (k, p) VALUES (%(k)s, \'5%%\')', {"k": 1}), ("SELECT 1", None))
+    assert second == (('INSERT INTO "b" (k, p) VALUES (%(k)s, \'5%%\')', {"k": 2}), ("SELECT 1", None))
+    # Another paramstyle is compiled on its own.
+    assert parsed.render({"t": "a", "k": 3}, "named")[0].statements[0] == (
+        "INSERT INTO \"a\" (k, p) VALUES (:k, '5%')", {"k": 3})
+
+
+def test_a_missing_bind_and_a_bad_identifier_are_both_reported():
+    parsed = parse_steps("-- allow t: a\n-- step: s\nINSERT INTO {t} VALUES (:k);\n", dialect="sqlite")
+    with pytest.raises(InvalidPayload) as e:
+        parsed.render({"t": "zz"}, "named")
+    # The identifier is named first (its code wins), whatever was found wrong first.
+    assert e.value.code == "SQL-IDENTIFIER" and ":k: the payload has no 'k'" in str(e.value)
+
+
 # -- how a transaction travels -------------------------------------------------------------------
 
 class MemorySession:
