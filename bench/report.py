@@ -171,6 +171,11 @@ def table(r: dict) -> list[tuple[str, str, str]]:
                             f"job / hand-written loop, items/s (median of {sq['runs']})",
                          f"{_n(x['job_rate'])} / {_n(x['loop_rate'])} = {x['ratio']:.2f}x (runs: "
                          + ", ".join(f"{v:.2f}" for v in x["ratios"]) + ")"))
+            if "server_cpu_us" in x:
+                rows.append((w, "  CPU per item: PostgreSQL server for the job / for the loop; the job's parent "
+                                "(start-up included); the loop's processes",
+                             f"{_n(x['server_cpu_us']['job'])} / {_n(x['server_cpu_us']['loop'])} us; "
+                             f"{_n(x['job_parent_cpu_us'])} us; {_n(x.get('loop_cpu_us'))} us"))
     rs = r.get("resume")
     if rs:
         w = "6 resume"

@@ -19,12 +19,13 @@ import time
 START_METHOD = "forkserver"
 
 
-def run_share(conninfo: str, statements: list[str], payloads: list[dict]) -> tuple[int, float, float]:
+def run_share(conninfo: str, statements: list[str], payloads: list[dict]) -> tuple[int, float, float, float]:
     """Run every payload's statements and commit, one item at a time: (items, first commit,
-    last commit), wall-clock times."""
+    last commit, CPU seconds of this process meanwhile), wall-clock times."""
     import psycopg
 
     first = last = float("nan")
+    cpu = time.process_time()
     with psycopg.connect(conninfo) as conn:
         cur = conn.cursor()
         for n, payload in enumerate(payloads):
@@ -34,7 +35,7 @@ def run_share(conninfo: str, statements: list[str], payloads: list[dict]) -> tup
             last = time.time()
             if n == 0:
                 first = last
-    return len(payloads), first, last
+    return len(payloads), first, last, time.process_time() - cpu
 
 
 def measure(conninfo: str, path: str, workers: int, statements: list[str]) -> dict:
@@ -44,11 +45,11 @@ def measure(conninfo: str, path: str, workers: int, statements: list[str]) -> di
     ctx = multiprocessing.get_context(START_METHOD)
     with ctx.Pool(workers) as pool:
         results = pool.starmap(run_share, [(conninfo, statements, share) for share in shares])
-    count = sum(n for n, _, _ in results)
-    first = min(f for _, f, _ in results)
-    last = max(t for _, _, t in results)
+    count = sum(r[0] for r in results)
+    first = min(r[1] for r in results)
+    last = max(r[2] for r in results)
     return {"items": count, "workers": workers, "steady_rate": (count - 1) / (last - first),
-            "first": first, "last": last}
+            "first": first, "last": last, "cpu_seconds": sum(r[3] for r in results)}
 
 
 if __name__ == "__main__":
