@@ -121,4 +121,4 @@ def _markdown(r: dict) -> str:
     if r.get("quick"):
         head = ["**Quick run (smaller sizes): not figures to quote.**", "", *head]
     errors = [f"- {name}: could not run: {error}" for name, error in r["errors"].items()]
-    return "\n".join(head) + render_markdown(r) + ("\n" + "\n".join(errors) + "\n" if errors else "")
+    return "\n".join(head) + "\n" + render_markdown(r) + ("\n" + "\n".join(errors) + "\n" if errors else "")
