@@ -204,6 +204,20 @@ def run_job(items: Path, handler: str, *, manifest: str, run_id: str, workers: i
     return run
 
 
+def pg_server():
+    """(a private PostgreSQL started by tests/pg.py, None), or (None, why it cannot be had)."""
+    try:
+        from pg import PgServer
+    except ImportError as e:
+        return None, f"tests/pg.py (the PostgreSQL test server) cannot be imported: {e}"
+    try:
+        return PgServer(), None
+    except BaseException as e:  # the fixture skips (a pytest outcome) when PostgreSQL is missing
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return None, f"PostgreSQL could not be started: {e}"
+
+
 def manifest_records(manifest: str, run_id: str) -> list[dict[str, Any]]:
     """Every record of shard 0 of a run, read with the job's own manifest code."""
     from job.manifest import ShardManifest

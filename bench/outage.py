@@ -3,27 +3,18 @@ returns the job is doing work again (the outage breaker's probe schedule, with t
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 
-from .common import ROOT
+from .common import pg_server
 
 
 def database_outage(b, *, count: int = 8000, down: float = 10.0, workers: int = 4) -> dict:
     """`count` one-statement items (with a 2 ms server-side pause each) against a private
     PostgreSQL that is stopped for `down` seconds once a fifth of them are committed."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    try:
-        from pg import PgServer
-    except ImportError as e:
-        return {"skipped": f"tests/pg.py (the PostgreSQL test server) cannot be imported: {e}"}
-    try:
-        server = PgServer()
-    except BaseException as e:  # the fixture skips (a pytest outcome) when PostgreSQL is missing
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        return {"skipped": f"PostgreSQL could not be started: {e}"}
+    server, skipped = pg_server()
+    if server is None:
+        return {"skipped": skipped}
     try:
         name = server.create_database("outage")
         with server.connect(name) as conn:

@@ -20,6 +20,12 @@ class Verdict:
         return "n/a" if self.passed is None else "PASS" if self.passed else "MISS"
 
 
+#: The steps files of bench.sqlspeed, as the table names them.
+SQLSPEED_FILES = {"one": "one-statement file (an upsert)", "three": "three-step file (upsert, insert, update)"}
+#: (file, least ratio of the job's items/s to the loop's that passes).
+SQLSPEED_TARGETS = (("one", 0.9), ("three", 0.8))
+
+
 def _n(value: float, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -64,6 +70,13 @@ def targets(r: dict) -> list[Verdict]:
         out.append(_at_least("batch helper >= 10 x rows/s of row-at-a-time", db["batch_over_row_at_a_time"], 10, "x", 1))
     elif db:
         out.append(Verdict("batch helper >= 10 x rows/s of row-at-a-time", db["skipped"], None))
+    sq = r.get("sqlspeed")
+    for label, need in SQLSPEED_TARGETS:
+        target = f"steps handler, {SQLSPEED_FILES[label]}: >= {need} x a hand-written loop, same connections"
+        if sq and label in sq:
+            out.append(_at_least(target, sq[label]["ratio"], need, "x", 2))
+        elif sq:
+            out.append(Verdict(target, sq.get("skipped", "not run"), None))
     rs = r.get("resume")
     if rs:
         out.append(_at_most(f"resume of {rs['items']:,} items: first new item within 2 s",
@@ -157,6 +170,24 @@ def table(r: dict) -> list[tuple[str, str, str]]:
                                ("steps_set_based", "SQL steps handler, one set-based INSERT per item")):
                 rows.append((w, f"{db['items']} items x {db['rows_per_item']:,} rows, {label}: rows/s", _n(db[key]["rows_per_s"])))
             rows.append((w, "batch / row-at-a-time", f"{db['batch_over_row_at_a_time']:.1f}x"))
+    sq = r.get("sqlspeed")
+    if sq:
+        w = "5 SQL speed"
+        if "skipped" in sq:
+            rows.append((w, "PostgreSQL", sq["skipped"]))
+        for label in SQLSPEED_FILES:
+            if label not in sq:
+                continue
+            x = sq[label]
+            rows.append((w, f"{sq['items']:,} items, {sq['workers']} workers, {SQLSPEED_FILES[label]}, commit per item: "
+                            f"job / hand-written loop, items/s (median of {sq['runs']})",
+                         f"{_n(x['job_rate'])} / {_n(x['loop_rate'])} = {x['ratio']:.2f}x (runs: "
+                         + ", ".join(f"{v:.2f}" for v in x["ratios"]) + ")"))
+            if "server_cpu_us" in x:
+                rows.append((w, "  CPU per item: PostgreSQL server for the job / for the loop; the job's parent "
+                                "(start-up included); the loop's processes",
+                             f"{_n(x['server_cpu_us']['job'])} / {_n(x['server_cpu_us']['loop'])} us; "
+                             f"{_n(x['job_parent_cpu_us'])} us; {_n(x.get('loop_cpu_us'))} us"))
     rs = r.get("resume")
     if rs:
         w = "6 resume"

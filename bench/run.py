@@ -18,11 +18,11 @@ import time
 import traceback
 from pathlib import Path
 
-from . import outage, profile, scale, workloads
+from . import outage, profile, scale, sqlspeed, workloads
 from .common import ROOT, S3Server
 from .report import render_markdown, render_text, targets
 
-ALL = ("startup", "overhead", "profile", "peers", "io", "database", "resume", "memory", "outage", "scale")
+ALL = ("startup", "overhead", "profile", "peers", "io", "database", "sqlspeed", "resume", "memory", "outage", "scale")
 
 
 def hardware() -> dict:
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         "peers": lambda: workloads.peer_designs(b, count=40 if q else 300),
         "io": lambda: workloads.io_scaling(b, count=400 if q else 2000, workers=(1, 2, 8, 32) if q else (1, 2, 4, 8, 16, 32, 64)),
         "database": lambda: workloads.database(b, count=50 if q else 500),
+        "sqlspeed": lambda: sqlspeed.sql_speed(b, count=2000 if q else 20000, runs=1 if q else 3),
         "resume": lambda: workloads.resume_and_checkpoints(b, count=20000 if q else 100000, stop_at=19800 if q else 99000),
         "memory": lambda: workloads.memory(b, counts=(10000, 100000) if q else (10000, 100000, 1000000)),
         "outage": lambda: outage.database_outage(b, count=3000 if q else 8000, down=5.0 if q else 10.0),
@@ -121,4 +122,4 @@ def _markdown(r: dict) -> str:
     if r.get("quick"):
         head = ["**Quick run (smaller sizes): not figures to quote.**", "", *head]
     errors = [f"- {name}: could not run: {error}" for name, error in r["errors"].items()]
-    return "\n".join(head) + render_markdown(r) + ("\n" + "\n".join(errors) + "\n" if errors else "")
+    return "\n".join(head) + "\n" + render_markdown(r) + ("\n" + "\n".join(errors) + "\n" if errors else "")

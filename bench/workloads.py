@@ -6,12 +6,11 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from . import peers
-from .common import PYTHON, ROOT, JobRun, S3Server, clean_env, manifest_records, median, run_job, write_items
+from .common import PYTHON, ROOT, JobRun, S3Server, clean_env, manifest_records, median, pg_server, run_job, write_items
 
 #: The production default of --checkpoint-interval (job.config), which every run keeps.
 CHECKPOINT_INTERVAL = 5.0
@@ -192,17 +191,9 @@ SELECT :id, r.n, r.t FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(n int, t
 def database(b: Bench, *, count: int = 500, rows: int = 1000, workers: int = 2) -> dict:
     """The same rows inserted by the batch helper, one statement at a time, and by the SQL
     steps handler (one set-based INSERT per item), into a real PostgreSQL on loopback."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    try:
-        from pg import PgServer
-    except ImportError as e:
-        return {"skipped": f"tests/pg.py (the PostgreSQL test server) cannot be imported: {e}"}
-    try:
-        server = PgServer()
-    except BaseException as e:  # the fixture skips (a pytest outcome) when PostgreSQL is missing
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        return {"skipped": f"PostgreSQL could not be started: {e}"}
+    server, skipped = pg_server()
+    if server is None:
+        return {"skipped": skipped}
     try:
         name = server.create_database("bench")
         with server.connect(name) as conn:

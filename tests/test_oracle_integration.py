@@ -14,6 +14,7 @@ its wallet_location, and BULKJOB_DB_WALLET_PASSWORD for an encrypted wallet).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -245,6 +246,29 @@ def test_commit_step_resumes_at_the_failing_step(tmp_path, ora):
     assert summary_of(proc)["done"] == 1, proc.stderr[-3000:]
     assert latest(tmp_path)["victim"]["result"]["resumed_after"] == "one"
     assert ora.execute(f"SELECT step, COUNT(*) FROM {log} GROUP BY step ORDER BY step") == [("one", 1), ("two", 1)]
+
+
+#: The session's own count of round trips, read by the item's first statement.
+ROUND_TRIPS = ("INSERT INTO {rt} (k, n) SELECT :k, s.value FROM v$mystat s JOIN v$statname n "
+               "ON n.statistic# = s.statistic# WHERE n.name = 'SQL*Net roundtrips to/from client';\n")
+
+
+@pytest.mark.parametrize("commit, text", [
+    ("item", "-- step: one\n" + ROUND_TRIPS + "INSERT INTO {log} VALUES (:k);\n"),
+    ("step", "-- step: one\n" + ROUND_TRIPS + "-- step: two\nINSERT INTO {log} VALUES (:k);\n"),
+])
+def test_the_commit_travels_with_the_last_statement(tmp_path, ora, commit, text):
+    rt = ora.create("TABLE", "rt", "CREATE TABLE {name} (k VARCHAR2(20), n NUMBER)")
+    log = ora.create("TABLE", "log", "CREATE TABLE {name} (k VARCHAR2(20))")
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}", "rt": rt, "log": log}} for i in range(6)])
+    proc = run_bulkjob(*args(tmp_path, steps(tmp_path, text, rt=rt, log=log), "--commit", commit, "--workers", "1"),
+                       env=ora.env)
+    assert summary_of(proc)["done"] == 6, proc.stderr[-3000:]
+    counts = [n for (n,) in ora.execute(f"SELECT n FROM {rt} ORDER BY n")]
+    # Two statements, two round trips per item: each commit went with a statement's execute (it
+    # would be three with a commit call of its own, four with --commit step).
+    assert [b - a for a, b in itertools.pairwise(counts)] == [2] * 5
+    assert ora.execute(f"SELECT COUNT(*) FROM {log}") == [(6,)]
 
 
 def test_batch_errors(tmp_path, ora):

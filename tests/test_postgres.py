@@ -277,3 +277,116 @@ def test_an_unreachable_items_database_is_waited_for_then_exits_5(tmp_path):
                        "--manifest", str(tmp_path / "state"), "--metrics-port", "0", "--outage-timeout", "2")
     assert proc.returncode == 5, proc.stderr[-3000:]
     assert "items-sql" in proc.stderr and "Connection refused" in proc.stderr
+
+
+# -- transactions in one round trip: pipelined, or a lone statement in autocommit ---------------------
+
+THREE_TABLES = ("CREATE TABLE first (k text); CREATE TABLE second (k text CONSTRAINT second_ok CHECK (k <> 'bad'));"
+                "CREATE TABLE third (k text CONSTRAINT third_ok CHECK (k <> 'bad'))")
+
+
+def test_an_error_in_the_middle_of_a_pipelined_item_rolls_back_all_of_it(tmp_path, pg_db):
+    pg_db.execute(THREE_TABLES)
+    write_items(tmp_path / "items.jsonl", [{"id": k, "payload": {"k": k}} for k in ("a", "bad", "b")])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO first VALUES (:k);\n-- step: two\nINSERT INTO second VALUES (:k);\n"
+                              "-- step: three\nINSERT INTO third VALUES (:k);\n")
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--max-failures", "1"), env=pg_db.env)
+    summary = summary_of(proc)
+    assert (summary["done"], summary["failed"], summary["retries"]) == (2, 1, 0), proc.stderr[-3000:]
+    error = latest(tmp_path)["bad"]["error"]
+    # Statement 2's error, not statement 3's (which would fail too) nor the pipeline's echo of it.
+    assert (error["kind"], error["code"], error["class"]) == ("permanent", "23514", "CheckViolation"), error
+    assert '"second_ok"' in error["message"] and "third_ok" not in error["message"]
+    # Nothing of the failed item stays, statement 1 included.
+    for table in ("first", "second", "third"):
+        assert pg_db.execute(f"SELECT array_agg(k ORDER BY k) FROM {table}") == [(["a", "b"],)]
+
+
+ROWS = """\
+-- step: insert
+INSERT INTO t SELECT :item, g FROM generate_series(1, 5) g;
+-- step: change
+UPDATE t SET k = k WHERE item = :item AND k < 0;
+DELETE FROM t WHERE item = :item AND k <= 2;
+-- step: read
+SELECT 1;
+"""
+
+
+@pytest.mark.parametrize("text, commit, rows", [
+    (ROWS, "item", 5 + 0 + 2 + 1),     # one pipeline
+    (ROWS, "step", 5 + 0 + 2 + 1),     # a lone statement, a pipeline of two, a lone query
+    (ROWS.split("-- step: change")[0], "item", 5),   # a lone statement
+])
+def test_rowcounts_of_every_path(tmp_path, pg_db, text, commit, rows):
+    pg_db.execute("CREATE TABLE t (item text, k int)")
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"item": f"i{i}"}} for i in range(4)])
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, steps(tmp_path, text), "--commit", commit), env=pg_db.env)
+    assert summary_of(proc)["done"] == 4, proc.stderr[-3000:]
+    assert {r["result"]["rows"] for r in latest(tmp_path).values()} == {rows}
+
+
+def test_commit_step_resumes_at_the_step_whose_statement_failed(tmp_path, pg_db):
+    pg_db.execute("CREATE SEQUENCE fail_once; CREATE TABLE log (k text, step text)")
+    write_items(tmp_path / "items.jsonl", [{"id": "x", "payload": {"k": "x"}}])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO log VALUES (:k, 'one');\n"
+                              "-- step: two\nINSERT INTO log VALUES (:k, 'two');\n"
+                              "SELECT 1 / (nextval('fail_once') - 1);\n"
+                              "-- step: three\nINSERT INTO log VALUES (:k, 'three');\n")
+    # Division by zero (22012) made retryable: the item runs again within the run.
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--commit", "step", "--retry-on", "22012"), env=pg_db.env)
+    assert summary_of(proc)["done"] == 1, proc.stderr[-3000:]
+    record = latest(tmp_path)["x"]
+    assert (record["attempts"], record["result"]["resumed_after"], record["result"]["steps"]) == (2, "one", 2)
+    # Step one once; the failed attempt's row of step two was rolled back with its step.
+    assert pg_db.execute("SELECT step, COUNT(*) FROM log GROUP BY step ORDER BY step") == [
+        ("one", 1), ("three", 1), ("two", 1)]
+
+
+def test_a_session_killed_mid_pipeline_is_an_outage(tmp_path, pg_db):
+    pg_db.execute("CREATE SEQUENCE kill_once; CREATE TABLE first (k text); CREATE TABLE third (k text)")
+    write_items(tmp_path / "items.jsonl", [{"id": i, "payload": {"k": f"k{i}"}} for i in range(5)])
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO first VALUES (:k);\n"
+                              "-- step: two\nSELECT CASE WHEN nextval('kill_once') = 1 "
+                              "THEN pg_terminate_backend(pg_backend_pid()) END;\n"
+                              "-- step: three\nINSERT INTO third VALUES (:k);\n")
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler), env=pg_db.env)
+    summary = summary_of(proc)
+    assert (summary["done"], summary["failed"], summary["attempts"]) == (5, 0, 5), proc.stderr[-3000:]
+    assert summary["refunded"] == 1  # the attempt given back: not the item's fault
+    assert {r["attempts"] for r in latest(tmp_path).values()} == {1}
+    # The killed attempt's first statement went with its session: one row per item in each table.
+    for table in ("first", "third"):
+        assert pg_db.execute(f"SELECT COUNT(*), COUNT(DISTINCT k) FROM {table}") == [(5, 5)]
+
+
+@pytest.mark.parametrize("text", [
+    "-- step: one\nINSERT INTO child VALUES (:k);\n",                                # a lone statement
+    "-- step: one\nINSERT INTO log VALUES (:k);\nINSERT INTO child VALUES (:k);\n",  # a pipeline
+])
+def test_a_deferred_constraint_that_fails_at_commit_fails_the_item(tmp_path, pg_db, text):
+    pg_db.execute("CREATE TABLE parent (k text PRIMARY KEY); INSERT INTO parent VALUES ('ok'); CREATE TABLE log (k text);"
+                  "CREATE TABLE child (k text CONSTRAINT child_fk REFERENCES parent DEFERRABLE INITIALLY DEFERRED)")
+    write_items(tmp_path / "items.jsonl", [{"id": k, "payload": {"k": k}} for k in ("ok", "orphan")])
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, steps(tmp_path, text), "--max-failures", "1"), env=pg_db.env)
+    summary = summary_of(proc)
+    assert (summary["done"], summary["failed"], summary["retries"]) == (1, 1, 0), proc.stderr[-3000:]
+    error = latest(tmp_path)["orphan"]["error"]
+    assert (error["kind"], error["code"]) == ("permanent", "23503") and "child_fk" in error["message"]
+    assert pg_db.execute("SELECT (SELECT array_agg(k) FROM child), (SELECT count(*) FROM log WHERE k = 'orphan')") == [
+        (["ok"], 0)]
+
+
+@pytest.mark.parametrize("sql, code", [
+    ("LOCK TABLE t IN SHARE MODE", None),   # needs a transaction block: alone in autocommit it would fail
+    ("VACUUM t", "25001"),                  # refuses one: alone in autocommit it would run
+])
+def test_statements_that_need_or_refuse_a_transaction_block_still_get_one(tmp_path, pg_db, sql, code):
+    pg_db.execute("CREATE TABLE t (k int)")
+    write_items(tmp_path / "items.jsonl", [{"id": "x"}])
+    proc = run_bulkjob(*pg_args(tmp_path, pg_db, steps(tmp_path, f"-- step: one\n{sql};\n")), env=pg_db.env)
+    record = latest(tmp_path)["x"]
+    if code is None:
+        assert record["state"] == "done", proc.stderr[-3000:]
+    else:
+        assert (record["state"], record["error"]["code"]) == ("failed", code), record

@@ -9,6 +9,7 @@ from job.db.identifiers import quote
 from job.db.steps import steps_handler
 from job.db.stepsfile import is_identifier
 from job.db.stepsparse import load_steps, parse_steps
+from job.db.transaction import commit_with_last
 from job.errors import UsageError
 from job.outcome import INVALID
 from job.retry import classify
@@ -394,3 +395,103 @@ def test_steps_handler_needs_db_and_checks_payloads(tmp_path):
     handler = steps_handler(str(path), parse_db_url("sqlite:///x.db"))
     assert handler.check_payload({"t": "ok", "v": 1}) == []
     assert len(handler.check_payload({"t": "x y"})) == 2
+
+
+def test_rendering_is_compiled_once_and_filled_per_item():
+    parsed = parse_steps("-- allow t: a, b\n-- step: s\nINSERT INTO {t} (k, p) VALUES (:k, '5%');\nSELECT 1;\n",
+                         dialect="postgres")
+    first, second = (parsed.render({"t": t, "k": k}, "pyformat")[0].statements for t, k in (("a", 1), ("b", 2)))
+    assert first == (('INSERT INTO "a" (k, p) VALUES (%(k)s, \'5%%\')', {"k": 1}), ("SELECT 1", None))
+    assert second == (('INSERT INTO "b" (k, p) VALUES (%(k)s, \'5%%\')', {"k": 2}), ("SELECT 1", None))
+    # Another paramstyle is compiled on its own.
+    assert parsed.render({"t": "a", "k": 3}, "named")[0].statements[0] == (
+        "INSERT INTO \"a\" (k, p) VALUES (:k, '5%')", {"k": 3})
+
+
+def test_a_missing_bind_and_a_bad_identifier_are_both_reported():
+    parsed = parse_steps("-- allow t: a\n-- step: s\nINSERT INTO {t} VALUES (:k);\n", dialect="sqlite")
+    with pytest.raises(InvalidPayload) as e:
+        parsed.render({"t": "zz"}, "named")
+    # The identifier is named first (its code wins), whatever was found wrong first.
+    assert e.value.code == "SQL-IDENTIFIER" and ":k: the payload has no 'k'" in str(e.value)
+
+
+# -- how a transaction travels -------------------------------------------------------------------
+
+class MemorySession:
+    """A job.db.transaction.Session in memory: each statement is a write kept pending until a
+    commit; `fails` is a statement that raises (leaving nothing of its own, as a database's
+    statement-level rollback does); `declines` are statements the driver runs without the
+    commit asked of them (as thin mode does when it re-executes a query)."""
+
+    def __init__(self, *, fails: str | None = None, declines: tuple[str, ...] = ()) -> None:
+        self.fails = fails
+        self.declines = declines
+        self.calls: list[tuple[str, object, bool]] = []
+        self.pending: list[str] = []
+        self.committed: list[str] = []
+        self.commit_calls = 0
+
+    def execute(self, sql, params, *, commit):
+        self.calls.append((sql, params, commit))
+        if sql == self.fails:
+            raise RuntimeError(f"{sql} failed")
+        self.pending.append(sql)
+        if commit and sql not in self.declines:
+            self._commit()
+        return 1
+
+    def in_transaction(self):
+        return bool(self.pending)
+
+    def commit(self):
+        self.commit_calls += 1
+        self._commit()
+
+    def _commit(self):
+        self.committed += self.pending
+        self.pending = []
+
+
+def test_the_commit_travels_with_the_last_statement_only():
+    session = MemorySession()
+    rows = commit_with_last(session, [("a", {"b1": 1}), ("b", None), ("c", {"b1": 2})])
+    assert session.calls == [("a", {"b1": 1}, False), ("b", None, False), ("c", {"b1": 2}, True)]
+    assert (rows, session.committed, session.commit_calls) == (3, ["a", "b", "c"], 0)  # no call of its own
+
+
+def test_a_lone_statement_carries_its_commit():
+    session = MemorySession()
+    assert commit_with_last(session, [("a", None)]) == 1
+    assert (session.calls, session.commit_calls, session.committed) == ([("a", None, True)], 0, ["a"])
+
+
+@pytest.mark.parametrize("fails", ["b", "c"])
+def test_a_failing_statement_commits_nothing(fails):
+    session = MemorySession(fails=fails)
+    with pytest.raises(RuntimeError, match=f"{fails} failed"):
+        commit_with_last(session, [("a", None), ("b", None), ("c", None)])
+    assert [sql for sql, _, _ in session.calls] == ["a", "b", "c"][:["a", "b", "c"].index(fails) + 1]
+    # What ran before stays pending for the caller's rollback; no commit was asked before the last.
+    assert session.committed == [] and session.commit_calls == 0 and session.pending[0] == "a"
+
+
+def test_a_commit_the_driver_did_not_carry_is_made_with_a_call_of_its_own():
+    session = MemorySession(declines=("SELECT 1",))
+    commit_with_last(session, [("a", None), ("SELECT 1", None)])
+    assert session.calls[-1] == ("SELECT 1", None, True)
+    assert (session.commit_calls, session.committed, session.pending) == (1, ["a", "SELECT 1"], [])
+
+
+@pytest.mark.parametrize("sql, alone", [
+    ("INSERT INTO t VALUES (%(k)s)", True), ("update t set v = 1", True), ("DELETE FROM t", True),
+    ("MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE", True), ("SELECT pg_sleep(1)", True),
+    ("WITH d AS (DELETE FROM t RETURNING *) INSERT INTO u SELECT * FROM d", True), ("VALUES (1)", True),
+    ("TABLE t", True), ("  -- a comment\n/* another */ (SELECT 1) UNION (SELECT 2)", True),
+    ("VACUUM t", False), ("CREATE INDEX CONCURRENTLY i ON t (k)", False), ("SET LOCAL work_mem = '1GB'", False),
+    ("LOCK TABLE t IN SHARE MODE", False), ("CALL p()", False), ("DO $$ BEGIN NULL; END $$", False),
+    ("CREATE TABLE t (k int)", False), ("/* nested /* comment */ DELETE */ VACUUM", False), ("", False),
+])
+def test_which_postgres_statements_run_alone_in_autocommit(sql, alone):
+    postgres = pytest.importorskip("job.db.postgres", reason="psycopg is not installed")
+    assert postgres.self_contained(sql) is alone

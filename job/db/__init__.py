@@ -7,10 +7,11 @@ after they start.
 
 Each dialect module provides the same names: PARAMSTYLE, NOW and TRIVIAL_QUERY;
 `check_settings(settings)` (the driver's reading of the URL, UsageError if it cannot),
-`connect(settings, password)`, `usable(conn)`, `uncommitted(conn)`, `begin(conn)`,
-`classify(exc)`, `executemany(conn, sql, rows, batch_size=)`, `items_cursor(conn)` (a cursor
-that fetches large text as str) and `limit_calls(conn, seconds)` (a client-side bound on each
-round trip, where the driver has one).
+`connect(settings, password)`, `usable(conn)`, `uncommitted(conn)`,
+`run_transaction(conn, statements)` (statements as one transaction, committed, in as few round
+trips as the driver allows), `classify(exc)`, `executemany(conn, sql, rows, batch_size=)`,
+`items_cursor(conn)` (a cursor that fetches large text as str) and `limit_calls(conn, seconds)`
+(a client-side bound on each round trip, where the driver has one).
 """
 
 from __future__ import annotations

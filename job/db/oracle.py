@@ -17,7 +17,7 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import oracledb
@@ -25,6 +25,7 @@ import oracledb
 from ..errors import UsageError
 from ..outcome import CONFIG, DATABASE, OUTAGE, PERMANENT, RETRYABLE, Failure
 from . import DbSettings, RowError, batches, call_with_timeout, prepare_session
+from .transaction import commit_with_last
 
 PARAMSTYLE = "named"
 NOW = "SYSTIMESTAMP"
@@ -230,8 +231,45 @@ def uncommitted(conn) -> bool:
     return conn.transaction_in_progress
 
 
-def begin(conn) -> None:
-    """Oracle starts a transaction with the first DML statement: nothing to do."""
+def run_transaction(conn, statements: Sequence[tuple[str, Any]]) -> int:
+    """Run `statements` ((sql, binds or None), in order) as one transaction and commit it;
+    returns the rows they affected. The commit travels with the last statement's round trip
+    (`autocommit` on for that one call: python-oracledb sends the commit as a flag of the
+    execute, and the server commits only if the statement succeeds), so a transaction of N
+    statements costs N round trips, not N + 1. Raises the failing statement's error with
+    nothing committed; the caller rolls back. See job.db.transaction."""
+    with conn.cursor() as cur:
+        return commit_with_last(_Session(conn, cur), statements)
+
+
+class _Session:
+    """A job.db.transaction.Session on a python-oracledb connection and one of its cursors."""
+
+    def __init__(self, conn, cursor) -> None:
+        self.conn = conn
+        self.cursor = cursor
+
+    def execute(self, sql: str, params, *, commit: bool) -> int:
+        if commit:
+            self.conn.autocommit = True
+        try:
+            if params is None:
+                self.cursor.execute(sql)
+            else:
+                self.cursor.execute(sql, params)
+        finally:
+            if commit:
+                try:
+                    self.conn.autocommit = False
+                except oracledb.Error:
+                    pass  # a closed session: it is dropped, and its mode with it
+        return max(self.cursor.rowcount or 0, 0)
+
+    def in_transaction(self) -> bool:
+        return bool(self.conn.transaction_in_progress)
+
+    def commit(self) -> None:
+        self.conn.commit()
 
 
 def limit_calls(conn, seconds: float) -> None:

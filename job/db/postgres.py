@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -141,8 +141,100 @@ def uncommitted(conn) -> bool:
     return bool(wrote)
 
 
-def begin(conn) -> None:
-    """psycopg starts a transaction with the first statement: nothing to do."""
+#: First words of the statements that run alone in autocommit mode exactly as between BEGIN and
+#: COMMIT: queries and DML. In autocommit the server wraps a statement in a transaction of its
+#: own, committed at the statement's Sync (a deferred constraint fails there, as the statement's
+#: error). Others (DDL, SET, LOCK, CALL, DO, VACUUM ...) may need a transaction block, refuse
+#: one (VACUUM, CREATE DATABASE: today they fail under BEGIN, alone they would run) or commit
+#: on their own, so they always get BEGIN and COMMIT.
+SELF_CONTAINED = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "VALUES", "TABLE"})
+#: The first word, after blanks, `--` comments, `/* */` comments without a nested `/*`
+#: (PostgreSQL nests them: such a statement is not recognised, and gets BEGIN and COMMIT) and
+#: opening parentheses.
+_FIRST_WORD = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*(?:(?!/\*).)*?\*/)*[\s(]*([A-Za-z]+)", re.S)
+
+
+def self_contained(sql: str) -> bool:
+    """Whether a statement (of SELF_CONTAINED's kinds) may run alone in autocommit mode as the
+    whole of a transaction."""
+    m = _FIRST_WORD.match(sql)
+    return m is not None and m.group(1).upper() in SELF_CONTAINED
+
+
+def run_transaction(conn, statements: Sequence[tuple[str, Any]]) -> int:
+    """Run `statements` ((sql, binds or None), in order) as one transaction and commit it, in
+    one round trip; returns the rows they affected. Raises the error of the statement that
+    failed, with nothing of the transaction committed and the session out of it (rolled
+    back); a session lost on the way raises libpq's error (an outage), to be dropped.
+
+    A transaction of one query or DML statement (see SELF_CONTAINED) is that statement alone in
+    autocommit mode. Any other goes out in pipeline mode: BEGIN, the statements and COMMIT are
+    sent without waiting, and their results come back together at one Sync.
+    """
+    if len(statements) == 1 and self_contained(statements[0][0]):
+        return _run_alone(conn, *statements[0])
+    return _run_pipelined(conn, statements)
+
+
+def _run_alone(conn, sql: str, params: Any) -> int:
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return max(cur.rowcount, 0)
+    finally:
+        _leave_autocommit(conn)
+
+
+def _run_pipelined(conn, statements: Sequence[tuple[str, Any]]) -> int:
+    # Autocommit for the while, so that psycopg sends no BEGIN of its own: in pipeline mode it
+    # would wait for that BEGIN's answer, a round trip of its own. Our BEGIN makes it the same
+    # explicit transaction as outside a pipeline.
+    conn.autocommit = True
+    try:
+        cursors = []
+        first: psycopg.Error | None = None
+        try:
+            with conn.pipeline():
+                try:
+                    conn.execute("BEGIN", prepare=False)
+                    for sql, params in statements:
+                        cur = conn.cursor()
+                        cur.execute(sql, params)
+                        cursors.append(cur)
+                    conn.execute("COMMIT", prepare=False)
+                except psycopg.Error as e:
+                    # Queue nothing more. Leaving the pipeline sends the Sync that ends what
+                    # the server skipped, and collects every result still owed.
+                    first = e
+        except psycopg.Error as e:
+            # Raised while leaving: the first error when it came back only at the Sync (a
+            # constraint checked at COMMIT, or the session lost); a later one is only the echo
+            # of the first (statements the server skipped).
+            first = first or e
+        if first is not None:
+            raise first
+        return sum(max(cur.rowcount, 0) for cur in cursors)
+    except BaseException:
+        _rollback_quietly(conn)
+        raise
+    finally:
+        _leave_autocommit(conn)
+
+
+def _rollback_quietly(conn) -> None:
+    """Roll back a failed transaction; a lost session has nothing left to roll back."""
+    try:
+        conn.rollback()
+    except Exception:
+        pass
+
+
+def _leave_autocommit(conn) -> None:
+    """Back to the connection's own mode (transactions begun by psycopg) for whatever runs on
+    it next; a lost session (not idle) is left as it is, to be dropped."""
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        conn.autocommit = False
 
 
 def limit_calls(conn, seconds: float) -> None:

@@ -7,17 +7,21 @@ and raises, and the parent decides whether and when the item runs again. No save
 needed for that: the unit of rollback is always a whole transaction, which is also the only
 thing that releases a deadlock's waiter on Oracle (ORA-00060) or ends a transaction that
 must roll back (ORA-63302, PostgreSQL 40001).
+
+Each transaction (the item's statements, or a step's) goes to the dialect whole, with its
+commit (`run_transaction`), so that it travels in as few round trips as the driver allows:
+one on PostgreSQL (a pipeline, or a lone statement in autocommit mode), one per statement on
+Oracle (the commit travels with the last one); see those modules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import closing
 from typing import Any
 
 from ..errors import Permanent, UsageError
-from . import COMMIT_ITEM, COMMIT_STEP, DbSettings
-from .stepsfile import RenderedStep, StepsFile
+from . import COMMIT_ITEM, DbSettings
+from .stepsfile import StepsFile
 from .stepsparse import load_steps
 
 
@@ -54,16 +58,18 @@ class StepsHandler:
         rendered = self.steps.render(item.payload, database.dialect.PARAMSTYLE)
         start = self._resume_at(ctx.progress)
         conn = database.connection()
+        run_transaction = database.dialect.run_transaction
         rows = 0
         try:
-            for index in range(start, len(rendered)):
-                rows += _run_step(conn, database.dialect, rendered[index])
-                if self.db.commit == COMMIT_STEP:
-                    conn.commit()
-                    # Only after the commit: a retry resumes after the last committed step.
-                    ctx.progress["step"] = rendered[index].name
             if self.db.commit == COMMIT_ITEM:
-                conn.commit()
+                statements = [statement for step in rendered[start:] for statement in step.statements]
+                if statements:
+                    rows = run_transaction(conn, statements)
+            else:
+                for step in rendered[start:]:
+                    rows += run_transaction(conn, step.statements)
+                    # Only after the commit: a retry resumes after the last committed step.
+                    ctx.progress["step"] = step.name
         except BaseException:
             _rollback(conn)
             raise
@@ -81,20 +87,6 @@ class StepsHandler:
             raise Permanent(f"cannot resume after step {name!r}: the steps file has no such step any "
                             "more; rerun the item under a new run id", code="SQL-STEPS")
         return names.index(name) + 1
-
-
-def _run_step(conn, dialect, step: RenderedStep) -> int:
-    """Run one step's statements in the open transaction; returns the rows they affected."""
-    dialect.begin(conn)
-    rows = 0
-    with closing(conn.cursor()) as cur:
-        for sql, params in step.statements:
-            if params is None:
-                cur.execute(sql)
-            else:
-                cur.execute(sql, params)
-            rows += max(cur.rowcount or 0, 0)
-    return rows
 
 
 def _rollback(conn) -> None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 from . import InvalidPayload, bind_marker
 from .identifiers import Allowed, quote
@@ -39,23 +39,43 @@ class Statement:
     #: COMMIT or ROLLBACK found inside this statement's block, or None.
     commits: str | None = None
 
-    def render(self, values: Mapping[str, str], binds: Mapping[str, Any], paramstyle: str, *,
-               numbered: bool = False) -> tuple[str, dict[str, Any] | None]:
-        """The SQL for the driver, and its bind values (None when it has no binds). `values`
-        are the quoted identifiers; `numbered` sends the binds as :b1, :b2 ... in their order."""
+    def compile(self, paramstyle: str, *, numbered: bool = False) -> Compiled:
+        """The statement for a driver's paramstyle, worked out once for every item: the SQL text
+        (bind markers in place, `{name}` placeholders left as parts to fill per item) and which
+        bind each parameter the driver is given takes its value from."""
         names = {name: f"b{i}" for i, name in enumerate(self.binds, 1)} if numbered else {}
-        out = []
+        texts: list[str] = []
+        parts: list[tuple[bool, str]] = []
         for kind, value in self.parts:
-            if kind == "bind":
-                out.append(bind_marker(names.get(value, value), paramstyle))
-            elif kind == "ident":
-                out.append(values[value])
+            if kind == "ident":
+                parts += [(False, "".join(texts)), (True, value)]
+                texts = []
+            elif kind == "bind":
+                texts.append(bind_marker(names.get(value, value), paramstyle))
             elif paramstyle == "pyformat" and self.binds:
-                out.append(value.replace("%", "%%"))
+                texts.append(value.replace("%", "%%"))
             else:
-                out.append(value)
-        params = {names.get(name, name): binds[name] for name in self.binds} if self.binds else None
-        return "".join(out), params
+                texts.append(value)
+        parts.append((False, "".join(texts)))
+        return Compiled(parts[0][1] if len(parts) == 1 else None, tuple(p for p in parts if p[1]),
+                        tuple((names.get(name, name), name) for name in self.binds))
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A statement ready to be filled per item (Statement.compile)."""
+
+    #: The whole SQL text, when the statement has no placeholder.
+    sql: str | None
+    #: Otherwise the text in parts: (False, SQL text) or (True, placeholder name).
+    parts: tuple[tuple[bool, str], ...]
+    #: (name the driver is given, bind name in the file), in order.
+    params: tuple[tuple[str, str], ...]
+
+    def fill(self, values: Mapping[str, str], binds: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        """The SQL and bind values for one item: `values` are the quoted identifiers."""
+        sql = self.sql if self.sql is not None else "".join(values[v] if ident else v for ident, v in self.parts)
+        return sql, ({sent: binds[name] for sent, name in self.params} if self.params else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,14 +103,19 @@ class StepsFile:
     dialect: str = "sqlite"
     #: The `-- allow` declaration of each placeholder.
     allowed: tuple[Allowed, ...] = ()
+    #: Every bind and placeholder of the file, in order of first use.
+    binds: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    placeholders: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    #: Paramstyle -> every step's statements compiled (render's work that is the same for
+    #: every item).
+    _compiled: dict[str, tuple[tuple[str, tuple[Compiled, ...]], ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict)
 
-    @property
-    def binds(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(b for s in self.steps for st in s.statements for b in st.binds))
-
-    @property
-    def placeholders(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(p for s in self.steps for st in s.statements for p in st.placeholders))
+    def __post_init__(self) -> None:
+        statements = [st for s in self.steps for st in s.statements]
+        object.__setattr__(self, "binds", tuple(dict.fromkeys(b for st in statements for b in st.binds)))
+        object.__setattr__(self, "placeholders",
+                           tuple(dict.fromkeys(p for st in statements for p in st.placeholders)))
 
     def problems(self, payload: Mapping[str, Any]) -> list[str]:
         """Why this payload cannot run the file (missing binds, identifiers outside their
@@ -111,17 +136,32 @@ class StepsFile:
 
     def render(self, payload: Mapping[str, Any], paramstyle: str) -> list[RenderedStep]:
         """Every step's SQL for one item; raises InvalidPayload (before any SQL runs) if it
-        cannot."""
+        cannot (with the messages of `problems`)."""
+        binds = {}
+        for name in self.binds:
+            value = _lookup(payload, name)
+            if value is _MISSING:
+                self._refuse(payload)
+            binds[name] = bind_value(value)
+        values = {}
+        allowed = {a.name: a for a in self.allowed} if self.placeholders else {}
+        for name in self.placeholders:
+            if name not in payload or allowed[name].problem(payload[name], self.dialect) is not None:
+                self._refuse(payload)
+            values[name] = quote(payload[name], self.dialect)
+        compiled = self._compiled.get(paramstyle)
+        if compiled is None:
+            numbered = self.dialect == "oracle"
+            compiled = tuple((step.name, tuple(st.compile(paramstyle, numbered=numbered) for st in step.statements))
+                             for step in self.steps)
+            self._compiled[paramstyle] = compiled
+        return [RenderedStep(name, tuple(st.fill(values, binds) for st in statements))
+                for name, statements in compiled]
+
+    def _refuse(self, payload: Mapping[str, Any]) -> NoReturn:
         problems = self.problems(payload)
-        if problems:
-            code = "SQL-IDENTIFIER" if problems[0].startswith("{") else "SQL-BIND"
-            raise InvalidPayload("; ".join(problems), code=code)
-        values = {name: quote(payload[name], self.dialect) for name in self.placeholders}
-        binds = {name: bind_value(_lookup(payload, name)) for name in self.binds}
-        numbered = self.dialect == "oracle"
-        return [RenderedStep(step.name, tuple(st.render(values, binds, paramstyle, numbered=numbered)
-                                              for st in step.statements))
-                for step in self.steps]
+        code = "SQL-IDENTIFIER" if problems[0].startswith("{") else "SQL-BIND"
+        raise InvalidPayload("; ".join(problems), code=code)
 
 
 _MISSING = object()
