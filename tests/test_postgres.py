@@ -158,8 +158,8 @@ def test_deadlock_rolls_back_the_whole_item_and_is_retried(tmp_path, pg_db):
     pg_db.execute("CREATE TABLE r (id int PRIMARY KEY, v int); INSERT INTO r VALUES (1, 0), (2, 0)")
     write_items(tmp_path / "items.jsonl", [{"id": "a", "payload": {"first": 1, "second": 2}},
                                            {"id": "b", "payload": {"first": 2, "second": 1}}])
-    # After its first update each item waits (up to 3 s) until the other one holds its row too.
-    barrier = ("DO $$ BEGIN FOR i IN 1..30 LOOP EXIT WHEN (SELECT COUNT(DISTINCT pid) FROM pg_locks "
+    # After its first update each item waits (up to 10 s) until the other one holds its row too.
+    barrier = ("DO $$ BEGIN FOR i IN 1..100 LOOP EXIT WHEN (SELECT COUNT(DISTINCT pid) FROM pg_locks "
                "WHERE relation = 'r'::regclass AND mode = 'RowExclusiveLock') >= 2; PERFORM pg_sleep(0.1); "
                "END LOOP; END $$;\n")
     handler = steps(tmp_path, "-- step: swap\nUPDATE r SET v = v + 1 WHERE id = :first;\n" + barrier
