@@ -38,7 +38,7 @@ from .tracebacks import raised_at
 log = logging.getLogger("bulkjob")
 
 #: Seconds the final flush may take after a normal end, and after an interruption (when the
-#: pod's grace period is running out).
+#: pod's grace period is running out) or an outage past --outage-timeout.
 FINAL_FLUSH_TIMEOUT = 120.0
 INTERRUPTED_FLUSH_TIMEOUT = 10.0
 #: Longest the loop sleeps without looking at the clock (retries due, progress, timeouts).
@@ -576,7 +576,9 @@ class Run:
     # -- the end ------------------------------------------------------------------------------
 
     def _finish(self, manifest: ShardManifest) -> tuple[dict[str, Any], int]:
-        timeout = INTERRUPTED_FLUSH_TIMEOUT if self.interrupted else FINAL_FLUSH_TIMEOUT
+        # After a signal the pod's grace period is running out; after an outage too long the
+        # store has had its chance.
+        timeout = INTERRUPTED_FLUSH_TIMEOUT if self.interrupted or self.unavailable else FINAL_FLUSH_TIMEOUT
         self.checkpointer.set_running([])
         # Flushed while the lease is still held, and not at all once it is lost: an old runner
         # must never write over a new one's records or work-table rows.

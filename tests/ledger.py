@@ -23,8 +23,10 @@ def _ledger():
         for _ in range(200):  # workers race to create the file; switching to WAL needs it alone
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("CREATE TABLE IF NOT EXISTS applied (item_id TEXT, attempt INT, pid INT, at REAL)")
-                conn.execute("CREATE TABLE IF NOT EXISTS tried (item_id TEXT, attempt INT, pid INT, at REAL)")
+                conn.execute("CREATE TABLE IF NOT EXISTS applied (item_id TEXT, attempt INT, pid INT, at REAL, "
+                             "runner TEXT)")
+                conn.execute("CREATE TABLE IF NOT EXISTS tried (item_id TEXT, attempt INT, pid INT, at REAL, "
+                             "runner TEXT)")
                 break
             except sqlite3.OperationalError:
                 time.sleep(0.05)
@@ -50,7 +52,8 @@ def handle(item, ctx):
     fail_until (raise Retryable before that attempt), permanent, hang, error (raise that builtin)."""
     p = item.payload
     if p.get("track"):
-        _ledger().execute("INSERT INTO tried VALUES (?, ?, ?, ?)", (item.id, ctx.attempt, os.getpid(), time.time()))
+        _ledger().execute("INSERT INTO tried VALUES (?, ?, ?, ?, ?)",
+                          (item.id, ctx.attempt, os.getpid(), time.time(), os.environ.get("LEDGER_RUNNER")))
     if ctx.attempt in p.get("crash_on", ()):
         os.kill(os.getpid(), signal.SIGKILL)
     if p.get("kill_group") and os.environ.get("LEDGER_MAY_KILL_GROUP") == "1":
@@ -72,5 +75,6 @@ def handle(item, ctx):
     if p.get("error"):
         raise {"TimeoutError": TimeoutError, "ConnectionError": ConnectionError,
                "KeyError": KeyError}[p["error"]]("raised by the test handler")
-    _ledger().execute("INSERT INTO applied VALUES (?, ?, ?, ?)", (item.id, ctx.attempt, os.getpid(), time.time()))
+    _ledger().execute("INSERT INTO applied VALUES (?, ?, ?, ?, ?)",
+                      (item.id, ctx.attempt, os.getpid(), time.time(), os.environ.get("LEDGER_RUNNER")))
     return {"attempt": ctx.attempt}
