@@ -62,7 +62,7 @@ def wait_for(ledger, runner: str, n: int, proc, timeout: float = 60) -> None:
             pass
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
-            out, err = proc.communicate()
+            _out, err = proc.communicate()
             pytest.fail(f"runner {runner} did not get going (exit {proc.returncode}):\n{err[-3000:]}")
         time.sleep(0.1)
 
