@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-from job import Permanent
+from bulkjob import Permanent
 
 #: Rows inserted per item by the database handlers (the payload's `rows` overrides it).
 ROWS_PER_ITEM = 1000

@@ -50,6 +50,9 @@ def load_handler(spec: str, db: Any = None) -> Handler:
     try:
         handler = getattr(module, attr)
     except AttributeError:
+        if module_name == "job":
+            raise UsageError(f"--handler {spec!r}: `job` is bulkjob's own package, so a handler module cannot "
+                             "be called job; rename your job.py") from None
         raise UsageError(f"--handler {spec!r}: {module_name} has no attribute {attr!r}") from None
     if not callable(handler):
         raise UsageError(f"--handler {spec!r}: {attr!r} is not callable")

@@ -11,7 +11,7 @@ import signal
 import sqlite3
 import time
 
-from job import Permanent, Retryable
+from bulkjob import Permanent, Retryable
 
 _conn = None
 

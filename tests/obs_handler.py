@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 
-from job import Permanent
+from bulkjob import Permanent
 
 log = logging.getLogger("obs_handler")
 

@@ -3,7 +3,7 @@
 import botocore.exceptions
 import pytest
 
-from job import Permanent, Retryable, Unavailable
+from bulkjob import Permanent, Retryable, Unavailable
 from job.outcome import CONFIG, CRASHED, OUTAGE, PERMANENT, RETRYABLE, TIMEOUT, Failure
 from job.retry import RetryPolicy, backoff_delay, classify
 
