@@ -37,10 +37,13 @@ from .tracebacks import raised_at
 
 log = logging.getLogger("bulkjob")
 
-#: Seconds the final flush may take after a normal end, and after an interruption (when the
-#: pod's grace period is running out) or an outage past --outage-timeout.
+#: Seconds the final flush may take after a normal end, after an interruption (when the pod's
+#: grace period is running out), and after an outage past --outage-timeout (a store that has
+#: not answered for that long is not waited for again; a database outage leaves the store
+#: answering at once).
 FINAL_FLUSH_TIMEOUT = 120.0
 INTERRUPTED_FLUSH_TIMEOUT = 10.0
+UNAVAILABLE_FLUSH_TIMEOUT = 5.0
 #: Longest the loop sleeps without looking at the clock (retries due, progress, timeouts).
 MAX_TICK = 0.5
 #: Workers that die before ever becoming ready, per pool slot, before the run gives up: a
@@ -578,7 +581,8 @@ class Run:
     def _finish(self, manifest: ShardManifest) -> tuple[dict[str, Any], int]:
         # After a signal the pod's grace period is running out; after an outage too long the
         # store has had its chance.
-        timeout = INTERRUPTED_FLUSH_TIMEOUT if self.interrupted or self.unavailable else FINAL_FLUSH_TIMEOUT
+        timeout = (UNAVAILABLE_FLUSH_TIMEOUT if self.unavailable else INTERRUPTED_FLUSH_TIMEOUT if self.interrupted
+                   else FINAL_FLUSH_TIMEOUT)
         self.checkpointer.set_running([])
         # Flushed while the lease is still held, and not at all once it is lost: an old runner
         # must never write over a new one's records or work-table rows.

@@ -24,8 +24,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 TTL = 6.0
 TIMING = lease_timing(TTL)
-#: Items of 50 ms on two workers: about 15 s of work, so the run outlives the split.
-ITEMS = 600
+#: Items of 50 ms on two workers: about 10 s of work, so the run outlives the split.
+ITEMS = 400
 
 
 @pytest.fixture
