@@ -61,6 +61,9 @@ CLAIM_AHEAD = 1.0
 #: trip's rows, kept in memory until they run).
 MIN_CLAIM_PER_WORKER = 2
 MAX_CLAIM = 1000
+#: Rows taken over from expired claims that a runner holds at once: each runs alone, one after
+#: another, so a few keep one runner busy while other runners take over the rest.
+TAKEOVER_AHEAD = 8
 #: Polls for work while other runners hold rows (one of them may die and leave its rows to
 #: take over): the first after POLL_BASE s, growing by POLL_FACTOR to at most a third of the
 #: TTL (a dead runner's rows are taken within that of their expiry) and POLL_CAP, half random

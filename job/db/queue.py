@@ -34,7 +34,16 @@ from ..plan import Crashed, Refused
 from ..scheduler import NOT_YET, Task
 from ..writer import describe
 from . import DbSettings, close_quietly, dialect_of, read_password
-from .claim import claim_size, claim_sql, claims_status, decide_row, lost_rows, poll_delay, runner_id
+from .claim import (
+    TAKEOVER_AHEAD,
+    claim_size,
+    claim_sql,
+    claims_status,
+    decide_row,
+    lost_rows,
+    poll_delay,
+    runner_id,
+)
 from .query import database_error
 from .worktable import Columns
 
@@ -66,8 +75,10 @@ class ClaimQueue:
         self._lock = threading.Lock()
         #: Rows claimed and not yet written DONE or ERR (nor given back, nor lost).
         self._held: set[str] = set()
-        #: Held rows taken over from an expired claim, not yet finished: one at a time.
+        #: Held rows taken over from an expired claim whose end the run has not recorded yet.
         self._suspects: set[str] = set()
+        #: The last take-over found as many rows as it asked for: there may be more.
+        self._takeover_due = True
         #: Held rows whose final state the run has recorded (being written).
         self._finishing: set[str] = set()
         #: Rows another runner took over from this one.
@@ -173,9 +184,14 @@ class ClaimQueue:
                 yield NOT_YET
 
     def finishing(self, work_id: str) -> None:
-        """The run recorded the row's final state (done or failed); it is being written."""
+        """The run recorded the row's final state (done or failed); it is being written. A row
+        taken over makes room for the next one."""
         with self._lock:
             self._finishing.add(work_id)
+            freed = work_id in self._suspects
+            self._suspects.discard(work_id)
+        if freed and self._takeover_due:
+            self._wake.set()
 
     def forget(self, work_ids: Iterable[str]) -> None:
         """These rows' final states are written: they are no longer this runner's."""
@@ -270,7 +286,8 @@ class ClaimQueue:
         if self._exhausted or self._stop.is_set() or now < self._next_claim or self.status() != VALID:
             return False
         with self._lock:
-            return claim_size(len(self._buffer), self._rate, self.workers) > 0
+            return (claim_size(len(self._buffer), self._rate, self.workers) > 0
+                    or (self._takeover_due and len(self._suspects) < TAKEOVER_AHEAD))
 
     def _extend(self) -> None:
         """Extend every claim this runner holds; a count that differs from what it holds (or a
@@ -316,6 +333,8 @@ class ClaimQueue:
             log.info("gave back %d row(s) claimed by a claim whose answer was lost", len(unknown))
 
     def _claim(self) -> None:
+        """Take over rows of expired claims (a few at a time: they run alone, first) and claim
+        fresh rows when the buffer is low; with nothing at all, see whether anything is left."""
         now = self._clock()
         with self._lock:
             elapsed = now - self._rate_at
@@ -324,34 +343,38 @@ class ClaimQueue:
                 self._rate = rate if self._rate == 0 else (self._rate + rate) / 2
                 self._pulled, self._rate_at = 0, now
             want = claim_size(len(self._buffer), self._rate, self.workers)
-            suspects = bool(self._suspects)
+            room = TAKEOVER_AHEAD - len(self._suspects)
         conn = self._connection()
-        found: list[Decision] = []
-        if not suspects:  # a row taken over runs alone: take one at a time
-            found += [decide_row(*row, taken_over=True, max_attempts=self.max_attempts,
-                                 max_item_bytes=self.max_item_bytes)
-                      for row in self.dialect.claim(conn, self.sql.take_over, runner=self.runner, ttl=self.ttl,
-                                                    limit=1)]
-        taken = len(found)
-        if want > taken:
-            found += [decide_row(*row, taken_over=False, max_attempts=self.max_attempts,
-                                 max_item_bytes=self.max_item_bytes)
-                      for row in self.dialect.claim(conn, self.sql.claim, runner=self.runner, ttl=self.ttl,
-                                                    limit=want - taken)]
-        if found:
+        taken: list[Decision] = []
+        if room > 0 and (want > 0 or self._takeover_due):
+            rows = self.dialect.claim(conn, self.sql.take_over, runner=self.runner, ttl=self.ttl, limit=room)
+            self._takeover_due = len(rows) == room
+            taken = [decide_row(*row, taken_over=True, max_attempts=self.max_attempts,
+                                max_item_bytes=self.max_item_bytes) for row in rows]
+        fresh: list[Decision] = []
+        if want > 0:
+            fresh = [decide_row(*row, taken_over=False, max_attempts=self.max_attempts,
+                                max_item_bytes=self.max_item_bytes)
+                     for row in self.dialect.claim(conn, self.sql.claim, runner=self.runner, ttl=self.ttl,
+                                                   limit=want)]
+        if taken or fresh:
             with self._lock:
-                for decision in found:
+                for decision in taken + fresh:
                     work_id = _row_id(decision)
                     self._held.add(work_id)
                     if isinstance(decision, Task) and decision.suspect:
                         self._suspects.add(work_id)
-                    self._buffer.append(decision)
-            self.claimed += len(found)
-            self.taken_over += taken
+                # Rows taken over go first: each waits for the workers to empty and runs alone,
+                # so that they follow one another rather than each waiting out a full queue.
+                self._buffer.extendleft(reversed(taken))
+                self._buffer.extend(fresh)
+            self.claimed += len(taken) + len(fresh)
+            self.taken_over += len(taken)
             self._polls, self._next_claim, self._said_waiting = 0, 0.0, False
             self._notify()
             return
-        self._nothing_to_claim(conn)
+        if want > 0:
+            self._nothing_to_claim(conn)
 
     def _nothing_to_claim(self, conn) -> None:
         """No row could be claimed: end if none is PENDING and no other runner holds any, else

@@ -166,6 +166,8 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
         #: Attempts written for rows still held: a running attempt is written once.
         self._recorded: dict[str, int] = {}
         self._conn = None
+        #: Rows of the batch being written whose chunk is committed already.
+        self._landed: list[str] = []
         self.rows_written = 0
 
     # -- what the run calls ----------------------------------------------------------------
@@ -243,6 +245,7 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
             else:
                 sql = self.sql.started
             statements.setdefault(sql, []).append(row)
+        self._landed = []
         try:
             if self._conn is None:
                 self._conn = self.dialect.connect(self.settings, read_password(self.settings))
@@ -256,6 +259,7 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
                     with closing(self._conn.cursor()) as cur:
                         cur.executemany(sql, chunk)
                     self._conn.commit()
+                    self._landed += [row["work_id"] for row in chunk]
         except Fenced:
             raise
         except Exception:
@@ -263,21 +267,30 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
             raise
 
     def _written(self, batch: dict[str, Change]) -> None:
+        self._settle(batch)
+        self._inflight = None
+
+    def _kept(self, batch: dict[str, Change]) -> None:
+        """A batch cut short (a failure, the fence closing between chunks): the committed chunks
+        are settled, the rest is kept for the next try."""
+        landed = set(self._landed)
+        self._settle({work_id: batch[work_id] for work_id in landed})
+        self._inflight = None
+        for work_id, change in batch.items():
+            if work_id not in landed:
+                self._pending.setdefault(work_id, change)  # a newer change wins
+
+    def _settle(self, changes: dict[str, Change]) -> None:
         finished = []
-        for work_id, (state, attempts, _error, _result) in batch.items():
+        for work_id, (state, attempts, _error, _result) in changes.items():
             if state in (DONE, FAILED):
                 finished.append(work_id)
                 self._recorded.pop(work_id, None)
             else:
                 self._recorded[work_id] = attempts
-        self.rows_written += len(batch)
-        self._inflight = None
+        self.rows_written += len(changes)
+        self._landed = []
         self.claims.forget(finished)
-
-    def _kept(self, batch: dict[str, Change]) -> None:
-        self._inflight = None
-        for work_id, change in batch.items():
-            self._pending.setdefault(work_id, change)  # a newer change wins
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
