@@ -364,3 +364,56 @@ def test_an_indexed_jobs_completion_index_is_only_a_label(tmp_path):
     again = run_bulkjob("run", "--work-table", "bulk_work", "--handler", "ledger:handle", "--db", url,
                         "--metrics-port", "0", env={"LEDGER_DB": str(tmp_path / "l.db")})
     assert again.returncode == 0 and summary_of(again)["done"] == 0 and "nothing left to claim" in again.stderr
+
+
+@pytest.mark.faults
+def test_a_database_outage_longer_than_the_claims_pauses_claims_and_items_alike(tmp_path):
+    """PostgreSQL stopped for 8 s under a runner whose claims last 4 s: items pause (the outage
+    breaker), the claims cannot be extended and suspend (running items are killed before they
+    could be taken over, not charged); when the database is back no other runner has taken
+    them, so the same claims are extended again and the run goes on where it stopped."""
+    from pg import PgDatabase, PgServer
+
+    server = PgServer()
+    try:
+        db = PgDatabase(server, "outage")
+        fill(db, 3000)
+        handler = steps(tmp_path, LEDGER_STEPS + "SELECT pg_sleep(0.002);\n")
+        proc = start_bulkjob(*runner(db.url, handler, "a", "--workers", "3", "--lease-ttl", "4",
+                                     "--connect-timeout", "2"), env=db.env)
+        wait_for(lambda: states(db).get("DONE", 0) >= 600, 120, "a fifth of the rows done", [proc])
+        server.shutdown()
+        time.sleep(8)
+        server.start()
+        end = finish(proc, 240)
+        assert end.returncode == 0, end.stderr[-3000:]
+        summary = summary_of(end)
+        assert (summary["done"], summary["failed"]) == (3000, 0)
+        assert summary["outages"] and summary["refunded"] >= 1
+        assert "pausing: this runner's claims could not be extended (the database does not answer)" in end.stderr
+        assert "resuming: this runner's claims were extended again" in end.stderr
+        assert states(db) == {"DONE": 3000}
+        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT item) FROM ledger") == [(3000, 3000)]  # committed once
+        assert db.execute("SELECT MAX(attempts) FROM bulk_work") == [(1,)]  # nothing charged for the outage
+    finally:
+        server.stop()
+
+
+def test_dry_run_and_status_read_the_table_and_claim_nothing(tmp_path):
+    url = old_table(tmp_path / "w.db", claims=True)
+    with sqlite3.connect(tmp_path / "w.db") as conn:
+        conn.execute("UPDATE bulk_work SET state = 'RUNNING', claimed_by = 'x:1:ab', "
+                     "claim_expires = '2000-01-01 00:00:00.000' WHERE work_id = 'w2'")
+    proc = run_bulkjob("run", "--work-table", "bulk_work", "--handler", "ledger:handle", "--db", url, "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = summary_of(proc)["rows"]
+    assert (rows["total"], rows["pending"], rows["running"], rows["expired"]) == (3, 2, 1, 1)
+    status = run_bulkjob("status", "--work-table", "bulk_work", "--db", url)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[0] == "work table bulk_work"
+    assert "1 running row(s) with an expired claim" in status.stdout
+    with sqlite3.connect(tmp_path / "w.db") as conn:
+        assert conn.execute("SELECT state, COUNT(*) FROM bulk_work GROUP BY state ORDER BY state").fetchall() == [
+            ("PENDING", 2), ("RUNNING", 1)]
+    missing = run_bulkjob("status", "--work-table", "bulk_work")
+    assert missing.returncode == 2 and "--work-table needs --db" in missing.stderr
