@@ -219,7 +219,8 @@ class Run:
             self.config_error = str(e).splitlines()[0]
         except Exception:
             # Save what is done so that a rerun resumes, and say it was cut short.
-            log.exception("internal error; stopping. Progress so far is saved to %s", self.words.record)
+            log.exception("internal error; stopping. Progress so far is saved%s", " in the work table"
+                          if self.queue is not None else f": rerun with --run-id {self.config.run_id} to resume")
             self.internal_error = True
 
     def _count_known(self, states: ItemStates) -> None:
@@ -397,8 +398,8 @@ class Run:
                         "manifest store" if words.system == STORE else "database")
             self.observer.paused(words.system)
         elif not suspended and self._store_outage is not None and self.lease.status() == VALID:
-            log.warning("resuming: %s %s after %.1fs", words.held, "were extended again" if self.queue is not None
-                        else "was renewed", now - self._store_outage)
+            log.warning("resuming: %s %s again after %.1fs", words.held,
+                        "were extended" if self.queue is not None else "was renewed", now - self._store_outage)
             self.observer.resumed(now - self._store_outage)
             self._store_outage = None
         if suspended and now >= self.lease.hard_deadline - HARD_DEADLINE_MARGIN:
