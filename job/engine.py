@@ -315,6 +315,8 @@ class Run:
                     if why is not None:
                         drain_deadline = now + cfg.drain_timeout
                         pool.stop_starting_items()
+                        if queue is not None:
+                            queue.stop_claiming()
                         if pool.busy():
                             log.warning("%s: draining %d running item(s) for up to %.0fs%s", why, pool.busy(),
                                         cfg.drain_timeout,

@@ -86,6 +86,7 @@ class ClaimQueue:
         #: Claimed rows the run has not taken yet.
         self._buffer: deque[Decision] = deque()
         self._exhausted = False
+        self._draining = False
         self._acked_sent: float | None = None
         self._released = False
         #: A claim failed after it may have landed: the next extension reads back what is ours.
@@ -201,6 +202,10 @@ class ClaimQueue:
                 self._finishing.discard(work_id)
                 self._suspects.discard(work_id)
 
+    def stop_claiming(self) -> None:
+        """The run is draining: claim nothing more (claims go on being extended)."""
+        self._draining = True
+
     def drain_wakeups(self) -> None:
         try:
             while self.wakeup.recv(4096):
@@ -283,7 +288,8 @@ class ClaimQueue:
             self.failing_since = None
 
     def _claim_due(self, now: float) -> bool:
-        if self._exhausted or self._stop.is_set() or now < self._next_claim or self.status() != VALID:
+        if self._exhausted or self._draining or self._stop.is_set() or now < self._next_claim \
+                or self.status() != VALID:
             return False
         with self._lock:
             return (claim_size(len(self._buffer), self._rate, self.workers) > 0
