@@ -408,7 +408,7 @@ class Run:
             for handle in pool.workers:
                 if handle.inflight and handle.pid not in self._fenced:
                     self._fenced.add(handle.pid)
-                    log.warning("%s run out; killing worker %d and item %s (not charged)", words.held,
+                    log.warning("time is up for %s; killing worker %d and item %s (not charged)", words.held,
                                 handle.pid, self._shown(handle.inflight[0].item_id, handle.inflight[0].payload))
                     pool.kill(handle)
 

@@ -238,3 +238,23 @@ def test_the_write_back_checks_the_fence_before_each_batch(work_table):
     writer.fence = lambda: True  # the claims are extended again
     assert writer.close(10)
     assert sum(1 for n in range(1, 1001) if table_rows(pg_db)[f"w{n}"][0] == "DONE") == 1000
+
+
+def test_a_start_held_back_by_the_fence_is_not_left_behind(work_table):
+    """The start of a running attempt is rebuilt from the running list at each write: one the
+    fence held back is not kept for later (nothing would wait for it, and the final flush would
+    count it unsaved); an attempt that ended says what became of it in its own record."""
+    pg_db, settings = work_table
+    fence = {"open": False}
+    writer = recorder(settings, Claims("A", lambda: fence["open"]))
+    writer.set_running([{"id": "w5", "state": "running", "attempts": 1}])
+    writer.start()
+    writer.wake()
+    deadline = time.monotonic() + 10
+    while writer.fenced_since is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    writer.set_running([])  # the attempt ended (given back at a drain, say)
+    fence["open"] = True
+    assert writer.close(10) and writer.unsaved == 0
+    assert table_rows(pg_db)["w5"] == ("RUNNING", 0, None)

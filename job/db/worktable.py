@@ -168,6 +168,8 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
         self._conn = None
         #: Rows of the batch being written whose chunk is committed already.
         self._landed: list[str] = []
+        #: Rows of the batch being written that came from the running list, not from `add`.
+        self._starts: set[str] = set()
         self.rows_written = 0
 
     # -- what the run calls ----------------------------------------------------------------
@@ -208,7 +210,7 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
     @property
     def unsaved(self) -> int:
         with self.lock:
-            return len(self._pending) + len(self._inflight or ())
+            return len(self._pending) + len(set(self._inflight or ()) - self._starts)
 
     def close(self, timeout: float) -> bool:
         ok = super().close(timeout)
@@ -220,10 +222,14 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
 
     def _collect(self) -> tuple[dict[str, Change], int] | None:
         batch = dict(self._pending)
+        # Starts of attempts running now: rebuilt from the running list at every write, never
+        # kept (no ticket waits on them; an attempt that ended has its final state instead).
+        self._starts = set()
         for record in self._running:
             work_id = record["id"]
             if work_id not in batch and self._recorded.get(work_id, 0) < record["attempts"]:
                 batch[work_id] = (RUNNING, record["attempts"], None, None)
+                self._starts.add(work_id)
         if not batch:
             return None
         self._pending = {}
@@ -277,7 +283,7 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
         self._settle({work_id: batch[work_id] for work_id in landed})
         self._inflight = None
         for work_id, change in batch.items():
-            if work_id not in landed:
+            if work_id not in landed and work_id not in self._starts:
                 self._pending.setdefault(work_id, change)  # a newer change wins
 
     def _settle(self, changes: dict[str, Change]) -> None:
