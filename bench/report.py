@@ -117,6 +117,12 @@ def targets(r: dict) -> list[Verdict]:
                             sc["half_done"]["ratio"], 0.15, "x"))
         out.append(_at_most(f"manifest of a finished {n}-item run < 40 bytes per item",
                             sc["manifest"]["bytes_per_item"], 40, "B/item", 1))
+    cl = r.get("claims")
+    if cl and "skipped" not in cl:
+        out.append(_at_least(f"work table: {cl['ratio_runners']} runners over 1 > 1 (the queue scales)", cl["ratio"],
+                             1.0, "x", 2))
+    elif cl:
+        out.append(Verdict("work table: more runners, more rows/s", cl["skipped"], None))
     return out
 
 
@@ -248,6 +254,18 @@ def table(r: dict) -> list[tuple[str, str, str]]:
                      "(x fresh); parent peak", f"{h['to_first_new_item']:.1f} s ({h['ratio']:.2f}); {h['parent_mb']:.0f} MB"),
                  (w, "of which: reading the manifest into item states (all done / half done, timed apart)",
                   f"{a['manifest_load']:.1f} s / {h['manifest_load']:.1f} s")]
+    cl = r.get("claims")
+    if cl and "skipped" not in cl:
+        w = "12 claims"
+        for run in cl["runs"]:
+            shares = ", ".join(_n(x) for x in run["per_runner"])
+            rows.append((w, f"{cl['rows']:,} work-table rows x {cl['item_seconds'] * 1000:.0f} ms (pg_sleep), "
+                            f"{run['runners']} runner(s) x {cl['workers']} workers: rows/s in all; per runner",
+                         f"{_n(run['rate'])}; {shares}"))
+        rows.append((w, f"{cl['ratio_runners']} runners over 1 runner (ideal {cl['ratio_runners']})",
+                     f"{cl['ratio']:.2f}x"))
+    elif cl:
+        rows.append(("12 claims", "work table", cl["skipped"]))
     return rows
 
 

@@ -18,11 +18,12 @@ import time
 import traceback
 from pathlib import Path
 
-from . import outage, profile, scale, sqlspeed, workloads
+from . import claims, outage, profile, scale, sqlspeed, workloads
 from .common import ROOT, S3Server
 from .report import render_markdown, render_text, targets
 
-ALL = ("startup", "overhead", "profile", "peers", "io", "database", "sqlspeed", "resume", "memory", "outage", "scale")
+ALL = ("startup", "overhead", "profile", "peers", "io", "database", "sqlspeed", "resume", "memory", "outage", "scale",
+       "claims")
 
 
 def hardware() -> dict:
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         "memory": lambda: workloads.memory(b, counts=(10000, 100000) if q else (10000, 100000, 1000000)),
         "outage": lambda: outage.database_outage(b, count=3000 if q else 8000, down=5.0 if q else 10.0),
         "scale": lambda: scale.resume_at_scale(b, count=100_000 if q else 1_000_000),
+        "claims": lambda: claims.claim_scaling(b, rows=400 if q else 1600),
     }
     total_started = time.monotonic()
     try:

@@ -153,7 +153,8 @@ def main() -> None:
 @option("--items-sql", metavar="QUERY",
         help="Items from the database: a query returning (id, payload as JSON text or NULL).")
 @option("--work-table", metavar="TABLE",
-        help="Items from a work table (work_id, state, payload, updated_at); states are written back.")
+        help="Claim rows of a work table (work_id, state, payload, updated_at, claimed_by, claim_expires, "
+             "attempts) in batches, with any number of runners; their states are written back.")
 @option("--manifest", default=DEFAULT_MANIFEST, show_default=True, metavar="URL",
         help="Where progress is kept: s3://bucket/prefix or a local directory.")
 @option("--run-id", metavar="ID", help="Run id; the same id and manifest resume a run. Default: a new id.")
@@ -209,7 +210,8 @@ def main() -> None:
 @option("--max-item-bytes", type=click.IntRange(min=64), default=MAX_LINE_BYTES, show_default=True,
         help="Longest accepted input line.")
 @option("--lease-ttl", type=click.FloatRange(min=1), default=30.0, show_default=True,
-        help="Seconds the shard's lease lasts unless renewed: how long a restart after a hard crash waits.")
+        help="Seconds the shard's lease (with --work-table: each claim) lasts unless renewed: how long a "
+             "restart after a hard crash waits.")
 @option("--lease-wait", type=click.FloatRange(min=0), metavar="SECONDS",
         help="How long a run waits for a shard whose lease another runner holds, before it exits 4 "
              "[default: the lease's TTL plus what a takeover needs: 50 s for a 30 s TTL].")
@@ -263,11 +265,9 @@ def _run(opts: dict, end) -> tuple[dict, int]:
     end.max_failures = opts["max_failures"]
     setup_logging(opts["log_format"], opts["log_level"], opts["log_file"], run_id=run_id, shard=shard_index,
                   log_file_max_bytes=opts["log_file_max_bytes"], log_file_backups=opts["log_file_backups"])
-    if shard_index >= opts["shard_count"]:
-        raise UsageError(f"--shard-index {shard_index} is not below --shard-count {opts['shard_count']}")
     workers = opts["workers"] or default_workers(cgroup_cpu_limit(), visible_cpus())
     from .db import db_settings
-    from .db.worktable import db_items
+    from .db.query import db_items
 
     db = db_settings(opts["db"], password_file=opts["db_password_file"], session_sql=opts["session_sql"],
                      statement_timeout=opts["statement_timeout"], connect_timeout=opts["connect_timeout"],
@@ -279,6 +279,11 @@ def _run(opts: dict, end) -> tuple[dict, int]:
         # The environment's password is redacted already; one from a file must be too.
         add_secrets([read_password(db) or ""])
     items_from_db = db_items(items=opts["items"], items_sql=opts["items_sql"], work_table=opts["work_table"], db=db)
+    if opts["work_table"]:
+        _refuse_with_work_table(opts)
+        end.manifest = None
+    elif shard_index >= opts["shard_count"]:
+        raise UsageError(f"--shard-index {shard_index} is not below --shard-count {opts['shard_count']}")
     prometheus = None
     if not opts["dry_run"] and (opts["metrics_port"] or opts["pushgateway"]):
         # Before the workers start: it sets up the metrics directory that they inherit. It
@@ -290,7 +295,7 @@ def _run(opts: dict, end) -> tuple[dict, int]:
         end.observer = prometheus
 
     def started() -> None:
-        if not opts["run_id"]:
+        if not opts["run_id"] and not opts["work_table"]:
             log.info("a new run: pass --run-id %s to resume it", run_id)
         if prometheus is not None and opts["metrics_port"]:
             prometheus.serve(opts["metrics_host"], opts["metrics_port"])
@@ -321,6 +326,29 @@ def _run(opts: dict, end) -> tuple[dict, int]:
     return end.run.execute()
 
 
+def _refuse_with_work_table(opts: dict) -> None:
+    """Options that have no meaning with a work table: a UsageError saying what to do instead.
+    An Indexed Job's JOB_COMPLETION_INDEX is no --shard-index: it only labels the logs."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+
+    def given(name: str, envvar: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source == ParameterSource.COMMANDLINE or (source == ParameterSource.ENVIRONMENT
+                                                         and bool(os.environ.get(envvar)))
+
+    if given("shard_count", "BULKJOB_SHARD_COUNT") or given("shard_index", "BULKJOB_SHARD_INDEX"):
+        raise UsageError("--work-table takes no --shard-count or --shard-index: every runner claims rows from the "
+                         "whole table; to go faster, start more runners")
+    if opts["retry_failed"]:
+        raise UsageError(f"--retry-failed has no use with --work-table: set the ERR rows back to run them again "
+                         f"(UPDATE {opts['work_table']} SET state = 'PENDING', attempts = 0 WHERE state = 'ERR')")
+    if opts["manifest_repair"] or given("manifest", "BULKJOB_MANIFEST"):
+        raise UsageError("--manifest and --manifest-repair have no use with --work-table: the table is the run's "
+                         "record (bulkjob status --work-table counts its rows)")
+
+
 def _store_of(manifest: str, endpoint_url: str | None):
     from .store import open_store
 
@@ -332,17 +360,48 @@ _RUN_ID_HELP = "The run to read."
 _ENDPOINT_HELP = "S3-compatible endpoint (MinIO, a test server)."
 
 
+_TABLE_HELP = "A work table to read instead of a manifest (with --db)."
+_DB_HELP = "The work table's database (password: $BULKJOB_DB_PASSWORD or --db-password-file)."
+
+
+def _table_settings(work_table: str | None, run_id: str | None, db: str | None, password_file: str | None):
+    """The database settings for --work-table (None without it); a UsageError for a missing
+    --run-id or --db."""
+    if work_table is None:
+        if not run_id:
+            raise UsageError("give --run-id (or --work-table with --db)")
+        return None
+    from .db import db_settings
+    from .db.query import db_items
+
+    settings = db_settings(db, password_file=password_file)
+    db_items(items=None, items_sql=None, work_table=work_table, db=settings)
+    return settings
+
+
 @main.command()
 @option("--manifest", default=DEFAULT_MANIFEST, show_default=True, metavar="URL", help=_MANIFEST_HELP)
-@option("--run-id", required=True, metavar="ID", help=_RUN_ID_HELP)
+@option("--run-id", metavar="ID", help=_RUN_ID_HELP)
 @option("--s3-endpoint-url", metavar="URL", extra_envvars=["AWS_ENDPOINT_URL"], help=_ENDPOINT_HELP)
+@option("--work-table", metavar="TABLE", help=_TABLE_HELP)
+@option("--db", metavar="URL", help=_DB_HELP)
+@option("--db-password-file", type=click.Path(dir_okay=False), metavar="PATH", help="File holding the password.")
 @option("--json", "as_json", is_flag=True,
-        help="One JSON object: total, done, failed, invalid, pending, attempts, times (ISO 8601), shards.")
-def status(manifest: str, run_id: str, s3_endpoint_url: str | None, as_json: bool) -> None:
-    """Progress of a run, per shard and in total."""
-    from .report import render_status, run_status
+        help="One JSON object: total, done, failed, invalid, pending, attempts, times (ISO 8601), shards; for a "
+             "work table: rows by state, expired claims, and the runners holding claims.")
+def status(manifest: str, run_id: str | None, s3_endpoint_url: str | None, work_table: str | None, db: str | None,
+           db_password_file: str | None, as_json: bool) -> None:
+    """Progress of a run, per shard and in total; or a work table's rows by state."""
+    from .report import render_status, render_table_status, run_status
 
     try:
+        settings = _table_settings(work_table, run_id, db, db_password_file)
+        if settings is not None:
+            from .db.worktable import table_status
+
+            result = table_status(settings, work_table)
+            click.echo(json.dumps(result, indent=1) if as_json else render_table_status(result))
+            return
         store, prefix = _store_of(manifest, s3_endpoint_url)
         result = run_status(store, prefix, run_id)
     except BulkjobError as e:
@@ -352,16 +411,27 @@ def status(manifest: str, run_id: str, s3_endpoint_url: str | None, as_json: boo
 
 @main.command()
 @option("--manifest", default=DEFAULT_MANIFEST, show_default=True, metavar="URL", help=_MANIFEST_HELP)
-@option("--run-id", required=True, metavar="ID", help=_RUN_ID_HELP)
+@option("--run-id", metavar="ID", help=_RUN_ID_HELP)
 @option("--s3-endpoint-url", metavar="URL", extra_envvars=["AWS_ENDPOINT_URL"], help=_ENDPOINT_HELP)
+@option("--work-table", metavar="TABLE", help=_TABLE_HELP)
+@option("--db", metavar="URL", help=_DB_HELP)
+@option("--db-password-file", type=click.Path(dir_okay=False), metavar="PATH", help="File holding the password.")
 @option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
         help="JSON Lines (with each failure's traceback) or CSV (for a spreadsheet, without).")
-def report(manifest: str, run_id: str, s3_endpoint_url: str | None, fmt: str) -> None:
+def report(manifest: str, run_id: str | None, s3_endpoint_url: str | None, work_table: str | None, db: str | None,
+           db_password_file: str | None, fmt: str) -> None:
     """One row per failed item: id, input line, attempts, error kind, class, code and message, last
-    attempt time; in JSON Lines also the traceback of the last attempt."""
-    from .report import failed_rows, render_report
+    attempt time; in JSON Lines also the traceback of the last attempt. For a work table, one
+    row per ERR row: id, attempts, error, when and by which runner it was written."""
+    from .report import TABLE_CSV_FIELDS, failed_rows, render_report
 
     try:
+        settings = _table_settings(work_table, run_id, db, db_password_file)
+        if settings is not None:
+            from .db.worktable import failed_table_rows
+
+            click.echo(render_report(failed_table_rows(settings, work_table), fmt, TABLE_CSV_FIELDS), nl=False)
+            return
         store, prefix = _store_of(manifest, s3_endpoint_url)
         rows = failed_rows(store, prefix, run_id)
     except BulkjobError as e:

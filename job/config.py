@@ -142,6 +142,6 @@ class RunConfig:
     outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT
     #: An input without items is accepted (--allow-empty) instead of being a usage error.
     allow_empty: bool = False
-    #: Items from the database (a `job.db.worktable.DbItems`) instead of `items`.
+    #: Items from the database (a `job.db.query.DbItems`: a query, or a work table) instead of `items`.
     db_items: object | None = None
     worker: WorkerSettings = field(default=None)  # type: ignore[assignment]

@@ -25,14 +25,14 @@ from .exits import EXIT_INTERNAL, EXIT_OK, run_exit_code, status_of
 from .lease import LOST, SUSPENDED, VALID
 from .manifest import DONE, FAILED, PARTIAL, RUNNING, ItemStates, ShardManifest
 from .observe import NullObserver, Observer
-from .outcome import CRASHED, STORE, TIMEOUT, Failure, Outcome
-from .plan import Crashed, Decision, plan
+from .outcome import CRASHED, DATABASE, STORE, TIMEOUT, Failure, Outcome
+from .plan import Crashed, Decision, Refused, plan
 from .pool import Died, Finished, Pool
 from .progress import Progress
 from .redact import field_values, scrub_text
-from .scheduler import FAIL, REFUND, RETRY, STOP, Outage, Scheduler, Task
+from .scheduler import FAIL, NOT_YET, REFUND, RETRY, STOP, Outage, Scheduler, Task
 from .signals import Signals
-from .startup import Shard, open_shard, patiently
+from .startup import Shard, open_shard, open_work_table, patiently, work_table_of
 from .tracebacks import raised_at
 
 log = logging.getLogger("bulkjob")
@@ -62,6 +62,25 @@ HARD_DEADLINE_MARGIN = 1.0
 #: Longest traceback kept with a failed item in the manifest and the log: its last lines
 #: (where the error was raised) matter most.
 MAX_TRACEBACK_CHARS = 4000
+
+
+@dataclass(frozen=True, slots=True)
+class FenceWords:
+    """How the logs and the summary speak of the run's fence and record: a shard's lease and
+    manifest, or a runner's claims on a work table."""
+
+    #: What holds the run's right to act ("the lease on this shard").
+    held: str
+    #: What keeping it is called ("renewed").
+    kept: str
+    #: The system whose silence suspends it (job.outcome's STORE or DATABASE).
+    system: str
+    #: Where the run's record goes ("the manifest").
+    record: str
+
+
+LEASE_WORDS = FenceWords("the lease on this shard", "renewed", STORE, "the manifest")
+CLAIM_WORDS = FenceWords("this runner's claims", "extended", DATABASE, "the work table")
 
 
 @dataclass(slots=True)
@@ -96,9 +115,10 @@ class Run:
         self.config_error: str | None = None
         self.internal_error = False
         self._rand = random.Random()
-        #: Writes item states back to a --work-table as they change (None otherwise).
-        self.writeback = None
         self.sched: Scheduler | None = None
+        #: The claims on a --work-table (job.db.queue), which are then the fence; None otherwise.
+        self.queue = None
+        self.words = LEASE_WORDS
         #: Since when (monotonic) the lease could not be renewed, while it cannot.
         self._store_outage: float | None = None
 
@@ -122,6 +142,8 @@ class Run:
     def _execute(self) -> tuple[dict[str, Any], int]:
         cfg = self.config
         with contextlib.ExitStack() as stack:
+            if work_table_of(cfg) is not None:
+                return self._execute_claims(stack)
             shard = open_shard(cfg, stack, signals=self.signals, rand=self._rand.random)
             self.shard = shard
             if shard.lease is not None:
@@ -150,8 +172,6 @@ class Run:
                                              interval=cfg.checkpoint_interval, observe=self.observer.checkpoint,
                                              fence=lease.fence)
             self.checkpointer.start()
-            if cfg.db_items is not None:
-                self.writeback = shard.lines.writeback(fence=lease.fence)
             for bad in shard.invalid:
                 known = states.get(bad.record_id)
                 if known is None or known.state != FAILED or cfg.retry_failed:
@@ -170,18 +190,42 @@ class Run:
                                              + CAREFUL_PER_WORKER * cfg.workers)
                     log.warning("the last run of this shard ended without a word; the first %d item(s) "
                                 "go out one per worker, each start recorded first", self.sched.careful)
-                try:
-                    self._loop(self.sched)
-                except UsageError as e:
-                    # Decided on purpose (workers that cannot even start): nothing more can run.
-                    log.error("%s", e)
-                    self.config_error = str(e).splitlines()[0]
-                except Exception:
-                    # Save what is done so that a rerun resumes, and say it was cut short.
-                    log.exception("internal error; stopping. Progress so far is saved: rerun with "
-                                  "--run-id %s to resume", cfg.run_id)
-                    self.internal_error = True
+                self._run_loop(self.sched)
             return self._finish(manifest)
+
+    def _execute_claims(self, stack: contextlib.ExitStack) -> tuple[dict[str, Any], int]:
+        """A work table as a claim queue: rows come from claims as the scheduler asks for them,
+        the claims are the fence, and the table is the run's record (no manifest)."""
+        cfg = self.config
+        work = open_work_table(cfg, stack, signals=self.signals, rand=self._rand.random)
+        if cfg.dry_run:
+            from .db.worktable import table_status
+
+            counts = self._patiently("the work table", table_status, cfg.worker.db, work.table)
+            return {"dry_run": True, "run_id": cfg.run_id, "work_table": work.table, "rows": counts,
+                    "workers": cfg.workers, "handler": cfg.handler}, EXIT_OK
+        self.queue, self.lease, self.checkpointer = work.queue, work.queue, work.recorder
+        self.words = CLAIM_WORDS
+        log.info("run %s: runner %s claims rows of work table %s (%d worker(s); claims last %gs unless "
+                 "extended)", cfg.run_id, work.queue.runner, work.table, cfg.workers, cfg.lease_ttl)
+        self.checkpointer.start()
+        self.sched = Scheduler(self._tasks(work.queue.tasks()), policy=cfg.policy, rand=self._rand.random,
+                               fixed_depth=cfg.prefetch or None)
+        self._run_loop(self.sched)
+        return self._finish(None)
+
+    def _run_loop(self, sched: Scheduler) -> None:
+        try:
+            self._loop(sched)
+        except UsageError as e:
+            # Decided on purpose (workers that cannot even start): nothing more can run.
+            log.error("%s", e)
+            self.config_error = str(e).splitlines()[0]
+        except Exception:
+            # Save what is done so that a rerun resumes, and say it was cut short.
+            log.exception("internal error; stopping. Progress so far is saved%s", " in the work table"
+                          if self.queue is not None else f": rerun with --run-id {self.config.run_id} to resume")
+            self.internal_error = True
 
     def _count_known(self, states: ItemStates) -> None:
         self.counts.done = states.count(DONE)
@@ -190,11 +234,15 @@ class Run:
         self.counts.skipped_already_done = self.counts.done
 
     def _tasks(self, decisions: Iterator[Decision]) -> Iterator[Task]:
-        """The tasks to hand out; on the way, what needs no run is acted on."""
+        """The tasks to hand out; on the way, what needs no run is acted on. A claim queue's
+        NOT_YET passes through, and each row it gives counts in this runner's total."""
         for decision in decisions:
+            if decision is NOT_YET:
+                yield decision
+                continue
+            if self.queue is not None:
+                self.counts.total += 1
             if isinstance(decision, Task):
-                if self.writeback is not None:
-                    self.writeback.taken(decision.item_id)
                 yield decision
             elif isinstance(decision, Crashed):
                 self.counts.attempts += 1
@@ -202,10 +250,8 @@ class Run:
                     CRASHED, "RunCrashed", f"the whole run died while this item ran, {decision.attempts} "
                     "time(s) (killed with its pod: out of memory, SIGKILL, node loss)"), decision.progress,
                     payload=decision.item.payload)
-            else:
-                # Finished before a restart but still open in the work table: the write-back
-                # was cut short, so write it now.
-                self._write_back(decision.item.id, decision.state, decision.error)
+            elif isinstance(decision, Refused):
+                self._record_failed(decision.item.id, 0, decision.failure, payload=decision.item.payload)
 
     def _check_payloads(self, handler, lines, scan) -> None:
         """For --dry-run: ask a handler that can check payloads (the SQL steps handler) about
@@ -224,10 +270,6 @@ class Run:
             more = len(problems) - len(shown)
             raise UsageError("\n".join([f"{len(problems)} problem(s) with the items for {cfg.handler}:",
                                         *(f"  {p}" for p in shown)] + ([f"  ... and {more} more"] if more else [])))
-
-    def _write_back(self, item_id: str, state: str, error: dict[str, Any] | None = None) -> None:
-        if self.writeback is not None:
-            self.writeback.finished(item_id, state, error)
 
     def _plan_summary(self, shard: Shard) -> dict[str, Any]:
         scan = shard.scan
@@ -254,6 +296,7 @@ class Run:
         self._pool = pool
         signals = self.signals
         progress = Progress(self.counts.total, interval=cfg.progress_interval)
+        queue = self.queue
         timed_out: set[int] = set()
         #: Workers killed because the lease ran out under them: their attempts are given back.
         self._fenced: set[int] = set()
@@ -264,6 +307,8 @@ class Run:
         try:
             pool.start_items_until(self.lease.valid_until)
             pool.watch(signals.reader)
+            if queue is not None:
+                pool.watch(queue.wakeup)  # rows claimed: dispatch them now, not at the next tick
             pool.start()
             while True:
                 now = time.monotonic()
@@ -274,6 +319,8 @@ class Run:
                     if why is not None:
                         drain_deadline = now + cfg.drain_timeout
                         pool.stop_starting_items()
+                        if queue is not None:
+                            queue.stop_claiming()
                         if pool.busy():
                             log.warning("%s: draining %d running item(s) for up to %.0fs%s", why, pool.busy(),
                                         cfg.drain_timeout,
@@ -298,6 +345,8 @@ class Run:
                 events, woke = pool.wait(timeout)
                 if woke:
                     signals.drain_wakeups()
+                    if queue is not None:
+                        queue.drain_wakeups()
                 for event in events:
                     if isinstance(event, Finished):
                         self._on_outcome(event.task, event.outcome)
@@ -325,6 +374,7 @@ class Run:
                     self._cut_short(running)
                     break
                 paused = sched.breaker.outage
+                progress.total = self.counts.total  # a work table's grows with each claim
                 progress.update(done=self.counts.done, failed=self.counts.failed, pending=self.counts.pending,
                                 retrying=sched.waiting_retries,
                                 paused=_pause_text(paused) if paused is not None else None)
@@ -340,25 +390,29 @@ class Run:
                             paused=_pause_text(paused) if paused is not None else None)
 
     def _watch_lease(self, pool: Pool, sched: Scheduler, now: float) -> None:
-        """While the lease cannot be renewed (the store unreachable), the run is paused like in
-        an outage: nothing starts and nothing is written. Items still running when another
-        runner could take over are killed (their attempts given back); when the store answers
-        again and the lease is still ours, the run goes on where it stopped."""
+        """While the lease (or a work table's claims) cannot be renewed (the store or the
+        database unreachable), the run is paused like in an outage: nothing starts and nothing
+        is written. Items still running when another runner could take over are killed (their
+        attempts given back); when it answers again and the lease (the claim) is still ours,
+        the run goes on where it stopped."""
+        words = self.words
         suspended = self.lease.status() == SUSPENDED
         if suspended and self._store_outage is None:
             self._store_outage = now
-            log.warning("pausing: the lease on this shard could not be renewed (the manifest store does not "
-                        "answer); nothing starts and nothing is written until it does")
-            self.observer.paused(STORE)
+            log.warning("pausing: %s could not be %s (the %s does not answer); nothing starts and nothing is "
+                        "written until it does", words.held, words.kept,
+                        "manifest store" if words.system == STORE else "database")
+            self.observer.paused(words.system)
         elif not suspended and self._store_outage is not None and self.lease.status() == VALID:
-            log.warning("resuming: the lease on this shard was renewed after %.1fs", now - self._store_outage)
+            log.warning("resuming: %s %s again after %.1fs", words.held,
+                        "were extended" if self.queue is not None else "was renewed", now - self._store_outage)
             self.observer.resumed(now - self._store_outage)
             self._store_outage = None
         if suspended and now >= self.lease.hard_deadline - HARD_DEADLINE_MARGIN:
             for handle in pool.workers:
                 if handle.inflight and handle.pid not in self._fenced:
                     self._fenced.add(handle.pid)
-                    log.warning("the lease on this shard runs out; killing worker %d and item %s (not charged)",
+                    log.warning("time is up for %s; killing worker %d and item %s (not charged)", words.held,
                                 handle.pid, self._shown(handle.inflight[0].item_id, handle.inflight[0].payload))
                     pool.kill(handle)
 
@@ -382,13 +436,15 @@ class Run:
                       "run again with --run-id %s once it is back", outage.system or "the environment",
                       outage.seconds(now), self.config.outage_timeout, self.config.run_id)
             return "outage too long"
-        stuck = [t for t in (self._store_outage, self.checkpointer.failing_since) if t is not None]
+        claims = self.queue.failing_since if self.queue is not None else None
+        stuck = [t for t in (self._store_outage, self.checkpointer.failing_since, claims) if t is not None]
         if stuck and now - min(stuck) > self.config.outage_timeout:
             self.unavailable = True
-            log.error("the manifest could not be written for %.0fs, longer than --outage-timeout %.0fs (%s); "
-                      "run again with --run-id %s once it can", now - min(stuck), self.config.outage_timeout,
-                      self.checkpointer.last_error or "the store does not answer", self.config.run_id)
-            return "the manifest store unavailable too long"
+            error = self.checkpointer.last_error or (self.queue.last_error if self.queue is not None else None)
+            log.error("%s could not be written for %.0fs, longer than --outage-timeout %.0fs (%s); run again "
+                      "once it can", self.words.record, now - min(stuck), self.config.outage_timeout,
+                      error or f"the {'store' if self.words.system == STORE else 'database'} does not answer")
+            return f"{self.words.record} unavailable too long"
         return None
 
     def _dispatch(self, pool: Pool, sched: Scheduler, now: float) -> None:
@@ -399,7 +455,7 @@ class Run:
         plan: list[tuple[Any, list[Task]]] = []
         busy = pool.busy()
         for handle in pool.free():
-            batch = sched.take(pool.room(handle) - len(handle.inflight), now, busy=busy)
+            batch = self._take(sched, pool.room(handle) - len(handle.inflight), now, busy)
             if not batch:
                 break
             plan.append((handle, batch))
@@ -408,7 +464,8 @@ class Run:
             return
         starts = [_running_record(t) for _, batch in plan for t in batch if t.record_start]
         if starts and not self.checkpointer.write_now(starts, START_RECORD_TIMEOUT):
-            log.warning("could not record the start of %d item(s) in the manifest; holding them", len(starts))
+            log.warning("could not record the start of %d item(s) in %s; holding them", len(starts),
+                        self.words.record)
             for _, batch in reversed(plan):
                 sched.put_back(batch)
             return
@@ -416,6 +473,22 @@ class Run:
             sent = pool.submit(handle, batch)
             if sent < len(batch):
                 sched.put_back(batch[sent:])
+
+    def _take(self, sched: Scheduler, room: int, now: float, busy: int) -> list[Task]:
+        """The scheduler's next tasks for a worker with `room`, less rows whose claims another
+        runner took over while this one could not reach the database: those are not this
+        runner's any more, and are forgotten."""
+        while True:
+            batch = sched.take(room, now, busy=busy)
+            if self.queue is None:
+                return batch
+            kept = [t for t in batch if not self.queue.lost(t.item_id)]
+            for task in batch:
+                if self.queue.lost(task.item_id):
+                    sched.discard(task)
+                    self.counts.total -= 1
+            if kept or not batch:
+                return kept
 
     @staticmethod
     def _running_records(pool: Pool) -> list[dict[str, Any]]:
@@ -447,7 +520,6 @@ class Run:
             if outcome.result is not None:
                 record["result"] = outcome.result
             self.checkpointer.add(record)
-            self._write_back(task.item_id, DONE)
             self.observer.item_finished(DONE, outcome.seconds, None)
             return
         self._on_failure(task, outcome.failure, outcome.seconds, outcome.progress)
@@ -523,7 +595,6 @@ class Run:
         if progress:
             record["progress"] = progress
         self.checkpointer.add(record)
-        self._write_back(item_id, FAILED, record["error"])
         self.observer.item_finished(FAILED, seconds, failure)
         # With a traceback (which ends with the whole message), the first line says what and where.
         at = raised_at(trace)
@@ -534,12 +605,10 @@ class Run:
 
     def _record_invalid(self, bad: items_module.Invalid, source_name: str) -> None:
         """Record an input line that is not a valid item as failed (--skip-invalid), under its
-        line's id; a work table's row, when it had an id, is written back as failed."""
+        line's id."""
         self.counts.failed += 1
         record = bad.record(at=time.time())
         self.checkpointer.add(record)
-        if bad.id is not None:
-            self._write_back(bad.id, FAILED, record["error"])
         self.observer.item_finished(FAILED, 0.0, bad.failure())
         log.warning("%s line %d: %s; recorded as failed (--skip-invalid)", source_name, bad.line, bad.reason)
 
@@ -578,7 +647,9 @@ class Run:
 
     # -- the end ------------------------------------------------------------------------------
 
-    def _finish(self, manifest: ShardManifest) -> tuple[dict[str, Any], int]:
+    def _finish(self, manifest: ShardManifest | None) -> tuple[dict[str, Any], int]:
+        """Flush the record, release the fence, and say how the run ended. `manifest` is None
+        for a work table (the table is the record; the claims are given back on release)."""
         # After a signal the pod's grace period is running out; after an outage too long the
         # store has had its chance.
         timeout = (UNAVAILABLE_FLUSH_TIMEOUT if self.unavailable else INTERRUPTED_FLUSH_TIMEOUT if self.interrupted
@@ -591,14 +662,12 @@ class Run:
         self.lease_lost = self.lease_lost or lost or self.lease.status() == LOST
         if not saved and not self.lease_lost:
             self.unsaved = True
-            log.error("could not save the last %d record(s) to %s within %.0fs; "
-                      "a rerun with the same run id repeats those items",
-                      self.checkpointer.unsaved, manifest.url, timeout)
-        if self.writeback is not None and not self.writeback.close(0 if self.lease_lost else timeout):
-            self.unsaved = self.unsaved or not self.lease_lost
-            log.error("could not write %d item state(s) back to the work table within %.0fs; "
-                      "a rerun with the same run id writes them", self.writeback.unsaved, timeout)
-        if saved and self.lease.writable():
+            where = manifest.url if manifest is not None else f"work table {self.queue.table}"
+            log.error("could not save the last %d record(s) to %s within %.0fs; %s",
+                      self.checkpointer.unsaved, where, timeout,
+                      "a rerun with the same run id repeats those items" if manifest is not None
+                      else "their rows run again once their claims expire")
+        if manifest is not None and saved and self.lease.writable():
             self._end_meta(manifest)
         self.lease.release()
         if self.internal_error:
@@ -612,7 +681,7 @@ class Run:
                 log.error("internal error: the run ended with %d item(s) neither done nor failed",
                           self.counts.pending)
                 code = EXIT_INTERNAL
-        summary = self.summary(status_of(code), code, manifest.url)
+        summary = self.summary(status_of(code), code, manifest.url if manifest is not None else None)
         self.observer.run_finished(summary)
         return summary, code
 
@@ -631,6 +700,9 @@ class Run:
                    "shard_count": self.config.shard_count, **counts, "pending": self.counts.pending,
                    "seconds": round(time.monotonic() - self.started, 3), "status": status,
                    "exit_code": code, "manifest": manifest_url}
+        if self.queue is not None:
+            summary.update(shard=None, shard_count=None, work_table=self.queue.table, runner=self.queue.runner,
+                           taken_over=self.queue.taken_over, given_back=self.queue.given_back)
         if self.sched is not None:
             outages = self.sched.breaker.history + ([self.sched.breaker.outage] if self.sched.breaker.outage else [])
             summary["outages"] = [_outage_summary(o) for o in outages]
@@ -650,10 +722,16 @@ class Run:
         if self.unavailable:
             return f"unavailable for longer than --outage-timeout {self.config.outage_timeout:g}s; progress saved"
         if self.unsaved:
+            if self.queue is not None:
+                return "could not write every row's state to the work table; those rows run again once their " \
+                       "claims expire"
             return "could not save progress to the manifest; run again with the same --run-id"
         if self.interrupted:
             return "interrupted by a signal; progress saved"
         if self.counts.failed > self.config.max_failures:
+            if self.queue is not None:
+                return (f"{self.counts.failed} row(s) failed (--max-failures {self.config.max_failures}); "
+                        f"`bulkjob report --work-table {self.queue.table} --db ...` lists them")
             return (f"{self.counts.failed} item(s) failed (--max-failures {self.config.max_failures}); "
                     f"`bulkjob report --run-id {self.config.run_id}` lists them, --retry-failed runs them again")
         return None

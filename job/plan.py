@@ -12,6 +12,7 @@ from typing import Any
 
 from .items import Item
 from .manifest import DONE, FAILED, PARTIAL, RUNNING, ItemState, ItemStates
+from .outcome import Failure
 from .scheduler import Task
 
 
@@ -33,7 +34,16 @@ class Finished:
     error: dict[str, Any] | None
 
 
-Decision = Task | Crashed | Finished
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Cannot run at all (a work table's row whose payload is not an object): record it
+    failed with `failure`, no attempt spent."""
+
+    item: Item
+    failure: Failure
+
+
+Decision = Task | Crashed | Finished | Refused
 
 
 def decide(item: Item, known: ItemState | None, *, max_attempts: int, retry_failed: bool) -> Decision:

@@ -22,6 +22,8 @@ SHOWN_RUNS = 10
 #: Columns of the CSV report; the JSON Lines report also has each failure's traceback.
 CSV_FIELDS = ["id", "line", "shard", "attempts", "error_kind", "error_class", "error_code", "error_message",
               "last_attempt_at"]
+#: Columns of the CSV report of a work table's ERR rows (job.db.worktable.failed_table_rows).
+TABLE_CSV_FIELDS = ["id", "attempts", "error", "updated_at", "runner"]
 #: Seconds a lock on the lease may be held before status calls it stuck: it is held for one
 #: read and one rename.
 STUCK_LOCK = 5.0
@@ -139,15 +141,29 @@ def csv_cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def render_report(rows: list[dict[str, Any]], fmt: str) -> str:
+def render_report(rows: list[dict[str, Any]], fmt: str, fields: list[str] = CSV_FIELDS) -> str:
     if fmt == "jsonl":
         return "".join(json.dumps(row) + "\n" for row in rows)
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: csv_cell(row.get(k)) for k in CSV_FIELDS})
+        writer.writerow({k: csv_cell(row.get(k)) for k in fields})
     return out.getvalue()
+
+
+def render_table_status(status: dict[str, Any]) -> str:
+    """A work table's rows by state (job.db.worktable.table_status), and who holds claims."""
+    lines = [f"work table {status['work_table']}",
+             f"{'total':>9} {'pending':>9} {'running':>9} {'done':>9} {'failed':>9} {'attempts':>9}",
+             f"{status['total']:>9} {status['pending']:>9} {status['running']:>9} {status['done']:>9} "
+             f"{status['failed']:>9} {status['attempts']:>9}"]
+    if status["expired"]:
+        lines.append(f"{status['expired']} running row(s) with an expired claim: their runner died or lost the "
+                     "database; the next runner to claim takes them over")
+    for runner in status["runners"]:
+        lines.append(f"runner {runner['runner']}: {runner['rows']} row(s) claimed")
+    return "\n".join(lines)
 
 
 def format_time(iso: str | None) -> str:

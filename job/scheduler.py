@@ -45,6 +45,18 @@ PROBE_JITTER = 0.5
 MAX_REFUNDS = 5
 
 
+class _NotYet:
+    """The type of NOT_YET."""
+
+    def __repr__(self) -> str:
+        return "NOT_YET"
+
+
+#: What an item source yields when it has nothing now but may have more later (a work table's
+#: claim queue waiting for its next batch): the scheduler asks again at its next take.
+NOT_YET = _NotYet()
+
+
 @dataclass(slots=True)
 class Task:
     """One attempt of one item, handed to a worker: the pool sends `wire()`."""
@@ -268,10 +280,14 @@ class Scheduler:
         return None
 
     def _peek(self) -> bool:
-        """Whether a new item is left (reading one ahead if needed)."""
+        """Whether a new item is ready now (reading one ahead if needed); a source that says
+        NOT_YET is asked again next time."""
         if self._peeked is None and not self._exhausted:
-            self._peeked = next(self._todo, None)
-            self._exhausted = self._peeked is None
+            found = next(self._todo, None)
+            if found is NOT_YET:
+                return False
+            self._peeked = found
+            self._exhausted = found is None
         return self._peeked is not None
 
     def put_back(self, tasks: list[Task]) -> None:
@@ -283,9 +299,17 @@ class Scheduler:
             self.breaker.probe_unsent(task.item_id)
             self._ended(task)
 
+    def discard(self, task: Task) -> None:
+        """A task taken but not to be run after all (its work-table claim went to another
+        runner): forget it, as if it had ended."""
+        self.breaker.probe_unsent(task.item_id)
+        self._ended(task)
+
     def finished(self) -> bool:
-        """Nothing left to hand out: new items, retries and the queue are all used up."""
-        return not self._retries and not self._queue and self._held is None and not self._peek()
+        """Nothing left to hand out: new items, retries and the queue are all used up, and the
+        source has said it has no more."""
+        return (not self._retries and not self._queue and self._held is None and not self._peek()
+                and self._exhausted)
 
     def next_wake(self, now: float) -> float | None:
         """Seconds until a retry or a probe falls due (None: nothing is waiting on time)."""

@@ -1,13 +1,15 @@
-"""Before the first item: opening the shard in the one safe order, waiting out an unreachable
-store or database, and the preflight that tells a configuration error (exit 2, within seconds)
-from an outage (wait, then exit 5).
+"""Before the first item: opening the shard (or the work table) in the one safe order, waiting
+out an unreachable store or database, and the preflight that tells a configuration error
+(exit 2, within seconds) from an outage (wait, then exit 5).
 
 The order (`open_shard`): everything that can be refused without touching the manifest first
 (the handler, the input of a new run, the database's preflight), so that a usage or
 configuration error leaves the shard's directory as it was; then the lease; then, holding it,
 the manifest is read, so that what is read is what this runner continues from. A resumed run
 reads its input after the manifest, so that the scan skips finished items without parsing
-them; bad input found then releases the lease and changes no record.
+them; bad input found then releases the lease and changes no record. A work table
+(`open_work_table`): the handler, the database's preflight, the table's columns; only then a
+first extension of (no) claims, and the claims themselves when the run asks for rows.
 
 The waits here block the parent, which has nothing else to do yet, but a SIGTERM or SIGINT
 ends them at once.
@@ -182,11 +184,56 @@ def _scan(cfg: RunConfig, source_name: str, lines: Any, states: ItemStates | Non
 def _open_items(cfg: RunConfig) -> contextlib.AbstractContextManager[tuple[str, Any]]:
     """The items source: a JSON Lines file, S3 object or stdin, or the database."""
     if cfg.db_items is not None:
-        from .db.worktable import open_db_items
+        from .db.query import open_db_items
 
-        return open_db_items(cfg.worker.db, cfg.db_items, retry_failed=cfg.retry_failed,
-                             retry_on=cfg.worker.retry_on, outage_on=cfg.worker.outage_on)
+        return open_db_items(cfg.worker.db, cfg.db_items, retry_on=cfg.worker.retry_on,
+                             outage_on=cfg.worker.outage_on)
     return open_source(cfg.items, endpoint_url=cfg.s3_endpoint_url)
+
+
+def work_table_of(cfg: RunConfig) -> str | None:
+    """The work table a run claims rows from, or None for items from a file, S3, stdin or a query."""
+    return getattr(cfg.db_items, "table", None)
+
+
+@dataclass(slots=True)
+class WorkTable:
+    """What a run works on once its work table is open."""
+
+    handler: Any
+    table: str
+    columns: Any
+    #: Started (first extension acknowledged, heartbeat running); None for --dry-run.
+    queue: Any = None
+    #: The write-back of the rows' states (not started); None for --dry-run.
+    recorder: Any = None
+
+
+def open_work_table(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals | None,
+                    rand: Callable[[], float] = random.random) -> WorkTable:
+    """Open the run's work table in the safe order (see the module's docstring); the queue's
+    claims are given back (or left to expire) by `stack` if the run ends before its own end."""
+    from .db.queue import ClaimQueue
+    from .db.worktable import ClaimRecorder, read_columns
+
+    def wait(what: str, fn: Callable[[], T]) -> T:
+        return patiently(what, fn, timeout=cfg.outage_timeout, signals=signals, rand=rand)
+
+    settings, table = cfg.worker.db, work_table_of(cfg)
+    handler = load_handler(cfg.handler, settings)
+    wait("the database", lambda: check_database(settings, retry_on=cfg.worker.retry_on,
+                                                 outage_on=cfg.worker.outage_on))
+    columns = wait("the work table", lambda: read_columns(settings, table, retry_on=cfg.worker.retry_on,
+                                                          outage_on=cfg.worker.outage_on))
+    if cfg.dry_run:
+        return WorkTable(handler, table, columns)
+    queue = ClaimQueue(settings, table, columns=columns, workers=cfg.workers,
+                       max_attempts=cfg.policy.max_attempts, max_item_bytes=cfg.max_item_bytes, ttl=cfg.lease_ttl,
+                       retry_on=cfg.worker.retry_on, outage_on=cfg.worker.outage_on, rand=rand)
+    wait("the work table (claims)", queue.start)
+    stack.callback(queue.release)
+    recorder = ClaimRecorder(settings, queue.sql, queue, columns=columns, interval=cfg.checkpoint_interval)
+    return WorkTable(handler, table, columns, queue, recorder)
 
 
 class _WaitNotice:

@@ -150,6 +150,13 @@ class Ending:
         error = summary.get("error") or ending(code).meaning
         run_id = summary.get("run_id") or self.run_id
         manifest = f" --manifest {self.manifest}" if self.manifest else ""
+        table = summary.get("work_table")
+        if table and code == EXIT_ITEMS_FAILED:
+            return (f"{summary.get('failed', 0)} row(s) failed for good (--max-failures {self.max_failures}). "
+                    f"List them: bulkjob report --work-table {table} --db ...; after fixing the cause, set them "
+                    "back to PENDING (attempts 0) and start runners again")
+        if table:
+            return f"{error}. Start a runner again: it claims what is left" if ending(code).retry else error
         if code == EXIT_ITEMS_FAILED:
             failed = summary.get("failed", 0)
             earlier = " in an earlier run, not tried again" if summary.get("attempts") == 0 else ""

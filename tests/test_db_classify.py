@@ -372,7 +372,7 @@ def test_plain_sql_drops_a_pasted_terminator(sql, dialect, expected):
 
 
 def test_session_and_items_sql_lose_their_terminator():
-    from job.db.worktable import db_items
+    from job.db.query import db_items
 
     s = db_settings("oracle://u@h/S", session_sql=["ALTER SESSION SET TIME_ZONE = 'UTC';"])
     assert s.session_sql == ("ALTER SESSION SET TIME_ZONE = 'UTC'",)

@@ -13,7 +13,8 @@ from conftest import free_port, run_bulkjob, summary_of, write_items
 from pg import PgDatabase, PgServer
 
 from job.db import Database, DatabaseUnavailable, parse_db_url, preflight, preflight_failure
-from job.db.worktable import DDL, DbItems, open_db_items
+from job.db.query import DbItems, open_db_items
+from job.db.worktable import DDL
 from job.errors import ConfigError, Permanent, UsageError
 from job.outcome import CONFIG, DATABASE, OUTAGE
 from job.retry import classify
@@ -160,7 +161,7 @@ def test_in_transaction_on_postgres(pg_db, password):
 # -- the parent's own reads ------------------------------------------------------------------------
 
 def read_items(settings, items, **options):
-    with open_db_items(settings, items, retry_failed=False, **options) as (_name, lines), lines() as it:
+    with open_db_items(settings, items, **options) as (_name, lines), lines() as it:
         return [json.loads(line) for line in it]
 
 
@@ -192,7 +193,7 @@ def test_items_read_classified_like_a_workers_failure(pg_db, password, monkeypat
 
 
 def test_work_table_error_column_narrower_than_the_error(tmp_path, pg_db):
-    pg_db.execute(DDL["postgres"].replace("error      text", "error      varchar(24)"))
+    pg_db.execute(DDL["postgres"].replace("error         text", "error         varchar(24)"))
     pg_db.execute("CREATE TABLE out (k text PRIMARY KEY CHECK (k <> 'bad'))")
     with pg_db.connect() as conn:
         conn.cursor().executemany("INSERT INTO bulk_work (work_id, payload) VALUES (%s, %s)",
@@ -200,8 +201,7 @@ def test_work_table_error_column_narrower_than_the_error(tmp_path, pg_db):
                                   + [("w-bad", json.dumps({"k": "bad"}))])
     (tmp_path / "steps.sql").write_text("-- step: one\nINSERT INTO out VALUES (:k);\n")
     proc = run_bulkjob("run", "--work-table", "bulk_work", "--handler", f"sql:{tmp_path / 'steps.sql'}",
-                       "--db", pg_db.url, "--manifest", str(tmp_path / "state"), "--metrics-port", "0",
-                       "--max-failures", "1", env=pg_db.env)
+                       "--db", pg_db.url, "--metrics-port", "0", "--max-failures", "1", env=pg_db.env)
     summary = summary_of(proc)
     assert (summary["done"], summary["failed"], proc.returncode) == (5, 1, 0), proc.stderr[-3000:]
     # Every state was written back: the narrow column did not refuse the batch (22001).

@@ -22,7 +22,7 @@ import threading
 import time
 
 import pytest
-from conftest import run_bulkjob, summary_of, write_items
+from conftest import run_bulkjob, start_bulkjob, summary_of, write_items
 
 from job.db import parse_db_url
 from job.db.worktable import DDL
@@ -284,23 +284,100 @@ def test_batch_errors(tmp_path, ora):
     assert ora.execute(f"SELECT COUNT(*) FROM {t}") == [(7,)]
 
 
-def test_work_table(tmp_path, ora):
+def work_table(ora, *, error_width: int | None = None) -> str:
+    """The work table of job.db.worktable.DDL, under this test's prefix."""
     table = ora.name("work")
-    create_table, _index = [s.strip() for s in DDL["oracle"].split(";") if s.strip()]
-    ora.execute(create_table.replace("bulk_work", table, 1))
+    create_table, index = [s.strip() for s in DDL["oracle"].split(";") if s.strip()]
+    create_table = create_table.replace("bulk_work", table, 1)
+    if error_width is not None:
+        create_table = create_table.replace("VARCHAR2(4000)", f"VARCHAR2({error_width})")
+    ora.execute(create_table)
     ora.objects.append(("TABLE", table))
+    ora.execute(index.replace("bulk_work_state", ora.name("work_st")).replace("ON bulk_work", f"ON {table}"))
+    return table
+
+
+def table_args(table, handler, *extra):
+    return ("run", "--work-table", table, "--handler", handler, "--db", URL, "--metrics-port", "0",
+            "--backoff", "0.5", "--max-backoff", "2", "--checkpoint-interval", "0.5", *extra)
+
+
+def test_work_table(tmp_path, ora):
+    table = work_table(ora)
     out = ora.create("TABLE", "out", "CREATE TABLE {name} (k VARCHAR2(20) PRIMARY KEY CHECK (k <> 'bad'))")
     for i in range(10):
         ora.execute(f"INSERT INTO {table} (work_id, payload) VALUES (:1, :2)", [f"w{i}", json.dumps({"k": f"k{i}"})])
     ora.execute(f"INSERT INTO {table} (work_id, payload) VALUES ('w-bad', :1)", [json.dumps({"k": "bad"})])
-    handler = steps(tmp_path, f"-- step: one\nINSERT INTO {out} VALUES (:k);\n")
-    proc = run_bulkjob(*args(tmp_path, handler, "--work-table", table, "--max-failures", "1", items=False),
-                       env=ora.env)
+    handler = steps(tmp_path, "-- step: one\nINSERT INTO {out} VALUES (:k);\n", out=out)
+    proc = run_bulkjob(*table_args(table, handler, "--max-failures", "1"), env=ora.env)
     summary = summary_of(proc)
     assert (summary["total"], summary["done"], summary["failed"]) == (11, 10, 1), proc.stderr[-3000:]
     assert dict(ora.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")) == {"DONE": 10, "ERR": 1}
-    [(error,)] = ora.execute(f"SELECT error FROM {table} WHERE work_id = 'w-bad'")
-    assert error.startswith("ORA-02290")
+    [(error, attempts)] = ora.execute(f"SELECT error, attempts FROM {table} WHERE work_id = 'w-bad'")
+    assert error.startswith("ORA-02290") and attempts == 1
+    assert ora.execute(f"SELECT COUNT(*) FROM {table} WHERE claim_expires IS NOT NULL") == [(0,)]
+
+
+def test_a_claim_gets_its_rows_while_another_session_holds_some_locked(ora):
+    """The pitfall of ROWNUM with SKIP LOCKED: a limit counted before the lock check gives a
+    second claimer fewer rows, or none. The locking cursor fetched n rows at a time does not."""
+    import oracledb
+
+    from job.db import oracle as dialect
+    from job.db.claim import claim_sql
+
+    table = work_table(ora)
+    for i in range(20):
+        ora.execute(f"INSERT INTO {table} (work_id, payload) VALUES (:1, '{{}}')", [f"w{i:02d}"])
+    sql = claim_sql(table, dialect, error_column=True, result_column=False)
+    settings = parse_db_url(URL)
+    holder = oracledb.connect(user=settings.user, password=PASSWORD,
+                              dsn=f"{settings.host}:{settings.port}/{settings.database}")
+    other = dialect.connect(settings, PASSWORD)
+    try:
+        with holder.cursor() as cur:  # another runner's claim, in the middle of its transaction
+            cur.arraysize = cur.prefetchrows = 5
+            cur.execute(sql.claim[0])
+            held = {row[0] for row in cur.fetchmany(5)}
+        assert len(held) == 5
+        rows = dialect.claim(other, sql.claim, runner="B", ttl=30.0, limit=5)
+        assert len(rows) == 5 and not held & {row[0] for row in rows}
+        holder.rollback()
+        rows = dialect.claim(other, sql.claim, runner="B", ttl=30.0, limit=100)
+        assert len(rows) == 15  # the rest, the held ones included once they were let go
+        assert ora.execute(f"SELECT COUNT(*) FROM {table} WHERE claimed_by = 'B' AND state = 'RUNNING' "
+                           f"AND claim_expires > {dialect.CLAIM_CLOCK}") == [(20,)]
+    finally:
+        holder.close()
+        other.close()
+
+
+def test_two_runners_and_an_expired_claim_taken_over(tmp_path, ora):
+    table = work_table(ora)
+    for i in range(200):
+        ora.execute(f"INSERT INTO {table} (work_id, payload) VALUES (:1, :2)",
+                    [f"w{i:03d}", json.dumps({"track": True})])
+    # A dead runner's rows: one to take over and run, one that used its attempts (crashed).
+    ora.execute(f"INSERT INTO {table} (work_id, payload, state, claimed_by, claim_expires, attempts) VALUES "
+                f"('dead-1', '{{}}', 'RUNNING', 'dead', SYS_EXTRACT_UTC(SYSTIMESTAMP) - INTERVAL '1' MINUTE, 1)")
+    ora.execute(f"INSERT INTO {table} (work_id, payload, state, claimed_by, claim_expires, attempts) VALUES "
+                f"('dead-2', '{{}}', 'RUNNING', 'dead', SYS_EXTRACT_UTC(SYSTIMESTAMP) - INTERVAL '1' MINUTE, 3)")
+    env = {**ora.env, "LEDGER_DB": str(tmp_path / "ledger.db")}
+    argv = table_args(table, "ledger:handle", "--workers", "2", "--max-attempts", "3", "--max-failures", "1")
+    procs = [start_bulkjob(*argv, env=env) for _ in range(2)]
+    ends = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], ends[0][1][-2000:] + ends[1][1][-2000:]
+    assert dict(ora.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")) == {"DONE": 201, "ERR": 1}
+    [(attempts, error)] = ora.execute(f"SELECT attempts, error FROM {table} WHERE work_id = 'dead-2'")
+    assert attempts == 3 and error.startswith("RunCrashed")
+    assert ora.execute(f"SELECT attempts FROM {table} WHERE work_id = 'dead-1'") == [(2,)]
+    runners = [json.loads(out.splitlines()[-1])["runner"] for out, _ in ends]
+    assert {r for (r,) in ora.execute(f"SELECT DISTINCT claimed_by FROM {table}")} == set(runners)
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "ledger.db") as conn:
+        tried = conn.execute("SELECT COUNT(*), COUNT(DISTINCT item_id) FROM tried").fetchone()
+    assert tried == (200, 200)  # every row started once, on one runner
 
 
 def test_a_refused_login_exits_2_within_seconds_and_charges_no_item(tmp_path, ora):
@@ -385,17 +462,13 @@ def test_executemany_runs_a_plsql_block_without_batch_errors(tmp_path, ora):
 
 
 def test_work_table_with_an_error_column_narrower_than_the_error(tmp_path, ora):
-    table = ora.name("work")
-    create_table, _index = [s.strip() for s in DDL["oracle"].split(";") if s.strip()]
-    ora.execute(create_table.replace("bulk_work", table, 1).replace("VARCHAR2(4000)", "VARCHAR2(30)"))
-    ora.objects.append(("TABLE", table))
+    table = work_table(ora, error_width=30)
     out = ora.create("TABLE", "out", "CREATE TABLE {name} (k VARCHAR2(20) PRIMARY KEY CHECK (k <> 'bad'))")
     for i in range(3):
         ora.execute(f"INSERT INTO {table} (work_id, payload) VALUES (:1, :2)", [f"w{i}", json.dumps({"k": f"k{i}"})])
     ora.execute(f"INSERT INTO {table} (work_id, payload) VALUES ('w-bad', :1)", [json.dumps({"k": "bad"})])
     handler = steps(tmp_path, "-- step: one\nINSERT INTO {out} VALUES (:k);\n", out=out)
-    proc = run_bulkjob(*args(tmp_path, handler, "--work-table", table, "--max-failures", "1", items=False),
-                       env=ora.env)
+    proc = run_bulkjob(*table_args(table, handler, "--max-failures", "1"), env=ora.env)
     assert summary_of(proc)["done"] == 3, proc.stderr[-3000:]
     # ORA-12899 would have refused the whole batch, again and again: every state is written.
     assert dict(ora.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")) == {"DONE": 3, "ERR": 1}

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import run_bulkjob, start_bulkjob, summary_of, write_items
+from conftest import run_bulkjob, summary_of, write_items
 
-from job.db.worktable import DDL
 from job.manifest import ShardManifest
 from job.store import LocalStore
 
@@ -220,51 +217,6 @@ def test_batch_dml_with_bad_rows(tmp_path, pg_db, sql):
     bad = latest(tmp_path)["batch"]["result"]["bad"]
     assert [(b["offset"], b["code"]) for b in bad] == [(2, "23514"), (5, "23502"), (8, "23505")]
     assert pg_db.execute("SELECT array_agg(k ORDER BY k) FROM t") == [([0, 1, 3, 4, 6, 7, 9],)]
-
-
-def work_table(pg_db, count: int, extra=()):
-    pg_db.execute(DDL["postgres"])
-    pg_db.execute("CREATE TABLE out (k text PRIMARY KEY CHECK (k <> 'bad'))")
-    rows = [(f"w{i:03d}", "PENDING", json.dumps({"k": f"k{i}"})) for i in range(count)] + list(extra)
-    with pg_db.connect() as conn:
-        conn.cursor().executemany("INSERT INTO bulk_work (work_id, state, payload, updated_at) "
-                                  "VALUES (%s, %s, %s, '2000-01-01')", rows)
-
-
-def test_work_table(tmp_path, pg_db):
-    work_table(pg_db, 30, [("w-bad", "PENDING", json.dumps({"k": "bad"})), ("w-done", "DONE", "{}")])
-    handler = steps(tmp_path, "-- step: one\nINSERT INTO out VALUES (:k);\n")
-    proc = run_bulkjob(*pg_args(tmp_path, pg_db, handler, "--work-table", "bulk_work", "--workers", "2",
-                                "--max-failures", "1", items=False), env=pg_db.env)
-    summary = summary_of(proc)
-    assert (summary["total"], summary["done"], summary["failed"]) == (31, 30, 1), proc.stderr[-3000:]
-    assert dict(pg_db.execute("SELECT state, COUNT(*) FROM bulk_work GROUP BY state")) == {"DONE": 31, "ERR": 1}
-    [(error,)] = pg_db.execute("SELECT error FROM bulk_work WHERE work_id = 'w-bad'")
-    assert error.startswith("23514 CheckViolation")
-    assert pg_db.execute("SELECT COUNT(*) FROM bulk_work WHERE updated_at > '2000-01-01'") == [(31,)]
-
-
-def test_work_table_resumes_after_sigterm(tmp_path, pg_db):
-    work_table(pg_db, 12)
-    handler = steps(tmp_path, "-- step: one\nINSERT INTO out VALUES (:k);\nSELECT pg_sleep(0.3);\n")
-    argv = pg_args(tmp_path, pg_db, handler, "--work-table", "bulk_work", "--workers", "1", items=False)
-    proc = start_bulkjob(*argv, env=pg_db.env)
-    deadline = time.monotonic() + 60
-    while pg_db.execute("SELECT COUNT(*) FROM bulk_work WHERE state = 'DONE'")[0][0] < 3:
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 3, err[-3000:]
-    states = dict(pg_db.execute("SELECT state, COUNT(*) FROM bulk_work GROUP BY state"))
-    assert states.get("DONE", 0) >= 3 and states.get("DONE", 0) + states.get("PENDING", 0) + \
-        states.get("RUNNING", 0) == 12
-    again = run_bulkjob(*argv, env=pg_db.env)
-    summary = summary_of(again)
-    # The items finished before the signal count in the total, though the table no longer offers them.
-    assert (summary["total"], summary["done"], summary["pending"]) == (12, 12, 0), again.stderr[-3000:]
-    assert pg_db.execute("SELECT state, COUNT(*) FROM bulk_work GROUP BY state") == [("DONE", 12)]
-    assert pg_db.execute("SELECT COUNT(*) FROM out") == [(12,)]
 
 
 def test_an_unreachable_items_database_is_waited_for_then_exits_5(tmp_path):

@@ -249,3 +249,36 @@ def test_a_fixed_depth_does_not_adapt():
     [a] = s.take(1, 0.0)
     s.succeeded(a, 1e-5, 0.0)
     assert s.depth == 7
+
+
+def test_a_source_that_says_not_yet_keeps_the_scheduler_unfinished_until_it_ends():
+    from job.scheduler import NOT_YET
+
+    claimed: list = [Task("a", {}, 1)]
+    state = {"ended": False}
+
+    def source():  # as a claim queue's: what is claimed, NOT_YET while more may come, then the end
+        while True:
+            if claimed:
+                yield claimed.pop(0)
+            elif state["ended"]:
+                return
+            else:
+                yield NOT_YET
+
+    s = Scheduler(source(), policy=POLICY, rand=lambda: 0.0)
+    assert ids(s.take(5, 0.0)) == ["a"]
+    assert s.take(5, 0.0) == [] and not s.finished()  # NOT_YET is no end
+    claimed.append(Task("b", {}, 1))
+    assert ids(s.take(5, 0.0)) == ["b"]
+    assert not s.finished()
+    state["ended"] = True
+    assert s.take(5, 0.0) == [] and s.finished()
+
+
+def test_a_discarded_suspect_lets_the_others_go_out():
+    s = scheduler(new=[Task("s", {}, 2, suspect=True), *tasks("a", "b")])
+    [suspect] = s.take(5, 0.0)
+    assert suspect.suspect and s.take(5, 0.0) == []  # nothing follows a suspect while it runs
+    s.discard(suspect)  # its claim went to another runner: it never runs here
+    assert ids(s.take(5, 0.0)) == ["a", "b"]

@@ -176,29 +176,33 @@ def test_work_table_states_written_back(tmp_path):
     db = make_db(tmp_path / "x.db", DDL["sqlite"] + "CREATE TABLE out (k TEXT PRIMARY KEY CHECK (k <> 'bad'));")
     rows = [(f"w{i:02d}", "PENDING", json.dumps({"k": f"k{i}"})) for i in range(20)]
     rows += [("w-bad", "PENDING", json.dumps({"k": "bad"})),     # CHECK violation: ERR
-             ("w-done", "DONE", json.dumps({"k": "done"})),     # not taken
-             ("w-err", "ERR", json.dumps({"k": "retry-me"}))]   # taken only with --retry-failed
+             ("w-done", "DONE", json.dumps({"k": "done"})),     # not claimed
+             ("w-err", "ERR", json.dumps({"k": "retry-me"}))]   # not claimed: set it PENDING to run it
     conn = sqlite3.connect(db)
     conn.executemany("INSERT INTO bulk_work (work_id, state, payload, updated_at) VALUES (?, ?, ?, '2000-01-01')", rows)
     conn.commit()
     conn.close()
     (tmp_path / "s.sql").write_text("-- step: one\nINSERT INTO out VALUES (:k);\n")
-    handler = f"sql:{tmp_path / 's.sql'}"
-    proc = run_bulkjob(*run_args(tmp_path, db, handler, "--work-table", "bulk_work", "--max-failures", "5",
-                                 items=False))
+    argv = ("run", "--work-table", "bulk_work", "--handler", f"sql:{tmp_path / 's.sql'}", "--db", f"sqlite:///{db}",
+            "--metrics-port", "0", "--max-failures", "5")
+    proc = run_bulkjob(*argv)
     summary = summary_of(proc)
     assert (summary["total"], summary["done"], summary["failed"]) == (21, 20, 1), proc.stderr[-2000:]
     states = dict(query(db, "SELECT work_id, state FROM bulk_work"))
     assert states.pop("w-bad") == "ERR" and states.pop("w-err") == "ERR" and states.pop("w-done") == "DONE"
     assert set(states.values()) == {"DONE"}
-    [(error,)] = query(db, "SELECT error FROM bulk_work WHERE work_id = 'w-bad'")
-    assert error.startswith("SQLITE_CONSTRAINT_CHECK IntegrityError: CHECK constraint failed")
+    [(error, attempts)] = query(db, "SELECT error, attempts FROM bulk_work WHERE work_id = 'w-bad'")
+    assert error.startswith("SQLITE_CONSTRAINT_CHECK IntegrityError: CHECK constraint failed") and attempts == 1
     assert query(db, "SELECT COUNT(*) FROM bulk_work WHERE updated_at = '2000-01-01'") == [(2,)]
-    again = run_bulkjob(*run_args(tmp_path, db, handler, "--work-table", "bulk_work", "--retry-failed",
-                                  "--max-failures", "5", run_id="r2", items=False))
+    assert query(db, "SELECT COUNT(*) FROM bulk_work WHERE state = 'DONE' AND attempts = 1") == [(20,)]
+    # What the refusal of --retry-failed says to do instead: the ERR rows run again.
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE bulk_work SET state = 'PENDING', attempts = 0 WHERE state = 'ERR'")
+    conn.commit()
+    conn.close()
+    again = run_bulkjob(*argv)
     summary = summary_of(again)
-    # w-err runs now; w-bad fails again.
-    assert (summary["total"], summary["done"], summary["failed"]) == (2, 1, 1)
+    assert (summary["total"], summary["done"], summary["failed"]) == (2, 1, 1)  # w-err runs now; w-bad fails again
     assert dict(query(db, "SELECT work_id, state FROM bulk_work WHERE work_id IN ('w-err', 'w-bad')")) == {
         "w-err": "DONE", "w-bad": "ERR"}
 

@@ -148,60 +148,113 @@ def test_a_full_disk_is_retried_reported_and_loses_nothing(tmp_path, caplog):
         writer.close(1)
 
 
-# -- the work table's write-back -------------------------------------------------------------
+# -- the work table's write-back ---------------------------------------------------------------
+
+class Claims:
+    """The side of job.db.queue.ClaimQueue that the write-back talks to, in memory: whose rows
+    these are, the fence, and what was finished."""
+
+    def __init__(self, runner: str, fence=None) -> None:
+        self.runner = runner
+        self.fence = fence or (lambda: True)
+        self.finishing_rows: list[str] = []
+        self.forgotten: list[str] = []
+
+    def finishing(self, work_id: str) -> None:
+        self.finishing_rows.append(work_id)
+
+    def forget(self, work_ids) -> None:
+        self.forgotten += list(work_ids)
+
 
 @pytest.fixture
 def work_table(pg_db, monkeypatch):
     from job.db import parse_db_url
     from job.db.worktable import DDL
 
-    for statement in DDL["postgres"].split(";"):
-        if statement.strip():
-            pg_db.execute(statement)
-    pg_db.execute("INSERT INTO bulk_work (work_id, state) SELECT 'w' || n, 'PENDING' FROM generate_series(1, 2000) n")
+    pg_db.execute(DDL["postgres"])
+    # w1..w1000 claimed by runner A, w1001..w2000 by runner B.
+    pg_db.execute("INSERT INTO bulk_work (work_id, state, claimed_by, claim_expires) "
+                  "SELECT 'w' || n, 'RUNNING', CASE WHEN n <= 1000 THEN 'A' ELSE 'B' END, now() + interval '1 hour' "
+                  "FROM generate_series(1, 2000) n")
     monkeypatch.setenv("BULKJOB_DB_PASSWORD", pg_db.env["BULKJOB_DB_PASSWORD"])
     return pg_db, parse_db_url(pg_db.url)
 
 
-def table_states(pg_db) -> dict[str, str]:
-    return dict(pg_db.execute("SELECT work_id, state FROM bulk_work"))
+def recorder(settings, claims, **kwargs):
+    import job.db.postgres as dialect
+    from job.db.claim import claim_sql
+    from job.db.worktable import ClaimRecorder, Columns
+
+    sql = claim_sql("bulk_work", dialect, error_column=True, result_column=False)
+    return ClaimRecorder(settings, sql, claims, columns=Columns(error=True), interval=3600, **kwargs)
 
 
-def test_the_write_back_never_changes_a_done_row(work_table):
-    from job.db.worktable import WorkTableWriter
+def table_rows(pg_db) -> dict[str, tuple]:
+    return {r[0]: r[1:] for r in pg_db.execute("SELECT work_id, state, attempts, error FROM bulk_work")}
 
+
+def test_the_write_back_writes_only_rows_still_claimed_by_its_runner(work_table):
     pg_db, settings = work_table
-    pg_db.execute("UPDATE bulk_work SET state = 'DONE' WHERE work_id IN ('w1', 'w2')")
-    old = WorkTableWriter(settings, "bulk_work", error_column=True, interval=3600)
-    old.start()
-    old.taken("w1")  # a runner that lost its lease, writing late
-    old.finished("w2", "failed", {"class": "X", "message": "late"})
-    old.taken("w3")
-    assert old.close(10)
-    states = table_states(pg_db)
-    assert (states["w1"], states["w2"], states["w3"]) == ("DONE", "DONE", "RUNNING")
-    assert pg_db.execute("SELECT error FROM bulk_work WHERE work_id = 'w2'") == [(None,)]
+    pg_db.execute("UPDATE bulk_work SET state = 'DONE' WHERE work_id = 'w2'")
+    claims = Claims("A")
+    writer = recorder(settings, claims)
+    writer.start()
+    writer.add({"id": "w1", "state": "done", "attempts": 2})
+    writer.add({"id": "w2", "state": "failed", "attempts": 1, "error": {"class": "X", "message": "late"}})
+    writer.add({"id": "w3", "state": "partial", "attempts": 1, "error": {"class": "Y", "message": "again"}})
+    writer.set_running([{"id": "w4", "state": "running", "attempts": 3}])
+    # Rows another runner holds: nothing of this runner's may land there.
+    writer.add({"id": "w1001", "state": "done", "attempts": 1})
+    writer.add({"id": "w1002", "state": "failed", "attempts": 1, "error": {"class": "X", "message": "not mine"}})
+    assert writer.close(10)
+    rows = table_rows(pg_db)
+    assert rows["w1"] == ("DONE", 2, None)
+    assert rows["w2"] == ("DONE", 0, None)  # DONE already: an ERR never lands on it
+    assert rows["w3"] == ("RUNNING", 1, "Y: again")  # an attempt that will be retried: still claimed
+    assert rows["w4"] == ("RUNNING", 3, None)  # an attempt running: its start counted
+    assert rows["w1001"] == rows["w1002"] == ("RUNNING", 0, None)
+    assert claims.finishing_rows == ["w1", "w2", "w1001", "w1002"]
+    assert sorted(claims.forgotten) == ["w1", "w1001", "w1002", "w2"]  # written (or no longer this runner's)
 
 
 def test_the_write_back_checks_the_fence_before_each_batch(work_table):
-    from job.db.worktable import WorkTableWriter
-
     pg_db, settings = work_table
     batches = []
 
     def fence():
         batches.append(time.monotonic())
-        if len(batches) > 2:
-            raise LeaseLost("another runner took the shard")
-        return True
+        return len(batches) <= 2
 
-    writer = WorkTableWriter(settings, "bulk_work", error_column=False, interval=3600, batch=500, fence=fence)
-    for n in range(1, 2001):
-        writer.finished(f"w{n}", "done")
+    writer = recorder(settings, Claims("A", fence), batch=250)
+    for n in range(1, 1001):
+        writer.add({"id": f"w{n}", "state": "done", "attempts": 1})
     writer.start()
-    writer.close(10)
-    # The fence was asked before the first batch and before each next one: two of four
-    # batches went out, then nothing more.
-    assert len(batches) == 3 and writer.gone
-    assert sorted(table_states(pg_db).values()).count("DONE") == 1000
-    assert writer.unsaved == 2000  # kept, never written by this runner
+    assert not writer.flush(2)
+    # The fence was asked before the first batch and before each next one: two of four batches
+    # went out, then nothing more while it stays closed; the rest is kept, not lost.
+    assert sorted(table_rows(pg_db)[f"w{n}"][0] for n in range(1, 1001)).count("DONE") == 500
+    assert writer.unsaved == 500 and writer.fenced_since is not None
+    writer.fence = lambda: True  # the claims are extended again
+    assert writer.close(10)
+    assert sum(1 for n in range(1, 1001) if table_rows(pg_db)[f"w{n}"][0] == "DONE") == 1000
+
+
+def test_a_start_held_back_by_the_fence_is_not_left_behind(work_table):
+    """The start of a running attempt is rebuilt from the running list at each write: one the
+    fence held back is not kept for later (nothing would wait for it, and the final flush would
+    count it unsaved); an attempt that ended says what became of it in its own record."""
+    pg_db, settings = work_table
+    fence = {"open": False}
+    writer = recorder(settings, Claims("A", lambda: fence["open"]))
+    writer.set_running([{"id": "w5", "state": "running", "attempts": 1}])
+    writer.start()
+    writer.wake()
+    deadline = time.monotonic() + 10
+    while writer.fenced_since is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    writer.set_running([])  # the attempt ended (given back at a drain, say)
+    fence["open"] = True
+    assert writer.close(10) and writer.unsaved == 0
+    assert table_rows(pg_db)["w5"] == ("RUNNING", 0, None)

@@ -11,7 +11,10 @@ Each dialect module provides the same names: PARAMSTYLE, NOW and TRIVIAL_QUERY;
 `run_transaction(conn, statements)` (statements as one transaction, committed, in as few round
 trips as the driver allows), `classify(exc)`, `executemany(conn, sql, rows, batch_size=)`,
 `items_cursor(conn)` (a cursor that fetches large text as str) and `limit_calls(conn, seconds)`
-(a client-side bound on each round trip, where the driver has one).
+(a client-side bound on each round trip, where the driver has one). For a work table's claims
+(job.db.claim, job.db.queue): CLAIM_CLOCK and CLAIM_EXPIRY (the database's time, and that plus a
+`ttl` bind), `claim_sql(table, where)`, `claim(conn, statements, runner=, ttl=, limit=)` and
+`first_row_sql(table, where)`.
 """
 
 from __future__ import annotations

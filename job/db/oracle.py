@@ -397,3 +397,49 @@ def executemany(conn, sql: str, rows: Iterable[Any], *, batch_size: int) -> list
 
 def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else ""
+
+
+# -- the work table's claims (job.db.claim holds the statements they share) --------------------
+
+#: The database's clock for claims, and a claim's expiry, in UTC as plain TIMESTAMPs: a
+#: TIMESTAMP column compared with SYSTIMESTAMP would be converted with each session's time
+#: zone, and sessions of different runners may differ.
+CLAIM_CLOCK = "SYS_EXTRACT_UTC(SYSTIMESTAMP)"
+CLAIM_EXPIRY = "SYS_EXTRACT_UTC(SYSTIMESTAMP) + NUMTODSINTERVAL(:ttl, 'SECOND')"
+
+
+def claim_sql(table: str, where: str) -> tuple[str, str]:
+    """A cursor over the rows matching `where` with FOR UPDATE SKIP LOCKED and no row limit,
+    then an UPDATE by id. Oracle's SQL reference refuses a row_limiting_clause (FETCH FIRST)
+    together with the for_update_clause (ORA-02014 on many versions), and a ROWNUM limit is
+    applied before the lock check, so that under contention a claim would find fewer or no
+    rows; with SKIP LOCKED rows are locked as the cursor fetches them, so `claim` fetches just
+    the rows it wants."""
+    return (f"SELECT work_id, payload, attempts FROM {table} WHERE {where} FOR UPDATE SKIP LOCKED",
+            f"UPDATE {table} SET state = 'RUNNING', claimed_by = :runner, claim_expires = {CLAIM_EXPIRY}, "
+            f"updated_at = {NOW} WHERE work_id = :work_id")
+
+
+def first_row_sql(table: str, where: str) -> str:
+    return f"SELECT 1 FROM {table} WHERE {where} AND ROWNUM = 1"
+
+
+def claim(conn, statements: tuple[str, ...], *, runner: str, ttl: float, limit: int) -> list[tuple]:
+    """Fetch up to `limit` rows of the locking cursor (prefetch and array size both `limit`, so
+    that no more are locked), update them by id, commit; returns (work_id, payload, attempts)
+    rows, payloads read as text."""
+    select, update = statements
+    cur = items_cursor(conn)
+    try:
+        cur.arraysize = limit
+        cur.prefetchrows = limit
+        cur.execute(select)
+        rows = cur.fetchmany(limit)
+    finally:
+        # Closing the cursor keeps the locks of the rows it fetched until the commit.
+        cur.close()
+    if rows:
+        with conn.cursor() as cur:
+            cur.executemany(update, [{"runner": runner, "ttl": ttl, "work_id": row[0]} for row in rows])
+    conn.commit()
+    return rows

@@ -315,3 +315,32 @@ def executemany(conn, sql: str, rows: Iterable[Any], *, batch_size: int) -> list
     refuses is replayed row by row with INSERTs, which finds the bad rows."""
     return executemany_with_savepoints(conn, sql, rows, batch_size=batch_size, row_error=_row_error,
                                        run_batch=_copy_batch)
+
+
+# -- the work table's claims (job.db.claim holds the statements they share) --------------------
+
+#: The database's clock for claims, and a claim's expiry: the statement's own time plus the
+#: TTL, never the transaction's start (which may come before the runner's clock read).
+CLAIM_CLOCK = "now()"
+CLAIM_EXPIRY = "clock_timestamp() + %(ttl)s * interval '1 second'"
+
+
+def claim_sql(table: str, where: str) -> tuple[str]:
+    """One statement that claims up to %(limit)s rows matching `where`: the CTE locks them,
+    skipping rows another runner's claim has locked, and the UPDATE makes them this runner's."""
+    return (f"WITH picked AS (SELECT work_id FROM {table} WHERE {where} LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {table} AS w SET state = 'RUNNING', claimed_by = %(runner)s, claim_expires = {CLAIM_EXPIRY}, "
+            f"updated_at = {NOW} FROM picked WHERE w.work_id = picked.work_id "
+            "RETURNING w.work_id, w.payload, w.attempts",)
+
+
+def first_row_sql(table: str, where: str) -> str:
+    return f"SELECT 1 FROM {table} WHERE {where} LIMIT 1"
+
+
+def claim(conn, statements: tuple[str, ...], *, runner: str, ttl: float, limit: int) -> list[tuple]:
+    """Run the claim of `claim_sql` and commit; returns (work_id, payload, attempts) rows."""
+    (sql,) = statements
+    rows = conn.execute(sql, {"runner": runner, "ttl": ttl, "limit": limit}).fetchall()
+    conn.commit()
+    return rows

@@ -131,3 +131,35 @@ def executemany(conn, sql: str, rows: Iterable[Any], *, batch_size: int) -> list
         # A savepoint outside a transaction would start one that its RELEASE commits.
         conn.execute("BEGIN")
     return executemany_with_savepoints(conn, sql, rows, batch_size=batch_size, row_error=_row_error)
+
+
+# -- the work table's claims (job.db.claim holds the statements they share) --------------------
+
+#: The database's clock for claims, and a claim's expiry, as text to the millisecond (SQLite
+#: has no time type; text of one format compares in time order).
+CLAIM_CLOCK = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+CLAIM_EXPIRY = "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', :ttl))"
+
+
+def claim_sql(table: str, where: str) -> tuple[str, str]:
+    """Read up to :limit rows matching `where`, then make each this runner's: both under the one
+    write lock that `claim` takes first, so that no other runner reads the same rows."""
+    return (f"SELECT work_id, payload, attempts FROM {table} WHERE {where} LIMIT :limit",
+            f"UPDATE {table} SET state = 'RUNNING', claimed_by = :runner, claim_expires = {CLAIM_EXPIRY}, "
+            f"updated_at = {NOW} WHERE work_id = :work_id")
+
+
+def first_row_sql(table: str, where: str) -> str:
+    return f"SELECT 1 FROM {table} WHERE {where} LIMIT 1"
+
+
+def claim(conn, statements: tuple[str, ...], *, runner: str, ttl: float, limit: int) -> list[tuple]:
+    """BEGIN IMMEDIATE (the write lock, waited for up to the busy timeout), read, update,
+    commit; returns (work_id, payload, attempts) rows."""
+    select, update = statements
+    begin(conn)
+    rows = conn.execute(select, {"limit": limit}).fetchall()
+    if rows:
+        conn.executemany(update, [{"runner": runner, "ttl": ttl, "work_id": row[0]} for row in rows])
+    conn.commit()
+    return rows

@@ -1,355 +1,302 @@
-"""Items from the database: `--items-sql QUERY`, or a work table (`--work-table NAME`) whose
-rows bulkjob marks RUNNING, DONE or ERR as items go, so the table tells the truth even without
-the manifest.
+"""A work table (`--work-table NAME`) as the run's record: its columns, the write-back of what
+becomes of the rows this runner claimed, and what `bulkjob status` and `bulkjob report` read.
 
-The parent reads the rows once into a temporary JSON Lines file (validation reads the items
-twice, a query cannot be). State changes go back in batches from a thread of the parent, one
-executemany per batch, never one round trip per item.
+The claims themselves are job.db.queue's; the statements are job.db.claim's. The write-back is
+built on job.writer: the run adds records as items end, a thread of the parent writes them in
+batches (one executemany per statement and batch, never one round trip per item), each batch
+behind the claims' fence, and every write guarded by the claim (`claimed_by = :me AND state =
+'RUNNING'`), so that a runner whose claim was taken over changes nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
+import datetime
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError, Fenced, UsageError
-from ..manifest import DONE, FAILED, ItemStates
-from ..outcome import CONFIG, OUTAGE, PERMANENT, RETRYABLE
-from ..retry import classify
+from ..errors import Fenced, UsageError
+from ..manifest import DONE, FAILED, PARTIAL, RUNNING
 from ..writer import BackgroundWriter
-from . import (
-    DatabaseUnavailable,
-    DbSettings,
-    batches,
-    bind_marker,
-    classifiers,
-    close_quietly,
-    dialect_of,
-    plain_sql,
-    read_password,
-)
-from .stepsfile import is_identifier
+from . import DbSettings, batches, close_quietly, dialect_of, read_password
+from .claim import BASE_COLUMNS, CLAIM_COLUMNS, ERR, ClaimSql, alter_sql
+from .query import database_error
 
 log = logging.getLogger("bulkjob.worktable")
 
-PENDING, RUNNING, TABLE_DONE, ERR = "PENDING", "RUNNING", "DONE", "ERR"
-#: Seconds between write-back batches: the table lags the items by about this much.
-WRITEBACK_INTERVAL = 2.0
-#: A batch is written at once when this many state changes are waiting.
-WRITEBACK_BATCH = 500
-#: Backoff between failed write-back batches, seconds: the database may be failing over.
-WRITEBACK_RETRY_BASE = 1.0
-WRITEBACK_RETRY_CAP = 30.0
-#: Rows fetched per round trip when reading items.
-FETCH_ROWS = 1000
+#: A batch is written at once when this many rows changed; else every --checkpoint-interval.
+WRITE_BATCH = 500
+#: Backoff between failed batches, seconds: the database may be failing over.
+RETRY_BASE = 1.0
+RETRY_CAP = 30.0
 #: Longest error text written to the table's optional `error` column (VARCHAR2(4000) in bytes);
-#: a narrower column's own width is read when the items are.
+#: a narrower column's own width is read when the run starts.
 MAX_ERROR_CHARS = 1000
 #: Longest a write-back round trip may take (where the driver can bound it: Oracle's
 #: call_timeout): the connection sits idle between batches, and one a firewall dropped would
 #: otherwise hang the next batch until TCP gives up.
-WRITEBACK_CALL_TIMEOUT = 60.0
+WRITE_CALL_TIMEOUT = 60.0
 
-#: The work table, per database. `error` is optional: bulkjob fills it when the column exists.
+#: The work table, per database. `error` is optional: bulkjob fills it when the column exists;
+#: so is `result` (not here), which keeps each done row's result as JSON.
 DDL = {
     "oracle": """\
 CREATE TABLE bulk_work (
-  work_id    VARCHAR2(512) PRIMARY KEY,
-  state      VARCHAR2(8) DEFAULT 'PENDING' NOT NULL
-             CHECK (state IN ('PENDING', 'RUNNING', 'DONE', 'ERR')),
-  payload    CLOB CHECK (payload IS JSON),
-  updated_at TIMESTAMP DEFAULT SYSTIMESTAMP NOT NULL,
-  error      VARCHAR2(4000)
+  work_id       VARCHAR2(512) PRIMARY KEY,
+  state         VARCHAR2(8) DEFAULT 'PENDING' NOT NULL
+                CHECK (state IN ('PENDING', 'RUNNING', 'DONE', 'ERR')),
+  payload       CLOB CHECK (payload IS JSON),
+  updated_at    TIMESTAMP DEFAULT SYSTIMESTAMP NOT NULL,
+  claimed_by    VARCHAR2(200),
+  claim_expires TIMESTAMP,
+  attempts      NUMBER(10) DEFAULT 0 NOT NULL,
+  error         VARCHAR2(4000)
 );
-CREATE INDEX bulk_work_state ON bulk_work (state);
+CREATE INDEX bulk_work_state ON bulk_work (state, claim_expires);
 """,
     "postgres": """\
 CREATE TABLE bulk_work (
-  work_id    text PRIMARY KEY,
-  state      text NOT NULL DEFAULT 'PENDING'
-             CHECK (state IN ('PENDING', 'RUNNING', 'DONE', 'ERR')),
-  payload    jsonb,
-  updated_at timestamptz NOT NULL DEFAULT now(),
-  error      text
+  work_id       text PRIMARY KEY,
+  state         text NOT NULL DEFAULT 'PENDING'
+                CHECK (state IN ('PENDING', 'RUNNING', 'DONE', 'ERR')),
+  payload       jsonb,
+  updated_at    timestamptz NOT NULL DEFAULT now(),
+  claimed_by    text,
+  claim_expires timestamptz,
+  attempts      integer NOT NULL DEFAULT 0,
+  error         text
 );
-CREATE INDEX bulk_work_state ON bulk_work (state);
+CREATE INDEX bulk_work_state ON bulk_work (state, claim_expires);
 """,
     "sqlite": """\
 CREATE TABLE bulk_work (
-  work_id    TEXT PRIMARY KEY,
-  state      TEXT NOT NULL DEFAULT 'PENDING'
-             CHECK (state IN ('PENDING', 'RUNNING', 'DONE', 'ERR')),
-  payload    TEXT,
-  updated_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
-  error      TEXT
+  work_id       TEXT PRIMARY KEY,
+  state         TEXT NOT NULL DEFAULT 'PENDING'
+                CHECK (state IN ('PENDING', 'RUNNING', 'DONE', 'ERR')),
+  payload       TEXT,
+  updated_at    TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  claimed_by    TEXT,
+  claim_expires TIMESTAMP,
+  attempts      INTEGER NOT NULL DEFAULT 0,
+  error         TEXT
 );
-CREATE INDEX bulk_work_state ON bulk_work (state);
+CREATE INDEX bulk_work_state ON bulk_work (state, claim_expires);
 """,
 }
 
 
 @dataclass(frozen=True, slots=True)
-class DbItems:
-    """Where items come from in the database: a query of (id, payload), or a work table."""
+class Columns:
+    """What the work table has beyond the columns every work table needs."""
 
-    sql: str | None = None
-    table: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"work-table:{self.table}" if self.table else "items-sql"
+    error: bool = False
+    #: The `error` column's width (characters or bytes, as the driver reports it), or None.
+    error_width: int | None = None
+    result: bool = False
 
 
-def db_items(*, items: str | None, items_sql: str | None, work_table: str | None,
-             db: DbSettings | None) -> DbItems | None:
-    """The CLI's item source options checked: exactly one of --items, --items-sql, --work-table."""
-    given = [name for name, value in (("--items", items), ("--items-sql", items_sql),
-                                      ("--work-table", work_table)) if value]
-    if len(given) != 1:
-        raise UsageError("give exactly one of --items, --items-sql and --work-table"
-                         + (f" (got {', '.join(given)})" if given else ""))
-    if items:
-        return None
-    if db is None:
-        raise UsageError(f"{given[0]} needs --db")
-    if work_table is not None and not is_identifier(work_table):
-        raise UsageError(f"--work-table {work_table!r}: expected a table name (schema.table allowed)")
-    return DbItems(sql=plain_sql(items_sql, db.dialect) if items_sql else None, table=work_table)
+def read_columns(settings: DbSettings, table: str, *, retry_on=(), outage_on=()) -> Columns:
+    """The work table's columns, checked before anything is claimed.
 
-
-def items_query(items: DbItems, *, retry_failed: bool) -> str:
-    """The query that reads the items. A work table gives PENDING rows, RUNNING ones (left by
-    a run that stopped before writing them back) and, with --retry-failed, ERR ones."""
-    if items.sql:
-        return items.sql
-    states = [PENDING, RUNNING] + ([ERR] if retry_failed else [])
-    listed = ", ".join(f"'{s}'" for s in states)
-    return f"SELECT work_id, payload FROM {items.table} WHERE state IN ({listed}) ORDER BY work_id"
-
-
-def item_line(row: tuple) -> bytes:
-    """One JSON Lines item from a row (id, payload): payload is JSON text, a JSON value the
-    driver already decoded, or NULL. What is not an object is left for validation to report."""
-    item_id = row[0]
-    payload = row[1] if len(row) > 1 else None
-    if hasattr(payload, "read"):  # an Oracle LOB
-        payload = payload.read()
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        payload = bytes(payload).decode("utf-8", "replace")
-    if isinstance(payload, str):
-        try:
-            payload = json.loads(payload) if payload.strip() else None
-        except ValueError:
-            pass  # kept as text: "payload must be an object" names the item
-    if item_id is not None and not isinstance(item_id, (str, int)):
-        item_id = str(item_id)
-    return json.dumps({"id": item_id, "payload": payload}, default=str).encode() + b"\n"
-
-
-class ItemLines:
-    """Opens the items read from the database (like job.sources' openers), and knows their ids."""
-
-    def __init__(self, path: str, ids: frozenset[str], settings: DbSettings, items: DbItems,
-                 error_column: bool, error_width: int | None = None) -> None:
-        self.path = path
-        self.ids = ids
-        self.settings = settings
-        self.items = items
-        self.error_column = error_column
-        #: The `error` column's width (characters or bytes, as the driver reports it), or None.
-        self.error_width = error_width
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[Iterator[bytes]]:
-        with open(self.path, "rb") as f:
-            yield iter(f)
-
-    def finished_earlier(self, latest: ItemStates, *, retry_failed: bool) -> int:
-        """Items this run finished (and wrote back) before a restart: the query no longer
-        returns them, yet they are part of the shard's total."""
-        return sum(1 for item_id, known in latest.items() if item_id not in self.ids
-                   and (known.state == DONE or (known.state == FAILED and not retry_failed)))
-
-    def writeback(self, fence: Callable[[], bool] | None = None) -> WorkTableWriter | None:
-        """A started writer of states for a work table, writing only while `fence()` allows
-        (the lease); None for --items-sql."""
-        if not self.items.table:
-            return None
-        writer = WorkTableWriter(self.settings, self.items.table, error_column=self.error_column,
-                                 error_width=self.error_width, fence=fence)
-        writer.start()
-        return writer
-
-
-@contextlib.contextmanager
-def open_db_items(settings: DbSettings, items: DbItems, *, retry_failed: bool, retry_on=(), outage_on=()
-                  ) -> Iterator[tuple[str, ItemLines]]:
-    """Yield (source name, ItemLines) for the rows of --items-sql or --work-table.
-
-    A failure is classified as a worker's would be (`retry_on`, `outage_on` are --retry-on and
-    --outage-on): DatabaseUnavailable for an outage or a passing error (a lock, ORA-01555 with
-    --retry-on ORA-01555), for the caller to wait and try again; ConfigError when the database
-    refuses our settings; UsageError for anything else (a bad query, a missing table).
-    """
+    Raises UsageError naming what is missing: a table without the claim columns gets the
+    ALTER TABLE that adds them; DatabaseUnavailable or ConfigError as `query.database_error`
+    says for a failure to read it (no such table is a UsageError)."""
     dialect = dialect_of(settings)
-    with tempfile.TemporaryDirectory(prefix="bulkjob-items-") as tmpdir:
-        path = os.path.join(tmpdir, "items.jsonl")
-        ids: set[str] = set()
-        try:
-            with closing(dialect.connect(settings, read_password(settings))) as conn:
-                error_column, error_width = _error_column(conn, items.table, settings) if items.table else (False, None)
-                with closing(dialect.items_cursor(conn)) as cur, open(path, "wb") as out:
-                    cur.arraysize = FETCH_ROWS
-                    cur.execute(items_query(items, retry_failed=retry_failed))
-                    while rows := cur.fetchmany(FETCH_ROWS):
-                        for row in rows:
-                            if row and row[0] is not None:
-                                ids.add(str(row[0]))
-                            out.write(item_line(row))
-                conn.rollback()
-        except Exception as e:
-            failure = classify(e, retry_on=retry_on, outage_on=outage_on, classifiers=classifiers(settings))
-            code = f" {failure.code}" if failure.code else ""
-            text = f"{items.name}: {failure.error_class}{code}: {_first_line(failure.message)}"
-            if failure.kind in (OUTAGE, RETRYABLE):
-                raise DatabaseUnavailable(text) from e
-            if failure.kind == CONFIG:
-                raise ConfigError(f"{text} (the database refused bulkjob's settings)") from e
-            raise UsageError(text) from e
-        yield items.name, ItemLines(path, frozenset(ids), settings, items, error_column, error_width)
-
-
-def _error_column(conn, table: str, settings: DbSettings) -> tuple[bool, int | None]:
-    """Whether the work table has an `error` column, and its width when the driver says (the
-    smaller of display and internal size: characters and bytes, for Oracle's BYTE and CHAR
-    semantics alike); None for an unbounded one (CLOB, text)."""
     try:
-        with closing(conn.cursor()) as cur:
-            cur.execute(f"SELECT error FROM {table} WHERE 1 = 0")
-            description = cur.description
-            cur.fetchall()
+        with closing(dialect.connect(settings, read_password(settings))) as conn:
+            with closing(conn.cursor()) as cur:
+                cur.execute(f"SELECT * FROM {table} WHERE 1 = 0")
+                description = cur.description
+                cur.fetchall()
+            conn.rollback()
     except Exception as e:
-        if classify(e, classifiers=classifiers(settings)).kind != PERMANENT:
-            raise  # not "no such column": the connection, a lock ... (classified by the caller)
-        conn.rollback()  # PostgreSQL refuses every statement after an error until then
-        return False, None
-    sizes = [size for size in (description[0][2], description[0][3]) if isinstance(size, int) and size > 0]
-    return True, min(sizes) if sizes else None
+        raise database_error(e, f"--work-table {table}", settings, retry_on=retry_on, outage_on=outage_on) from e
+    found = {column[0].lower(): column for column in description}
+    absent = [name for name in BASE_COLUMNS if name not in found]
+    if absent:
+        raise UsageError(f"--work-table {table} is not a work table: it has no {', '.join(absent)} "
+                         "column(s) (docs/databases.md shows one)")
+    missing = [name for name in CLAIM_COLUMNS if name not in found]
+    if missing:
+        raise UsageError(f"--work-table {table} lacks the column(s) that claims need ({', '.join(missing)}); "
+                         f"add them: {alter_sql(settings.dialect, table, missing)}")
+    error = found.get("error")
+    width = None
+    if error is not None:
+        # The smaller of display and internal size: characters and bytes, for Oracle's BYTE
+        # and CHAR semantics alike; None for an unbounded column (CLOB, text).
+        sizes = [size for size in (error[2], error[3]) if isinstance(size, int) and size > 0]
+        width = min(sizes) if sizes else None
+    return Columns(error=error is not None, error_width=width, result="result" in found)
 
 
-def update_sql(table: str, *, paramstyle: str, now: str, error_column: bool) -> str:
-    """The UPDATE that writes one item's state back (run with executemany)."""
-    def b(name):
-        return bind_marker(name, paramstyle)
-
-    error = f", error = {b('error')}" if error_column else ""
-    # A DONE row never changes again: a runner that lost its lease cannot turn another's DONE
-    # into RUNNING or ERR, and a rerun that writes DONE again changes nothing.
-    return (f"UPDATE {table} SET state = {b('state')}, updated_at = {now}{error} "
-            f"WHERE work_id = {b('work_id')} AND state <> 'DONE'")
+#: One row's pending change: (manifest state, attempts, error text, result JSON).
+Change = tuple[str, int, str | None, str | None]
 
 
-class WorkTableWriter(BackgroundWriter[dict[str, tuple[str, str | None]]]):
-    """Writes item states to the work table from a thread of the parent, in batches.
+class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
+    """What becomes of this runner's rows, written to the work table from a thread of the
+    parent: the run calls it as it would the checkpointer (`add`, `set_running`, `write_now`,
+    `close`, `unsaved`, `failing_since`, `last_error`).
 
-    Built on job.writer: changes to one item coalesce (RUNNING then DONE before a flush is one
-    write); each batch of WRITEBACK_BATCH rows is checked against `fence` (the lease) and
-    committed on its own; a failed write keeps its rows (a newer state wins) and is tried
-    again with backoff on a new connection. The UPDATE never changes a DONE row.
+    A done record makes the row DONE (its result in `result` when the table has that column),
+    a failed one ERR (the error's code, class and message in `error`), a partial one (an
+    attempt failed, the row will be tried again while still claimed) writes its attempts and
+    error, and an attempt running at a write has its start counted in `attempts`. Changes to
+    one row coalesce (a final state is never replaced); each batch is checked against the
+    claims' fence and committed on its own; a failed batch is kept and tried again with
+    backoff on a new connection.
     """
 
-    def __init__(self, settings: DbSettings, table: str, *, error_column: bool, error_width: int | None = None,
-                 interval: float = WRITEBACK_INTERVAL, batch: int = WRITEBACK_BATCH,
-                 fence: Callable[[], bool] | None = None) -> None:
-        super().__init__(name="worktable", interval=interval, retry_base=WRITEBACK_RETRY_BASE,
-                         retry_cap=WRITEBACK_RETRY_CAP, fence=fence)
+    def __init__(self, settings: DbSettings, sql: ClaimSql, claims: Any, *, columns: Columns, interval: float,
+                 batch: int = WRITE_BATCH) -> None:
+        super().__init__(name="worktable", interval=interval, retry_base=RETRY_BASE, retry_cap=RETRY_CAP,
+                         fence=claims.fence)
         self.settings = settings
-        self.table = table
         self.dialect = dialect_of(settings)
-        self.error_column = error_column
-        self.error_width = error_width
-        self.sql = update_sql(table, paramstyle=self.dialect.PARAMSTYLE, now=self.dialect.NOW,
-                              error_column=error_column)
+        self.sql = sql
+        self.claims = claims
+        self.columns = columns
         self.batch = batch
-        self._pending: dict[str, tuple[str, str | None]] = {}
+        self._pending: dict[str, Change] = {}
+        self._inflight: dict[str, Change] | None = None
+        self._running: list[dict[str, Any]] = []
+        #: Attempts written for rows still held: a running attempt is written once.
+        self._recorded: dict[str, int] = {}
         self._conn = None
+        #: Rows of the batch being written whose chunk is committed already.
+        self._landed: list[str] = []
+        #: Rows of the batch being written that came from the running list, not from `add`.
+        self._starts: set[str] = set()
         self.rows_written = 0
 
-    def taken(self, item_id: str) -> None:
-        self._add(item_id, RUNNING, None)
+    # -- what the run calls ----------------------------------------------------------------
 
-    def finished(self, item_id: str, state: str, error: dict[str, Any] | None = None) -> None:
-        """Record a manifest state (done or failed) for the item's row."""
-        if state == DONE:
-            self._add(item_id, TABLE_DONE, None)
-        elif state == FAILED:
-            self._add(item_id, ERR, error_text(error, self.error_width))
-
-    @property
-    def unsaved(self) -> int:
+    def add(self, record: dict[str, Any]) -> None:
+        state, work_id = record["state"], record["id"]
+        if state in (DONE, FAILED):
+            self.claims.finishing(work_id)
+        error = error_text(record.get("error"), self.columns.error_width) if self.columns.error else None
+        result = None
+        if state == DONE and self.columns.result and record.get("result") is not None:
+            result = json.dumps(record["result"], default=str)
+        change: Change = (state, int(record.get("attempts", 0)), error, result)
         with self.lock:
-            return len(self._pending)
-
-    def close(self, timeout: float) -> bool:
-        """Write what is left (for up to `timeout` seconds); whether everything was written.
-        Call it before the lease is released: nothing is written once the fence is closed."""
-        ok = super().close(timeout)
-        if self._conn is not None and not self.alive:
-            self._drop()
-        return ok
-
-    def _add(self, item_id: str, state: str, error: str | None) -> None:
-        with self.lock:
-            self._pending[item_id] = (state, error)
+            old = self._pending.get(work_id)
+            if old is not None and old[0] in (DONE, FAILED):
+                return  # a final state stays final
+            if old is not None and old[0] == PARTIAL and state == RUNNING:
+                change = (PARTIAL, change[1], old[2], None)  # keep the error of the failed attempt
+            self._pending[work_id] = change
             self._ticket()
             full = len(self._pending) >= self.batch
         if full:
             self.wake()
 
-    def _collect(self):
-        if not self._pending:
-            return None
-        pending, self._pending = self._pending, {}
-        return pending, self._added
+    def set_running(self, records: list[dict[str, Any]]) -> None:
+        """The attempts running now (`{"id", "state": "running", "attempts"}`): each write
+        counts the start of those not counted yet. Call with a new list each time."""
+        self._running = records
 
-    def _write(self, pending: dict[str, tuple[str, str | None]]) -> None:
-        rows = []
-        for item_id, (state, error) in pending.items():
-            row = {"work_id": item_id, "state": state}
-            if self.error_column:
-                row["error"] = error
-            rows.append(row)
+    def write_now(self, records: list[dict[str, Any]], timeout: float) -> bool:
+        """Add `records` and wait until they (and everything added before) are written; False
+        if that took longer than `timeout` (they stay queued)."""
+        for record in records:
+            self.add(record)
+        return self.flush(timeout)
+
+    @property
+    def unsaved(self) -> int:
+        with self.lock:
+            return len(self._pending) + len(set(self._inflight or ()) - self._starts)
+
+    def close(self, timeout: float) -> bool:
+        ok = super().close(timeout)
+        if not self.alive:
+            self._drop()
+        return ok
+
+    # -- the writer's hooks ----------------------------------------------------------------
+
+    def _collect(self) -> tuple[dict[str, Change], int] | None:
+        batch = dict(self._pending)
+        # Starts of attempts running now: rebuilt from the running list at every write, never
+        # kept (no ticket waits on them; an attempt that ended has its final state instead).
+        self._starts = set()
+        for record in self._running:
+            work_id = record["id"]
+            if work_id not in batch and self._recorded.get(work_id, 0) < record["attempts"]:
+                batch[work_id] = (RUNNING, record["attempts"], None, None)
+                self._starts.add(work_id)
+        if not batch:
+            return None
+        self._pending = {}
+        self._inflight = batch
+        return batch, self._added
+
+    def _write(self, batch: dict[str, Change]) -> None:
+        statements: dict[str, list[dict[str, Any]]] = {}
+        for work_id, (state, attempts, error, result) in batch.items():
+            row: dict[str, Any] = {"work_id": work_id, "runner": self.claims.runner, "attempts": attempts}
+            if state == DONE:
+                sql = self.sql.done
+                if self.columns.result:
+                    row["result"] = result
+            elif state in (FAILED, PARTIAL):
+                sql = self.sql.err if state == FAILED else self.sql.retrying
+                if self.columns.error:
+                    row["error"] = error
+            else:
+                sql = self.sql.started
+            statements.setdefault(sql, []).append(row)
+        self._landed = []
         try:
             if self._conn is None:
                 self._conn = self.dialect.connect(self.settings, read_password(self.settings))
-                self.dialect.limit_calls(self._conn, WRITEBACK_CALL_TIMEOUT)
+                self.dialect.limit_calls(self._conn, WRITE_CALL_TIMEOUT)
             first = True
-            for _, chunk in batches(rows, self.batch):
-                if not first:
-                    self.check_fence()
-                first = False
-                with closing(self._conn.cursor()) as cur:
-                    cur.executemany(self.sql, chunk)
-                self._conn.commit()
+            for sql, rows in statements.items():
+                for _, chunk in batches(rows, self.batch):
+                    if not first:
+                        self.check_fence()
+                    first = False
+                    with closing(self._conn.cursor()) as cur:
+                        cur.executemany(sql, chunk)
+                    self._conn.commit()
+                    self._landed += [row["work_id"] for row in chunk]
         except Fenced:
             raise
         except Exception:
             self._drop()
             raise
 
-    def _written(self, pending: dict[str, tuple[str, str | None]]) -> None:
-        self.rows_written += len(pending)
+    def _written(self, batch: dict[str, Change]) -> None:
+        self._settle(batch)
+        self._inflight = None
 
-    def _kept(self, pending: dict[str, tuple[str, str | None]]) -> None:
-        for item_id, value in pending.items():
-            self._pending.setdefault(item_id, value)  # a newer state wins
+    def _kept(self, batch: dict[str, Change]) -> None:
+        """A batch cut short (a failure, the fence closing between chunks): the committed chunks
+        are settled, the rest is kept for the next try."""
+        landed = set(self._landed)
+        self._settle({work_id: batch[work_id] for work_id in landed})
+        self._inflight = None
+        for work_id, change in batch.items():
+            if work_id not in landed and work_id not in self._starts:
+                self._pending.setdefault(work_id, change)  # a newer change wins
+
+    def _settle(self, changes: dict[str, Change]) -> None:
+        finished = []
+        for work_id, (state, attempts, _error, _result) in changes.items():
+            if state in (DONE, FAILED):
+                finished.append(work_id)
+                self._recorded.pop(work_id, None)
+            else:
+                self._recorded[work_id] = attempts
+        self.rows_written += len(changes)
+        self._landed = []
+        self.claims.forget(finished)
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -371,5 +318,51 @@ def error_text(error: dict[str, Any] | None, width: int | None = None) -> str | 
     return text
 
 
-def _first_line(text: str) -> str:
-    return text.splitlines()[0] if text else ""
+# -- what status and report read -------------------------------------------------------------
+
+def table_status(settings: DbSettings, table: str) -> dict[str, Any]:
+    """Rows of the work table by state; RUNNING ones split into live claims (per runner) and
+    expired ones (their runner died, or lost the database: another runner takes them over)."""
+    dialect = dialect_of(settings)
+    read_columns(settings, table)
+    try:
+        with closing(dialect.connect(settings, read_password(settings))) as conn:
+            with closing(conn.cursor()) as cur:
+                cur.execute(f"SELECT state, COUNT(*), COALESCE(SUM(attempts), 0) FROM {table} GROUP BY state")
+                by_state = {state: (int(count), int(attempts)) for state, count, attempts in cur.fetchall()}
+                cur.execute(f"SELECT claimed_by, COUNT(*) FROM {table} WHERE state = 'RUNNING' "
+                            f"AND claim_expires >= {dialect.CLAIM_CLOCK} GROUP BY claimed_by ORDER BY claimed_by")
+                runners = [{"runner": runner, "rows": int(count)} for runner, count in cur.fetchall()]
+            conn.rollback()
+    except Exception as e:
+        raise database_error(e, f"--work-table {table}", settings) from e
+    counts = {state.lower(): by_state.get(state, (0, 0))[0] for state in ("PENDING", "RUNNING", "DONE", ERR)}
+    live = sum(r["rows"] for r in runners)
+    return {"work_table": table, "total": sum(c for c, _ in by_state.values()), "pending": counts["pending"],
+            "running": counts["running"], "expired": counts["running"] - live, "done": counts["done"],
+            "failed": counts["err"], "attempts": sum(a for _, a in by_state.values()), "runners": runners}
+
+
+def failed_table_rows(settings: DbSettings, table: str) -> list[dict[str, Any]]:
+    """One row per ERR row of the work table: id, attempts, error text, when it was written and
+    by which runner."""
+    dialect = dialect_of(settings)
+    columns = read_columns(settings, table)
+    error = "error" if columns.error else "NULL"
+    try:
+        with closing(dialect.connect(settings, read_password(settings))) as conn:
+            with closing(conn.cursor()) as cur:
+                cur.execute(f"SELECT work_id, attempts, {error}, updated_at, claimed_by FROM {table} "
+                            "WHERE state = 'ERR' ORDER BY work_id")
+                rows = cur.fetchall()
+            conn.rollback()
+    except Exception as e:
+        raise database_error(e, f"--work-table {table}", settings) from e
+    return [{"id": str(work_id), "attempts": int(attempts or 0), "error": text, "updated_at": _iso(at),
+             "runner": runner} for work_id, attempts, text, at, runner in rows]
+
+
+def _iso(value: Any) -> str | None:
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    return None if value is None else str(value)
