@@ -77,7 +77,7 @@ def test_three_runners_one_sigkilled_every_row_done_and_applied_once_beyond_the_
     count, interval = 20000, 0.5
     fill(pg_db, count)
     handler = steps(tmp_path)
-    procs = {name: start_bulkjob(*runner(pg_db.url, handler, name, "--workers", "2", "--lease-ttl", "4"),
+    procs = {name: start_bulkjob(*runner(pg_db.url, handler, name, "--workers", "2", "--lease-ttl", "8"),
                                  env=pg_db.env, start_new_session=True)
              for name in ("runner-a", "runner-b", "runner-c")}
     wait_for(lambda: pg_db.execute("SELECT COUNT(*) FROM ledger WHERE runner = 'runner-b'")[0][0] >= 2000
