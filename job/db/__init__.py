@@ -10,7 +10,7 @@ Where each concern lives: `url` (--db URL into DbSettings), `settings` (the CLI'
 password), `errors` (our exceptions, the classifiers), `session` (the worker's Database, the
 connect timer), `batch` (batch DML), `preflight`, `parent` (the parent's own connections),
 `query` (--items-sql), `claim`, `queue` and `worktable` (a work table), `steps`, `stepsfile`,
-`stepsparse`, `identifiers` and `transaction` (the SQL steps handler).
+`stepsparse`, `stepstokens`, `identifiers` and `transaction` (the SQL steps handler).
 """
 
 from __future__ import annotations
