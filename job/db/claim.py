@@ -28,8 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ..items import Invalid, Item, parse_line
 from ..lease import LOST, SUSPENDED, VALID, LeaseTiming
@@ -37,8 +36,11 @@ from ..outcome import INVALID, Failure
 from ..plan import Crashed, Refused
 from ..retry import backoff_delay
 from ..scheduler import Task
-from . import bind_marker
+from .dialect import bind_marker
 from .query import item_line
+
+if TYPE_CHECKING:
+    from .dialect import Connection, Dialect
 
 PENDING, RUNNING, DONE, ERR = "PENDING", "RUNNING", "DONE", "ERR"
 
@@ -72,6 +74,12 @@ POLL_BASE = 0.5
 POLL_FACTOR = 1.5
 POLL_CAP = 10.0
 POLL_JITTER = 0.5
+#: Seconds over which the rate the run takes rows is measured, at least: a shorter span (two
+#: claims in quick succession) says little about the rate.
+RATE_WINDOW = 0.05
+
+#: What a claimed row comes to: a task to run, or a row to record failed without running.
+ClaimedRow: TypeAlias = Task | Crashed | Refused
 
 
 def runner_id(holder: dict[str, Any], token: str) -> str:
@@ -83,7 +91,7 @@ def runner_id(holder: dict[str, Any], token: str) -> str:
 # -- what a claimed row comes to ------------------------------------------------------------
 
 def decide_row(work_id: Any, payload: Any, attempts: Any, *, taken_over: bool, max_attempts: int,
-               max_item_bytes: int) -> Task | Crashed | Refused:
+               max_item_bytes: int) -> ClaimedRow:
     """What a row this runner just claimed comes to.
 
     `attempts` is the table's count of attempts started on the row; its next attempt continues
@@ -103,12 +111,24 @@ def decide_row(work_id: Any, payload: Any, attempts: Any, *, taken_over: bool, m
     return Task(parsed.id, parsed.payload, count + 1, suspect=taken_over)
 
 
+def row_id(row: ClaimedRow) -> str:
+    """The work_id of a claimed row."""
+    return row.item_id if isinstance(row, Task) else row.item.id
+
+
 def claim_size(buffered: int, rate: float, workers: int) -> int:
     """How many rows to claim now, `buffered` being claimed and not yet taken by the run and
     `rate` the rows it takes per second: CLAIM_AHEAD seconds of work (MIN_CLAIM_PER_WORKER per
     worker at least, MAX_CLAIM at most), once the buffer is down to half of that; else 0."""
     target = max(MIN_CLAIM_PER_WORKER * workers, min(MAX_CLAIM, math.ceil(rate * CLAIM_AHEAD)))
     return target - buffered if buffered <= target // 2 else 0
+
+
+def smoothed_rate(rate: float, taken: int, elapsed: float) -> float:
+    """The rows per second the run takes: `taken` in the last `elapsed` seconds, averaged with
+    the last estimate `rate` (0 before the first)."""
+    now = taken / elapsed
+    return now if rate == 0 else (rate + now) / 2
 
 
 def poll_delay(polls: int, *, ttl: float, rand: float) -> float:
@@ -174,9 +194,9 @@ class ClaimSql:
     give_back: str
 
 
-def claim_sql(table: str, dialect: ModuleType, *, error_column: bool, result_column: bool) -> ClaimSql:
-    """The statements for `table` on `dialect` (a module of job.db): binds in its paramstyle,
-    times by its clock (`CLAIM_CLOCK`, `CLAIM_EXPIRY`, `NOW`)."""
+def claim_sql(table: str, dialect: Dialect[Connection], *, error_column: bool, result_column: bool) -> ClaimSql:
+    """The statements for `table` on `dialect`: binds in its paramstyle, times by its clock
+    (`CLAIM_CLOCK`, `CLAIM_EXPIRY`, `NOW`)."""
     style = dialect.PARAMSTYLE
 
     def b(name: str) -> str:

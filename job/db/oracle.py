@@ -17,15 +17,26 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import oracledb
 
 from ..errors import UsageError
-from ..outcome import CONFIG, DATABASE, OUTAGE, PERMANENT, RETRYABLE, Failure
-from . import DbSettings, RowError, batches, call_with_timeout, prepare_session
+from ..outcome import CONFIG, OUTAGE, Failure
+from .batch import RowError, batches
+from .dialect import claimed_binds, milliseconds
+from .errors import environment, first_line
+from .oracle_codes import DATA_ERRORS, judge, ora_code, shown_code
+from .session import call_with_timeout, prepare_session, run_statement
 from .transaction import commit_with_last
+
+if TYPE_CHECKING:
+    from .dialect import Binds, BoundStatement
+    from .url import DbSettings
+
+#: The connections this dialect makes and is handed back (see job.db.dialect).
+Connection: TypeAlias = oracledb.Connection
 
 PARAMSTYLE = "named"
 NOW = "SYSTIMESTAMP"
@@ -40,85 +51,6 @@ DEFAULT_EXPIRE_TIME = 1
 #: the URL.
 WALLET_PASSWORD_ENV = "BULKJOB_DB_WALLET_PASSWORD"
 
-#: The database cannot be reached or ended the session: an outage, not the item's fault.
-#: Reconnect, then run the item again without spending an attempt. Thin mode raises most of
-#: these as DPY codes; the ORA numbers are what a server (or thick mode) sends as they are.
-UNREACHABLE = frozenset({
-    "DPY-4011",  # the database or network closed the connection (ORA-03113, 03135, 00028 ...)
-    "DPY-4033",  # the database closed the connection: idle time exceeded
-    "DPY-6000",  # the listener refused the connection
-    "DPY-6001",  # the service is not registered with the listener (yet: startup, failover)
-    "DPY-6003",  # the SID is not registered with the listener
-    "DPY-6005",  # cannot connect (no listener, reset, timeout ...), unless REFUSED says why
-    "ORA-00018", "ORA-00020",  # maximum sessions / processes exceeded: wait for others to leave
-    "ORA-00028", "ORA-01012", "ORA-01033", "ORA-01034", "ORA-01089", "ORA-01090", "ORA-01092",
-    "ORA-02396", "ORA-03113", "ORA-03114", "ORA-03135", "ORA-12170", "ORA-12514", "ORA-12516",
-    "ORA-12518", "ORA-12519", "ORA-12520", "ORA-12521", "ORA-12526", "ORA-12527", "ORA-12528",
-    "ORA-12537", "ORA-12541", "ORA-12543", "ORA-12547", "ORA-12570", "ORA-12571", "ORA-25408",
-})
-#: The database refuses our settings: trying again cannot help until the configuration is
-#: fixed, and every failed login counts towards locking the account (the DEFAULT profile locks
-#: it after 10, for a day, for every user of that account).
-REFUSED = frozenset({
-    "ORA-01017",  # invalid username/password; logon denied
-    "ORA-28000",  # the account is locked
-    "ORA-28001",  # the password has expired
-    "ORA-01045",  # the user lacks CREATE SESSION privilege
-    "ORA-01005",  # null password given
-    "ORA-28040",  # no matching authentication protocol
-    "ORA-12660",  # encryption or crypto-checksumming parameters incompatible
-    "ORA-28547",  # connection to server failed, probable Oracle Net admin error
-    "DPY-2018",   # the wallet file (ewallet.pem) was not found
-    "DPY-3001",   # a feature thin mode lacks, such as native network encryption (under DPY-6005)
-    "DPY-3010",   # a database version thin mode does not support
-    "DPY-3015",   # a password verifier type thin mode does not support (10G)
-    "DPY-4001",   # no credentials
-    "DPY-4017", "DPY-4018", "DPY-4021",  # a connect string the driver cannot use
-    "DPY-4032",   # an invalid TLS version
-    "DPY-6002", "DPY-6006", "DPY-6008", "DPY-6009",  # the server's certificate or name does not match
-})
-#: The session is unusable, the database is not in question: reconnect, then retry (an attempt).
-NEW_SESSION = frozenset({
-    "DPY-1001",  # not connected (the connection was closed)
-    "DPY-4005",  # timed out waiting for a pooled connection
-    "DPY-4024",  # call timeout (--statement-timeout) exceeded: thin mode drops the session
-})
-#: Worth another attempt after the transaction is rolled back (always all of it: on Oracle a
-#: rollback to a savepoint does not release a deadlock's waiter).
-PASSING = frozenset({
-    "ORA-00051",  # timeout waiting for a resource
-    "ORA-00054",  # resource busy and acquire with NOWAIT specified or timeout expired
-    "ORA-00060",  # deadlock detected
-    "ORA-01555",  # snapshot too old
-    "ORA-02049",  # timeout: distributed transaction waiting for lock
-    "ORA-04020",  # deadlock detected while trying to lock object
-    "ORA-04021",  # timeout waiting to lock an object
-    "ORA-04061",  # existing state of a package has been invalidated (recompiled)
-    "ORA-04065",  # not executed, a package was altered or dropped
-    "ORA-04068",  # existing state of packages has been discarded
-    "ORA-08177",  # can't serialize access for this transaction
-    "ORA-30006",  # resource busy; acquire with WAIT timeout expired
-    "ORA-63302",  # transaction must roll back: a priority transaction took its lock (23ai)
-})
-#: Row errors of a batch that are the row's data, returned as RowError; any other row error
-#: (a lock, a deadlock, a missing privilege) is raised.
-DATA_ERRORS = frozenset({
-    1,      # unique constraint violated
-    1400,   # cannot insert NULL
-    1407,   # cannot update to NULL
-    1401, 12899,  # value too large for column
-    1438,   # value larger than specified precision
-    1426,   # numeric overflow
-    1722,   # invalid number
-    1858,   # a non-numeric character was found where a numeric was expected
-    1830, 1839, 1840, 1841, 1843, 1847, 1850, 1851, 1852, 1861,  # date conversions
-    1461,   # can bind a LONG value only for insert into a LONG column
-    2290,   # check constraint violated
-    2291,   # parent key not found
-    2292,   # child record found
-    6502,   # PL/SQL numeric or value error (in a trigger)
-    40441, 40479,  # JSON syntax error, JSON serializer error
-})
 #: Statements that accept `batcherrors=True` (DPY-2040 for anything else, a PL/SQL block too).
 _BATCH_ERROR_STATEMENTS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
 _FIRST_WORD = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*\(*\s*([A-Za-z]+)", re.S)
@@ -156,13 +88,13 @@ def connect_params(settings: DbSettings) -> oracledb.ConnectParams:
     return params
 
 
-def check_settings(settings: DbSettings, environ: dict[str, str] | None = None) -> None:
+def check_settings(settings: DbSettings, environ: Mapping[str, str] | None = None) -> None:
     """The URL as the driver reads it, and the wallet it names; UsageError for what cannot be
     used, before any connect."""
     try:
         params = connect_params(settings)
     except oracledb.Error as e:
-        raise UsageError(f"--db: {_first_line(str(e))}") from None
+        raise UsageError(f"--db: {first_line(str(e))}") from None
     wallet = params.wallet_location
     if wallet and wallet.upper() != "SYSTEM":
         _check_wallet(os.path.join(wallet, "ewallet.pem"),
@@ -192,19 +124,18 @@ def _check_wallet(path: str, password: str | None) -> None:
 
 def call_timeout_ms(settings: DbSettings) -> int:
     """`Connection.call_timeout` (milliseconds; 0 is none) from --statement-timeout (seconds)."""
-    if not settings.statement_timeout:
-        return 0
-    return max(1, round(settings.statement_timeout * 1000))
+    return milliseconds(settings.statement_timeout) if settings.statement_timeout else 0
 
 
-def connect(settings: DbSettings, password: str | None, environ: dict[str, str] | None = None):
+def connect(settings: DbSettings, password: str | None,
+            environ: Mapping[str, str] | None = None) -> oracledb.Connection:
     """A new thin-mode connection with --statement-timeout and --session-sql applied."""
     params = connect_params(settings)
     wallet_password = (os.environ if environ is None else environ).get(WALLET_PASSWORD_ENV)
     if wallet_password:
         params.set(wallet_password=wallet_password)
 
-    def login():
+    def login() -> oracledb.Connection:
         return oracledb.connect(params=params, user=settings.user, password=password)
 
     conn = call_with_timeout(login, settings.connect_timeout,
@@ -220,18 +151,18 @@ def connect(settings: DbSettings, password: str | None, environ: dict[str, str] 
     return conn
 
 
-def usable(conn) -> bool:
+def usable(conn: oracledb.Connection) -> bool:
     """False when the driver already knows the session is dead (no round trip)."""
     return conn.is_healthy()
 
 
-def uncommitted(conn) -> bool:
+def uncommitted(conn: oracledb.Connection) -> bool:
     """Oracle opens a transaction with the first DML statement (or SELECT FOR UPDATE), not with
     a query."""
     return conn.transaction_in_progress
 
 
-def run_transaction(conn, statements: Sequence[tuple[str, Any]]) -> int:
+def run_transaction(conn: oracledb.Connection, statements: Sequence[BoundStatement]) -> int:
     """Run `statements` ((sql, binds or None), in order) as one transaction and commit it;
     returns the rows they affected. The commit travels with the last statement's round trip
     (`autocommit` on for that one call: python-oracledb sends the commit as a flag of the
@@ -245,18 +176,15 @@ def run_transaction(conn, statements: Sequence[tuple[str, Any]]) -> int:
 class _Session:
     """A job.db.transaction.Session on a python-oracledb connection and one of its cursors."""
 
-    def __init__(self, conn, cursor) -> None:
+    def __init__(self, conn: oracledb.Connection, cursor: oracledb.Cursor) -> None:
         self.conn = conn
         self.cursor = cursor
 
-    def execute(self, sql: str, params, *, commit: bool) -> int:
+    def execute(self, sql: str, params: dict[str, Any] | None, *, commit: bool) -> int:
         if commit:
             self.conn.autocommit = True
         try:
-            if params is None:
-                self.cursor.execute(sql)
-            else:
-                self.cursor.execute(sql, params)
+            run_statement(self.cursor, sql, params)
         finally:
             if commit:
                 try:
@@ -272,18 +200,18 @@ class _Session:
         self.conn.commit()
 
 
-def limit_calls(conn, seconds: float) -> None:
+def limit_calls(conn: oracledb.Connection, seconds: float) -> None:
     """Bound every round trip on `conn` (DPY-4024 past it): a call on a connection that a
     firewall dropped would otherwise hang until TCP gives up."""
-    conn.call_timeout = max(1, round(seconds * 1000))
+    conn.call_timeout = milliseconds(seconds)
 
 
-def items_cursor(conn):
+def items_cursor(conn: oracledb.Connection) -> oracledb.Cursor:
     """A cursor that fetches CLOBs as str and BLOBs as bytes (`fetch_lobs=False`): a payload
     in a CLOB would otherwise cost a round trip per row to read."""
     cur = conn.cursor()
 
-    def as_value(cursor, metadata):
+    def as_value(cursor: oracledb.Cursor, metadata: oracledb.FetchInfo) -> oracledb.Var | None:
         if metadata.type_code in (oracledb.DB_TYPE_CLOB, oracledb.DB_TYPE_NCLOB):
             return cursor.var(oracledb.DB_TYPE_LONG, arraysize=cursor.arraysize)
         if metadata.type_code is oracledb.DB_TYPE_BLOB:
@@ -301,32 +229,24 @@ def classify(exc: BaseException) -> Failure | None:
     whether trying again makes sense.
     """
     if isinstance(exc, socket.gaierror):
-        return Failure(OUTAGE, "gaierror", f"cannot resolve the database host: {exc}",
-                       code=_EAI_NAMES.get(exc.errno, "EAI"), reconnect=True, system=DATABASE)
+        return environment(OUTAGE, "gaierror", f"cannot resolve the database host: {exc}",
+                           _EAI_NAMES.get(exc.errno, "EAI"))
     if not isinstance(exc, oracledb.Error):
         return None
     full_code, ora = _codes(exc)
-    code = f"{full_code}/{ora}" if full_code.startswith("DPY-") and ora else (full_code or ora)
+    code = shown_code(full_code, ora)
     name = type(exc).__name__
-    message = str(exc)
-    own = {full_code, ora}
-    if (own | _codes_within(exc)) & REFUSED or _tls_refused(exc):
-        return Failure(CONFIG, name, message, code=code, reconnect=True, system=DATABASE)
-    if own & UNREACHABLE:
-        return Failure(OUTAGE, name, message, code=code, reconnect=True, system=DATABASE)
-    if full_code in NEW_SESSION:
-        return Failure(RETRYABLE, name, message, code=code, reconnect=True)
-    if own & PASSING:
-        return Failure(RETRYABLE, name, message, code=code)
-    return Failure(PERMANENT, name, message, code=code)
+    kind, reconnect = judge(full_code, ora, _codes_within(exc), tls_refused=_tls_refused(exc))
+    if kind in (OUTAGE, CONFIG):
+        return environment(kind, name, str(exc), code)
+    return Failure(kind, name, str(exc), code=code, reconnect=reconnect)
 
 
 def _codes(exc: BaseException) -> tuple[str, str | None]:
     """(full code such as `DPY-4011` or `ORA-00060`, `ORA-nnnnn` from `.code` or None)."""
     error = exc.args[0] if exc.args else None
     full_code = str(getattr(error, "full_code", "") or "")
-    number = int(getattr(error, "code", 0) or 0)
-    return full_code, (f"ORA-{number:05d}" if number else None)
+    return full_code, ora_code(int(getattr(error, "code", 0) or 0))
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -362,7 +282,7 @@ def is_dml(sql: str) -> bool:
     return m is not None and m.group(1).upper() in _BATCH_ERROR_STATEMENTS
 
 
-def split_batch_errors(errors: Iterable[Any], start: int) -> tuple[list[RowError], BaseException | None]:
+def split_batch_errors(errors: Iterable[oracledb._Error], start: int) -> tuple[list[RowError], BaseException | None]:
     """The batch errors of a batch starting at row `start`: the data errors as RowErrors, and
     the exception to raise for the first error that is not about its row's data (a lock, a
     deadlock), or None."""
@@ -375,7 +295,7 @@ def split_batch_errors(errors: Iterable[Any], start: int) -> tuple[list[RowError
     return rows, None
 
 
-def executemany(conn, sql: str, rows: Iterable[Any], *, batch_size: int) -> list[RowError]:
+def executemany(conn: oracledb.Connection, sql: str, rows: Iterable[Binds], *, batch_size: int) -> list[RowError]:
     """INSERT, UPDATE, DELETE and MERGE run with `batcherrors=True`: Oracle applies the good
     rows of a batch and reports the bad ones; a reported error that is not about its row's data
     is raised. Anything else (a PL/SQL block) runs without batch errors, and its first error is
@@ -393,10 +313,6 @@ def executemany(conn, sql: str, rows: Iterable[Any], *, batch_size: int) -> list
                 raise other
             errors += found
     return errors
-
-
-def _first_line(text: str) -> str:
-    return text.splitlines()[0] if text else ""
 
 
 # -- the work table's claims (job.db.claim holds the statements they share) --------------------
@@ -424,7 +340,8 @@ def first_row_sql(table: str, where: str) -> str:
     return f"SELECT 1 FROM {table} WHERE {where} AND ROWNUM = 1"
 
 
-def claim(conn, statements: tuple[str, ...], *, runner: str, ttl: float, limit: int) -> list[tuple]:
+def claim(conn: oracledb.Connection, statements: tuple[str, ...], *, runner: str, ttl: float,
+          limit: int) -> list[tuple[Any, ...]]:
     """Fetch up to `limit` rows of the locking cursor (prefetch and array size both `limit`, so
     that no more are locked), update them by id, commit; returns (work_id, payload, attempts)
     rows, payloads read as text."""
@@ -440,6 +357,6 @@ def claim(conn, statements: tuple[str, ...], *, runner: str, ttl: float, limit: 
         cur.close()
     if rows:
         with conn.cursor() as cur:
-            cur.executemany(update, [{"runner": runner, "ttl": ttl, "work_id": row[0]} for row in rows])
+            cur.executemany(update, claimed_binds(rows, runner=runner, ttl=ttl))
     conn.commit()
     return rows

@@ -10,14 +10,25 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import psycopg
 from psycopg.conninfo import make_conninfo
+from psycopg.rows import TupleRow
 
 from ..errors import UsageError
-from ..outcome import CONFIG, DATABASE, OUTAGE, PERMANENT, RETRYABLE, Failure
-from . import DbSettings, RowError, executemany_with_savepoints, prepare_session
+from ..outcome import CONFIG, OUTAGE, PERMANENT, RETRYABLE, Failure
+from .batch import RowError, executemany_with_savepoints
+from .dialect import milliseconds
+from .errors import environment
+from .session import prepare_session, rollback_quietly
+
+if TYPE_CHECKING:
+    from .dialect import Binds, BoundStatement, Cursor
+    from .url import DbSettings
+
+#: The connections this dialect makes and is handed back (see job.db.dialect): rows as tuples.
+Connection: TypeAlias = psycopg.Connection[TupleRow]
 
 PARAMSTYLE = "pyformat"
 NOW = "now()"
@@ -99,7 +110,7 @@ def session_statements(settings: DbSettings) -> list[str]:
     """SQL run once per new connection: the statement timeout, then --session-sql."""
     statements = []
     if settings.statement_timeout:
-        statements.append(f"SET statement_timeout = {max(1, round(settings.statement_timeout * 1000))}")
+        statements.append(f"SET statement_timeout = {milliseconds(settings.statement_timeout)}")
     return statements + list(settings.session_sql)
 
 
@@ -111,7 +122,7 @@ def check_settings(settings: DbSettings) -> None:
         raise UsageError(f"--db: {e}") from None
 
 
-def connect(settings: DbSettings, password: str | None):
+def connect(settings: DbSettings, password: str | None) -> Connection:
     """A new connection (not autocommit) with the session statements run and committed.
 
     libpq's connect_timeout bounds the whole handshake, login included, so no extra timer.
@@ -122,12 +133,12 @@ def connect(settings: DbSettings, password: str | None):
     return conn
 
 
-def usable(conn) -> bool:
+def usable(conn: Connection) -> bool:
     """False when psycopg already knows the connection is closed or broken (no round trip)."""
     return not conn.closed and not conn.broken
 
 
-def uncommitted(conn) -> bool:
+def uncommitted(conn: Connection) -> bool:
     """A transaction that wrote something (it has a transaction id), or one that failed. A
     transaction that only read is rolled back here: there is nothing in it to lose."""
     status = conn.info.transaction_status
@@ -135,10 +146,11 @@ def uncommitted(conn) -> bool:
         return True
     if status != psycopg.pq.TransactionStatus.INTRANS:
         return False
-    wrote = conn.execute("SELECT txid_current_if_assigned() IS NOT NULL").fetchone()[0]
+    row = conn.execute("SELECT txid_current_if_assigned() IS NOT NULL").fetchone()
+    wrote = row is not None and bool(row[0])
     if not wrote:
         conn.rollback()
-    return bool(wrote)
+    return wrote
 
 
 #: First words of the statements that run alone in autocommit mode exactly as between BEGIN and
@@ -161,7 +173,7 @@ def self_contained(sql: str) -> bool:
     return m is not None and m.group(1).upper() in SELF_CONTAINED
 
 
-def run_transaction(conn, statements: Sequence[tuple[str, Any]]) -> int:
+def run_transaction(conn: Connection, statements: Sequence[BoundStatement]) -> int:
     """Run `statements` ((sql, binds or None), in order) as one transaction and commit it, in
     one round trip; returns the rows they affected. Raises the error of the statement that
     failed, with nothing of the transaction committed and the session out of it (rolled
@@ -176,7 +188,7 @@ def run_transaction(conn, statements: Sequence[tuple[str, Any]]) -> int:
     return _run_pipelined(conn, statements)
 
 
-def _run_alone(conn, sql: str, params: Any) -> int:
+def _run_alone(conn: Connection, sql: str, params: dict[str, Any] | None) -> int:
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
@@ -186,13 +198,13 @@ def _run_alone(conn, sql: str, params: Any) -> int:
         _leave_autocommit(conn)
 
 
-def _run_pipelined(conn, statements: Sequence[tuple[str, Any]]) -> int:
+def _run_pipelined(conn: Connection, statements: Sequence[BoundStatement]) -> int:
     # Autocommit for the while, so that psycopg sends no BEGIN of its own: in pipeline mode it
     # would wait for that BEGIN's answer, a round trip of its own. Our BEGIN makes it the same
     # explicit transaction as outside a pipeline.
     conn.autocommit = True
     try:
-        cursors = []
+        cursors: list[psycopg.Cursor[TupleRow]] = []
         first: psycopg.Error | None = None
         try:
             with conn.pipeline():
@@ -216,33 +228,25 @@ def _run_pipelined(conn, statements: Sequence[tuple[str, Any]]) -> int:
             raise first
         return sum(max(cur.rowcount, 0) for cur in cursors)
     except BaseException:
-        _rollback_quietly(conn)
+        rollback_quietly(conn)
         raise
     finally:
         _leave_autocommit(conn)
 
 
-def _rollback_quietly(conn) -> None:
-    """Roll back a failed transaction; a lost session has nothing left to roll back."""
-    try:
-        conn.rollback()
-    except Exception:
-        pass
-
-
-def _leave_autocommit(conn) -> None:
+def _leave_autocommit(conn: Connection) -> None:
     """Back to the connection's own mode (transactions begun by psycopg) for whatever runs on
     it next; a lost session (not idle) is left as it is, to be dropped."""
     if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
         conn.autocommit = False
 
 
-def limit_calls(conn, seconds: float) -> None:
+def limit_calls(conn: Connection, seconds: float) -> None:
     """psycopg has no client-side bound on a round trip: libpq's TCP keepalives (on by default,
     tuned with `?keepalives_idle=`) are what notices a dropped connection."""
 
 
-def items_cursor(conn):
+def items_cursor(conn: Connection) -> psycopg.Cursor[TupleRow]:
     """psycopg fetches text and JSON as Python values already."""
     return conn.cursor()
 
@@ -259,13 +263,13 @@ def classify(exc: BaseException) -> Failure | None:
         if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
             for pattern, kind, code in _CONNECTION_TEXTS:
                 if pattern.search(message):
-                    return Failure(kind, name, message, code=code, reconnect=True, system=DATABASE)
+                    return environment(kind, name, message, code)
             return Failure(RETRYABLE, name, message, reconnect=True)
         return Failure(PERMANENT, name, message)
     if state in REFUSED:
-        return Failure(CONFIG, name, message, code=state, reconnect=True, system=DATABASE)
+        return environment(CONFIG, name, message, state)
     if state.startswith("08") or state in UNREACHABLE:
-        return Failure(OUTAGE, name, message, code=state, reconnect=True, system=DATABASE)
+        return environment(OUTAGE, name, message, state)
     if state in PASSING or (state == "57014" and _STATEMENT_TIMEOUT_TEXT in message):
         return Failure(RETRYABLE, name, message, code=state)
     return Failure(PERMANENT, name, message, code=state)
@@ -299,17 +303,20 @@ def copy_target(sql: str) -> str | None:
     return f"COPY {m.group(1)} ({', '.join(columns)}) FROM STDIN"
 
 
-def _copy_batch(cur, sql: str, batch: list[Any]) -> None:
+def _copy_batch(cur: Cursor, sql: str, batch: list[Binds]) -> None:
+    """A batch with COPY when the INSERT allows (and the cursor is psycopg's, as every cursor
+    of a connection from `connect` is), else with executemany."""
     target = copy_target(sql)
-    if target is None or not all(isinstance(row, (tuple, list)) for row in batch):
+    positional = [row for row in batch if isinstance(row, (tuple, list))] if target is not None else []
+    if target is None or len(positional) != len(batch) or not isinstance(cur, psycopg.Cursor):
         cur.executemany(sql, batch)
         return
     with cur.copy(target) as copy:
-        for row in batch:
+        for row in positional:
             copy.write_row(row)
 
 
-def executemany(conn, sql: str, rows: Iterable[Any], *, batch_size: int) -> list[RowError]:
+def executemany(conn: Connection, sql: str, rows: Iterable[Binds], *, batch_size: int) -> list[RowError]:
     """PostgreSQL has no batch errors: a failing batch is replayed row by row under savepoints.
     A plain INSERT is sent with COPY, several times faster than executemany; a batch that COPY
     refuses is replayed row by row with INSERTs, which finds the bad rows."""
@@ -338,7 +345,8 @@ def first_row_sql(table: str, where: str) -> str:
     return f"SELECT 1 FROM {table} WHERE {where} LIMIT 1"
 
 
-def claim(conn, statements: tuple[str, ...], *, runner: str, ttl: float, limit: int) -> list[tuple]:
+def claim(conn: Connection, statements: tuple[str, ...], *, runner: str, ttl: float,
+          limit: int) -> list[tuple[Any, ...]]:
     """Run the claim of `claim_sql` and commit; returns (work_id, payload, attempts) rows."""
     (sql,) = statements
     rows = conn.execute(sql, {"runner": runner, "ttl": ttl, "limit": limit}).fetchall()

@@ -1,5 +1,7 @@
-"""Items from a query (`--items-sql`): read once by the parent into a temporary JSON Lines file
-(validation reads the items twice, a query cannot be), then run like any input, with a manifest.
+"""Items from a query (`--items-sql`), read once by the parent into a temporary JSON Lines file.
+
+Validation reads the items twice, a query cannot be; the file then runs like any input, with a
+manifest.
 
 Also what the command line checks of the database item options (`db_items`), and how a row
 becomes an item line (`item_line`), which a work table's claims share.
@@ -11,16 +13,21 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from ..errors import BulkjobError, ConfigError, UsageError
-from ..manifest import DONE, FAILED, ItemStates
-from ..outcome import CONFIG, OUTAGE, RETRYABLE
-from ..retry import classify
-from . import DatabaseUnavailable, DbSettings, classifiers, dialect_of, plain_sql, read_password
+from ..errors import UsageError
+from ..manifest import DONE, FAILED
+from .dialect import dialect_of
+from .parent import reading
 from .stepsfile import is_identifier
+from .url import plain_sql
+
+if TYPE_CHECKING:
+    from ..manifest import ItemStates
+    from .url import DbSettings
 
 #: Rows fetched per round trip when reading items.
 FETCH_ROWS = 1000
@@ -55,11 +62,11 @@ def db_items(*, items: str | None, items_sql: str | None, work_table: str | None
     return DbItems(sql=plain_sql(items_sql, db.dialect) if items_sql else None, table=work_table)
 
 
-def item_line(row: tuple) -> bytes:
+def item_line(row: tuple[Any, ...]) -> bytes:
     """One JSON Lines item from a row (id, payload): payload is JSON text, a JSON value the
     driver already decoded, or NULL. What is not an object is left for validation to report."""
     item_id = row[0]
-    payload = row[1] if len(row) > 1 else None
+    payload: Any = row[1] if len(row) > 1 else None
     if hasattr(payload, "read"):  # an Oracle LOB
         payload = payload.read()
     if isinstance(payload, (bytes, bytearray, memoryview)):
@@ -94,48 +101,25 @@ class ItemLines:
 
 
 @contextlib.contextmanager
-def open_db_items(settings: DbSettings, items: DbItems, *, retry_on=(), outage_on=()
-                  ) -> Iterator[tuple[str, ItemLines]]:
+def open_db_items(settings: DbSettings, items: DbItems, *, retry_on: Iterable[str] = (),
+                  outage_on: Iterable[str] = ()) -> Iterator[tuple[str, ItemLines]]:
     """Yield (source name, ItemLines) for the rows of --items-sql, read once.
 
     A failure raises what `database_error` says (the caller waits on DatabaseUnavailable).
     """
+    if items.sql is None:
+        raise ValueError("open_db_items reads the rows of --items-sql, not a work table")
     dialect = dialect_of(settings)
     with tempfile.TemporaryDirectory(prefix="bulkjob-items-") as tmpdir:
         path = os.path.join(tmpdir, "items.jsonl")
         ids: set[str] = set()
-        try:
-            with closing(dialect.connect(settings, read_password(settings))) as conn:
-                with closing(dialect.items_cursor(conn)) as cur, open(path, "wb") as out:
-                    cur.arraysize = FETCH_ROWS
-                    cur.execute(items.sql)
-                    while rows := cur.fetchmany(FETCH_ROWS):
-                        for row in rows:
-                            if row and row[0] is not None:
-                                ids.add(str(row[0]))
-                            out.write(item_line(row))
-                conn.rollback()
-        except Exception as e:
-            raise database_error(e, items.name, settings, retry_on=retry_on, outage_on=outage_on) from e
+        with reading(settings, items.name, retry_on=retry_on, outage_on=outage_on) as conn, \
+                closing(dialect.items_cursor(conn)) as cur, open(path, "wb") as out:
+            cur.arraysize = FETCH_ROWS
+            cur.execute(items.sql)
+            while rows := cur.fetchmany(FETCH_ROWS):
+                for row in rows:
+                    if row and row[0] is not None:
+                        ids.add(str(row[0]))
+                    out.write(item_line(row))
         yield items.name, ItemLines(path, frozenset(ids))
-
-
-def database_error(exc: BaseException, what: str, settings: DbSettings, *, retry_on=(), outage_on=()
-                   ) -> BulkjobError:
-    """The error to raise for a failure of the parent's own query (`what` names it), classified
-    as a worker's would be (`retry_on`, `outage_on` are --retry-on and --outage-on):
-    DatabaseUnavailable for an outage or a passing error (a lock, ORA-01555 with --retry-on
-    ORA-01555), for the caller to wait and try again; ConfigError when the database refuses our
-    settings; UsageError for anything else (a bad query, a missing table)."""
-    failure = classify(exc, retry_on=retry_on, outage_on=outage_on, classifiers=classifiers(settings))
-    code = f" {failure.code}" if failure.code else ""
-    text = f"{what}: {failure.error_class}{code}: {_first_line(failure.message)}"
-    if failure.kind in (OUTAGE, RETRYABLE):
-        return DatabaseUnavailable(text)
-    if failure.kind == CONFIG:
-        return ConfigError(f"{text} (the database refused bulkjob's settings)")
-    return UsageError(text)
-
-
-def _first_line(text: str) -> str:
-    return text.splitlines()[0] if text else ""

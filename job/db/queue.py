@@ -26,30 +26,36 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..lease import RENEWAL_WARNING_EVERY, VALID, holder_identity, lease_timing
-from ..plan import Crashed, Refused
 from ..scheduler import NOT_YET, Task
 from ..writer import describe
-from . import DbSettings, close_quietly, dialect_of, read_password
 from .claim import (
+    POLL_CAP,
+    RATE_WINDOW,
     TAKEOVER_AHEAD,
+    ClaimedRow,
     claim_size,
     claim_sql,
     claims_status,
     decide_row,
     lost_rows,
     poll_delay,
+    row_id,
     runner_id,
+    smoothed_rate,
 )
-from .query import database_error
-from .worktable import Columns
+from .claimtable import ClaimTable
+from .dialect import dialect_of
+from .parent import database_error
+
+if TYPE_CHECKING:
+    from ..scheduler import _NotYet
+    from .url import DbSettings
+    from .worktable import Columns
 
 log = logging.getLogger("bulkjob.queue")
-
-Decision = Task | Crashed | Refused
 
 
 class ClaimQueue:
@@ -60,12 +66,13 @@ class ClaimQueue:
                  clock: Callable[[], float] = time.monotonic, rand: Callable[[], float] = random.random,
                  holder: dict[str, Any] | None = None) -> None:
         self.settings = settings
-        self.dialect = dialect_of(settings)
         self.table = table
         self.ttl = float(ttl)
         self.timing = lease_timing(self.ttl)
         self.runner = runner_id(holder or holder_identity(), secrets.token_hex(4))
-        self.sql = claim_sql(table, self.dialect, error_column=columns.error, result_column=columns.result)
+        self.sql = claim_sql(table, dialect_of(settings), error_column=columns.error, result_column=columns.result)
+        self._table = ClaimTable(settings, self.sql, runner=self.runner, ttl=self.ttl,
+                                 call_timeout=self.timing.request_timeout)
         self.workers = workers
         self.max_attempts = max_attempts
         self.max_item_bytes = max_item_bytes
@@ -84,7 +91,7 @@ class ClaimQueue:
         #: Rows another runner took over from this one.
         self._lost: set[str] = set()
         #: Claimed rows the run has not taken yet.
-        self._buffer: deque[Decision] = deque()
+        self._buffer: deque[ClaimedRow] = deque()
         self._exhausted = False
         self._draining = False
         self._acked_sent: float | None = None
@@ -98,7 +105,6 @@ class ClaimQueue:
         self._rate = 0.0
         self._rate_at = clock()
         self._warned_at = float("-inf")
-        self._conn = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -109,7 +115,6 @@ class ClaimQueue:
         #: Since when (monotonic) claims have been failing, while they are; and why.
         self.failing_since: float | None = None
         self.last_error: str | None = None
-        self.claimed = 0
         self.taken_over = 0
         self.given_back = 0
 
@@ -154,17 +159,17 @@ class ClaimQueue:
     def start(self) -> None:
         """Extend once (holding nothing yet, which proves that the database answers and starts
         the validity), then start the heartbeat. Raises DatabaseUnavailable (the caller waits),
-        ConfigError or UsageError as `query.database_error` classifies the failure."""
+        ConfigError or UsageError as `parent.database_error` classifies the failure."""
         try:
             self._extend()
         except Exception as e:
-            self._drop()
+            self._table.drop()
             raise database_error(e, f"--work-table {self.table}", self.settings, retry_on=self._retry_on,
                                  outage_on=self._outage_on) from e
         self._thread = threading.Thread(target=self._heartbeat, name="bulkjob-claims", daemon=True)
         self._thread.start()
 
-    def tasks(self) -> Iterator[Any]:
+    def tasks(self) -> Iterator[ClaimedRow | _NotYet]:
         """What the run does next, as the scheduler pulls it: a Task, a Crashed or Refused row
         (the run records it failed), NOT_YET while a claim is to come, and the end once the
         table has nothing left for this runner."""
@@ -228,11 +233,11 @@ class ClaimQueue:
         hung = self._thread is not None and self._thread.is_alive()
         if rows and not hung and self.status() == VALID:
             try:
-                self._execute_many(self.sql.give_back, [self._binds(work_id=r) for r in rows])
+                self._table.give_back(rows)
                 self.given_back = len(rows)
                 log.info("gave back %d claimed row(s) that did not run to their end: PENDING again", len(rows))
             except Exception as e:
-                self._drop()
+                self._table.drop()
                 log.warning("could not give back %d claimed row(s) (%s: %s); other runners take them over once "
                             "their claims expire, within %gs", len(rows), type(e).__name__, describe(e), self.ttl)
         elif rows:
@@ -240,7 +245,7 @@ class ClaimQueue:
                         "them over once their claims expire, within %gs", len(rows), self.ttl)
         self._released = True
         if not hung:
-            self._drop()
+            self._table.drop()
         self.wakeup.close()
         self._wakeup_w.close()
         return True
@@ -268,7 +273,7 @@ class ClaimQueue:
         try:
             fn()
         except Exception as e:
-            self._drop()
+            self._table.drop()
             now = self._clock()
             self.last_error = f"{type(e).__name__}: {describe(e)}"
             if claiming:
@@ -303,18 +308,11 @@ class ClaimQueue:
         with self._lock:
             expected = set(self._held)
         lapsed = self._clock() >= self.hard_deadline
-        conn = self._connection()
-        sent = self._clock()
-        with closing(conn.cursor()) as cur:
-            cur.execute(self.sql.extend, self._binds(ttl=self.ttl))
-            count = cur.rowcount
-        conn.commit()
+        self._table.connect()
+        sent = self._clock()  # after connecting: validity counts from the extension's send
+        count = self._table.extend()
         if count != len(expected) or self._ambiguous or lapsed:
-            with closing(conn.cursor()) as cur:
-                cur.execute(self.sql.mine, self._binds())
-                running = {str(row[0]) for row in cur.fetchall()}
-            conn.rollback()
-            self._reconcile(expected, running)
+            self._reconcile(expected, self._table.mine())
             self._ambiguous = False
         with self._lock:
             if self._acked_sent is None or sent > self._acked_sent:
@@ -329,13 +327,13 @@ class ClaimQueue:
                 self._suspects.discard(work_id)
                 self._lost.add(work_id)
             if lost:
-                self._buffer = deque(d for d in self._buffer if _row_id(d) not in lost)
+                self._buffer = deque(d for d in self._buffer if row_id(d) not in lost)
         if lost:
             shown = ", ".join(sorted(lost)[:5]) + (" ..." if len(lost) > 5 else "")
             log.warning("%d row(s) that this runner held were taken over by another runner while their claims "
                         "had expired (%s): not run here", len(lost), shown)
         if unknown:
-            self._execute_many(self.sql.give_back, [self._binds(work_id=r) for r in sorted(unknown)])
+            self._table.give_back(sorted(unknown))
             log.info("gave back %d row(s) claimed by a claim whose answer was lost", len(unknown))
 
     def _claim(self) -> None:
@@ -343,30 +341,26 @@ class ClaimQueue:
         fresh rows when the buffer is low; with nothing at all, see whether anything is left."""
         now = self._clock()
         with self._lock:
-            elapsed = now - self._rate_at
-            if elapsed > 0.05:
-                rate = self._pulled / elapsed
-                self._rate = rate if self._rate == 0 else (self._rate + rate) / 2
+            if now - self._rate_at > RATE_WINDOW:
+                self._rate = smoothed_rate(self._rate, self._pulled, now - self._rate_at)
                 self._pulled, self._rate_at = 0, now
             want = claim_size(len(self._buffer), self._rate, self.workers)
             room = TAKEOVER_AHEAD - len(self._suspects)
-        conn = self._connection()
-        taken: list[Decision] = []
+        taken: list[ClaimedRow] = []
         if room > 0 and (want > 0 or self._takeover_due):
-            rows = self.dialect.claim(conn, self.sql.take_over, runner=self.runner, ttl=self.ttl, limit=room)
+            rows = self._table.claim(take_over=True, limit=room)
             self._takeover_due = len(rows) == room
             taken = [decide_row(*row, taken_over=True, max_attempts=self.max_attempts,
                                 max_item_bytes=self.max_item_bytes) for row in rows]
-        fresh: list[Decision] = []
+        fresh: list[ClaimedRow] = []
         if want > 0:
             fresh = [decide_row(*row, taken_over=False, max_attempts=self.max_attempts,
                                 max_item_bytes=self.max_item_bytes)
-                     for row in self.dialect.claim(conn, self.sql.claim, runner=self.runner, ttl=self.ttl,
-                                                   limit=want)]
+                     for row in self._table.claim(take_over=False, limit=want)]
         if taken or fresh:
             with self._lock:
                 for decision in taken + fresh:
-                    work_id = _row_id(decision)
+                    work_id = row_id(decision)
                     self._held.add(work_id)
                     if isinstance(decision, Task) and decision.suspect:
                         self._suspects.add(work_id)
@@ -374,23 +368,17 @@ class ClaimQueue:
                 # so that they follow one another rather than each waiting out a full queue.
                 self._buffer.extendleft(reversed(taken))
                 self._buffer.extend(fresh)
-            self.claimed += len(taken) + len(fresh)
             self.taken_over += len(taken)
             self._polls, self._next_claim, self._said_waiting = 0, 0.0, False
             self._notify()
             return
         if want > 0:
-            self._nothing_to_claim(conn)
+            self._nothing_to_claim()
 
-    def _nothing_to_claim(self, conn) -> None:
+    def _nothing_to_claim(self) -> None:
         """No row could be claimed: end if none is PENDING and no other runner holds any, else
         poll again later (and say once that the runner waits on other runners' rows)."""
-        with closing(conn.cursor()) as cur:
-            cur.execute(self.sql.pending)
-            pending = cur.fetchone() is not None
-            cur.execute(self.sql.others, self._binds())
-            others = int(cur.fetchone()[0])
-        conn.rollback()
+        pending, others = self._table.left()
         if not pending and not others:
             self._exhausted = True
             log.info("work table %s: nothing left to claim (no PENDING row, no claim to take over)", self.table)
@@ -403,28 +391,7 @@ class ClaimQueue:
             self._said_waiting = True
             log.info("work table %s: nothing to claim now; %d row(s) are claimed by other runners: waiting to "
                      "take over the rows of any that dies (polling every %.0fs or less)", self.table, others,
-                     min(10.0, self.ttl / 3))
-
-    # -- the connection --------------------------------------------------------------------
-
-    def _connection(self):
-        if self._conn is None:
-            self._conn = self.dialect.connect(self.settings, read_password(self.settings))
-            self.dialect.limit_calls(self._conn, self.timing.request_timeout)
-        return self._conn
-
-    def _execute_many(self, sql: str, rows: list[dict[str, Any]]) -> None:
-        conn = self._connection()
-        with closing(conn.cursor()) as cur:
-            cur.executemany(sql, rows)
-        conn.commit()
-
-    def _binds(self, **extra: Any) -> dict[str, Any]:
-        return {"runner": self.runner, **extra}
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        close_quietly(conn)
+                     min(POLL_CAP, self.ttl / 3))
 
     def _notify(self) -> None:
         try:
@@ -432,6 +399,3 @@ class ClaimQueue:
         except OSError:
             pass  # full (the loop has wake-ups waiting already) or closed
 
-
-def _row_id(decision: Decision) -> str:
-    return decision.item_id if isinstance(decision, Task) else decision.item.id

@@ -10,11 +10,21 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Sequence
 from contextlib import closing
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import quote
 
-from ..outcome import CONFIG, DATABASE, PERMANENT, RETRYABLE, Failure
-from . import DbSettings, RowError, executemany_with_savepoints, prepare_session
+from ..outcome import CONFIG, PERMANENT, RETRYABLE, Failure
+from .batch import RowError, executemany_with_savepoints
+from .dialect import claimed_binds
+from .errors import environment
+from .session import prepare_session, run_statement
+
+if TYPE_CHECKING:
+    from .dialect import Binds, BoundStatement
+    from .url import DbSettings
+
+#: The connections this dialect makes and is handed back (see job.db.dialect).
+Connection: TypeAlias = sqlite3.Connection
 
 PARAMSTYLE = "named"
 NOW = "CURRENT_TIMESTAMP"
@@ -42,7 +52,7 @@ def busy_timeout(settings: DbSettings) -> float:
     return settings.statement_timeout or DEFAULT_BUSY_TIMEOUT
 
 
-def connect(settings: DbSettings, password: str | None):
+def connect(settings: DbSettings, password: str | None) -> sqlite3.Connection:
     """Open the existing file (mode=rw: a mistyped path is an error, not a new empty database)."""
     uri = f"file:{quote(settings.database)}?mode=rw"
     # check_same_thread=False: the parent's write-back thread may reconnect on its own.
@@ -56,26 +66,26 @@ def check_settings(settings: DbSettings) -> None:
     """Nothing to check before opening the file: a missing one is found by the preflight."""
 
 
-def usable(conn) -> bool:
+def usable(conn: sqlite3.Connection) -> bool:
     return True
 
 
-def uncommitted(conn) -> bool:
+def uncommitted(conn: sqlite3.Connection) -> bool:
     """Python's sqlite3 opens a transaction before the first INSERT, UPDATE or DELETE only (and
     bulkjob's `begin` with BEGIN IMMEDIATE)."""
     return conn.in_transaction
 
 
-def limit_calls(conn, seconds: float) -> None:
+def limit_calls(conn: sqlite3.Connection, seconds: float) -> None:
     """A local file: the busy timeout already bounds the wait for a lock."""
 
 
-def items_cursor(conn):
+def items_cursor(conn: sqlite3.Connection) -> sqlite3.Cursor:
     """sqlite3 fetches text as str already."""
     return conn.cursor()
 
 
-def begin(conn) -> None:
+def begin(conn: sqlite3.Connection) -> None:
     """Take the write lock up front (BEGIN IMMEDIATE): waiting happens here, under the busy
     timeout, and never in the middle of a transaction that already read (which SQLite cannot
     always resolve by waiting)."""
@@ -83,7 +93,7 @@ def begin(conn) -> None:
         conn.execute("BEGIN IMMEDIATE")
 
 
-def run_transaction(conn, statements: Sequence[tuple[str, Any]]) -> int:
+def run_transaction(conn: sqlite3.Connection, statements: Sequence[BoundStatement]) -> int:
     """Run `statements` ((sql, binds or None), in order) as one transaction begun with `begin`
     and commit it; returns the rows they affected. A local file has no round trips to save.
     Raises the failing statement's error with the transaction still open: the caller rolls
@@ -92,10 +102,7 @@ def run_transaction(conn, statements: Sequence[tuple[str, Any]]) -> int:
     with closing(conn.cursor()) as cur:
         rows = 0
         for sql, params in statements:
-            if params is None:
-                cur.execute(sql)
-            else:
-                cur.execute(sql, params)
+            run_statement(cur, sql, params)
             rows += max(cur.rowcount, 0)
     conn.commit()
     return rows
@@ -115,7 +122,7 @@ def classify(exc: BaseException) -> Failure | None:
     if busy:
         return Failure(RETRYABLE, name, message, code=code or "SQLITE_BUSY")
     if (number is not None and number & 0xFF in _REFUSED_CODES) or "unable to open database file" in message:
-        return Failure(CONFIG, name, message, code=code or "SQLITE_CANTOPEN", reconnect=True, system=DATABASE)
+        return environment(CONFIG, name, message, code or "SQLITE_CANTOPEN")
     return Failure(PERMANENT, name, message, code=code)
 
 
@@ -125,7 +132,7 @@ def _row_error(exc: BaseException) -> tuple[str | None, str] | None:
     return None
 
 
-def executemany(conn, sql: str, rows: Iterable[Any], *, batch_size: int) -> list[RowError]:
+def executemany(conn: sqlite3.Connection, sql: str, rows: Iterable[Binds], *, batch_size: int) -> list[RowError]:
     """SQLite has no batch errors: a failing batch is replayed row by row under savepoints."""
     if not conn.in_transaction:
         # A savepoint outside a transaction would start one that its RELEASE commits.
@@ -153,13 +160,14 @@ def first_row_sql(table: str, where: str) -> str:
     return f"SELECT 1 FROM {table} WHERE {where} LIMIT 1"
 
 
-def claim(conn, statements: tuple[str, ...], *, runner: str, ttl: float, limit: int) -> list[tuple]:
+def claim(conn: sqlite3.Connection, statements: tuple[str, ...], *, runner: str, ttl: float,
+          limit: int) -> list[tuple[Any, ...]]:
     """BEGIN IMMEDIATE (the write lock, waited for up to the busy timeout), read, update,
     commit; returns (work_id, payload, attempts) rows."""
     select, update = statements
     begin(conn)
     rows = conn.execute(select, {"limit": limit}).fetchall()
     if rows:
-        conn.executemany(update, [{"runner": runner, "ttl": ttl, "work_id": row[0]} for row in rows])
+        conn.executemany(update, claimed_binds(rows, runner=runner, ttl=ttl))
     conn.commit()
     return rows

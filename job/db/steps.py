@@ -17,12 +17,18 @@ Oracle (the commit travels with the last one); see those modules.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Permanent, UsageError
-from . import COMMIT_ITEM, DbSettings
+from .session import rollback_quietly
 from .stepsfile import StepsFile
 from .stepsparse import load_steps
+from .url import COMMIT_ITEM
+
+if TYPE_CHECKING:
+    from ..items import Item
+    from ..worker import Context
+    from .url import DbSettings
 
 
 def steps_handler(path: str, db: DbSettings | None = None) -> StepsHandler:
@@ -48,7 +54,7 @@ class StepsHandler:
         """What --dry-run reports for an item: [] when it can run."""
         return self.steps.problems(payload)
 
-    def __call__(self, item, ctx) -> dict[str, Any]:
+    def __call__(self, item: Item, ctx: Context) -> dict[str, Any]:
         """Run the steps not yet committed for this item; returns {"steps", "rows"} (and
         "resumed_after"). Raises InvalidPayload before any SQL when the payload cannot fill the
         steps; raises the driver's error after rolling back when a statement fails. With
@@ -71,7 +77,7 @@ class StepsHandler:
                     # Only after the commit: a retry resumes after the last committed step.
                     ctx.progress["step"] = step.name
         except BaseException:
-            _rollback(conn)
+            rollback_quietly(conn)
             raise
         result: dict[str, Any] = {"steps": len(rendered) - start, "rows": rows}
         if start:
@@ -87,11 +93,3 @@ class StepsHandler:
             raise Permanent(f"cannot resume after step {name!r}: the steps file has no such step any "
                             "more; rerun the item under a new run id", code="SQL-STEPS")
         return names.index(name) + 1
-
-
-def _rollback(conn) -> None:
-    """Undo the open transaction after a failure; a dead session has nothing left to undo."""
-    try:
-        conn.rollback()
-    except Exception:
-        pass

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import InvalidPayload, bind_marker
+from .dialect import bind_marker
+from .errors import InvalidPayload
 from .identifiers import Allowed, quote
 
 #: Longest name accepted by `is_identifier` (--work-table).

@@ -7,14 +7,17 @@ when a statement fails, is tested on the calls themselves without a database.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .dialect import BoundStatement
 
 
 class Session(Protocol):
     """One database session as `commit_with_last` drives it."""
 
-    def execute(self, sql: str, params: Mapping[str, Any] | None, *, commit: bool) -> int:
+    def execute(self, sql: str, params: dict[str, Any] | None, *, commit: bool) -> int:
         """Run one statement in the open transaction; returns the rows it affected. With
         `commit`, the driver commits the transaction with the statement if the statement
         succeeds, and commits nothing if it fails."""
@@ -26,7 +29,7 @@ class Session(Protocol):
         """Commit the open transaction (a call of its own)."""
 
 
-def commit_with_last(session: Session, statements: Sequence[tuple[str, Any]]) -> int:
+def commit_with_last(session: Session, statements: Sequence[BoundStatement]) -> int:
     """Run `statements` ((sql, binds or None), in order) as one transaction, the last one asked
     to commit with it; returns the rows they affected.
 

@@ -13,16 +13,22 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+from collections.abc import Iterable
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Fenced, UsageError
 from ..manifest import DONE, FAILED, PARTIAL, RUNNING
 from ..writer import BackgroundWriter
-from . import DbSettings, batches, close_quietly, dialect_of, read_password
+from .batch import batches
 from .claim import BASE_COLUMNS, CLAIM_COLUMNS, ERR, ClaimSql, alter_sql
-from .query import database_error
+from .dialect import dialect_of
+from .parent import ParentConnection, reading
+
+if TYPE_CHECKING:
+    from .queue import ClaimQueue
+    from .url import DbSettings
 
 log = logging.getLogger("bulkjob.worktable")
 
@@ -97,22 +103,18 @@ class Columns:
     result: bool = False
 
 
-def read_columns(settings: DbSettings, table: str, *, retry_on=(), outage_on=()) -> Columns:
+def read_columns(settings: DbSettings, table: str, *, retry_on: Iterable[str] = (),
+                 outage_on: Iterable[str] = ()) -> Columns:
     """The work table's columns, checked before anything is claimed.
 
     Raises UsageError naming what is missing: a table without the claim columns gets the
-    ALTER TABLE that adds them; DatabaseUnavailable or ConfigError as `query.database_error`
+    ALTER TABLE that adds them; DatabaseUnavailable or ConfigError as `parent.database_error`
     says for a failure to read it (no such table is a UsageError)."""
-    dialect = dialect_of(settings)
-    try:
-        with closing(dialect.connect(settings, read_password(settings))) as conn:
-            with closing(conn.cursor()) as cur:
-                cur.execute(f"SELECT * FROM {table} WHERE 1 = 0")
-                description = cur.description
-                cur.fetchall()
-            conn.rollback()
-    except Exception as e:
-        raise database_error(e, f"--work-table {table}", settings, retry_on=retry_on, outage_on=outage_on) from e
+    with reading(settings, f"--work-table {table}", retry_on=retry_on, outage_on=outage_on) as conn, \
+            closing(conn.cursor()) as cur:
+        cur.execute(f"SELECT * FROM {table} WHERE 1 = 0")
+        description = cur.description or ()
+        cur.fetchall()
     found = {column[0].lower(): column for column in description}
     absent = [name for name in BASE_COLUMNS if name not in found]
     if absent:
@@ -150,12 +152,11 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
     backoff on a new connection.
     """
 
-    def __init__(self, settings: DbSettings, sql: ClaimSql, claims: Any, *, columns: Columns, interval: float,
-                 batch: int = WRITE_BATCH) -> None:
+    def __init__(self, settings: DbSettings, sql: ClaimSql, claims: ClaimQueue, *, columns: Columns,
+                 interval: float, batch: int = WRITE_BATCH) -> None:
         super().__init__(name="worktable", interval=interval, retry_base=RETRY_BASE, retry_cap=RETRY_CAP,
                          fence=claims.fence)
         self.settings = settings
-        self.dialect = dialect_of(settings)
         self.sql = sql
         self.claims = claims
         self.columns = columns
@@ -165,12 +166,11 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
         self._running: list[dict[str, Any]] = []
         #: Attempts written for rows still held: a running attempt is written once.
         self._recorded: dict[str, int] = {}
-        self._conn = None
+        self._db = ParentConnection(settings, call_timeout=WRITE_CALL_TIMEOUT)
         #: Rows of the batch being written whose chunk is committed already.
         self._landed: list[str] = []
         #: Rows of the batch being written that came from the running list, not from `add`.
         self._starts: set[str] = set()
-        self.rows_written = 0
 
     # -- what the run calls ----------------------------------------------------------------
 
@@ -215,7 +215,7 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
     def close(self, timeout: float) -> bool:
         ok = super().close(timeout)
         if not self.alive:
-            self._drop()
+            self._db.drop()
         return ok
 
     # -- the writer's hooks ----------------------------------------------------------------
@@ -253,23 +253,18 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
             statements.setdefault(sql, []).append(row)
         self._landed = []
         try:
-            if self._conn is None:
-                self._conn = self.dialect.connect(self.settings, read_password(self.settings))
-                self.dialect.limit_calls(self._conn, WRITE_CALL_TIMEOUT)
             first = True
             for sql, rows in statements.items():
                 for _, chunk in batches(rows, self.batch):
                     if not first:
                         self.check_fence()
                     first = False
-                    with closing(self._conn.cursor()) as cur:
-                        cur.executemany(sql, chunk)
-                    self._conn.commit()
+                    self._db.execute_many(sql, chunk)
                     self._landed += [row["work_id"] for row in chunk]
         except Fenced:
             raise
         except Exception:
-            self._drop()
+            self._db.drop()
             raise
 
     def _written(self, batch: dict[str, Change]) -> None:
@@ -294,13 +289,8 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
                 self._recorded.pop(work_id, None)
             else:
                 self._recorded[work_id] = attempts
-        self.rows_written += len(changes)
         self._landed = []
         self.claims.forget(finished)
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        close_quietly(conn)
 
 
 def error_text(error: dict[str, Any] | None, width: int | None = None) -> str | None:
@@ -323,19 +313,14 @@ def error_text(error: dict[str, Any] | None, width: int | None = None) -> str | 
 def table_status(settings: DbSettings, table: str) -> dict[str, Any]:
     """Rows of the work table by state; RUNNING ones split into live claims (per runner) and
     expired ones (their runner died, or lost the database: another runner takes them over)."""
-    dialect = dialect_of(settings)
+    clock = dialect_of(settings).CLAIM_CLOCK
     read_columns(settings, table)
-    try:
-        with closing(dialect.connect(settings, read_password(settings))) as conn:
-            with closing(conn.cursor()) as cur:
-                cur.execute(f"SELECT state, COUNT(*), COALESCE(SUM(attempts), 0) FROM {table} GROUP BY state")
-                by_state = {state: (int(count), int(attempts)) for state, count, attempts in cur.fetchall()}
-                cur.execute(f"SELECT claimed_by, COUNT(*) FROM {table} WHERE state = 'RUNNING' "
-                            f"AND claim_expires >= {dialect.CLAIM_CLOCK} GROUP BY claimed_by ORDER BY claimed_by")
-                runners = [{"runner": runner, "rows": int(count)} for runner, count in cur.fetchall()]
-            conn.rollback()
-    except Exception as e:
-        raise database_error(e, f"--work-table {table}", settings) from e
+    with reading(settings, f"--work-table {table}") as conn, closing(conn.cursor()) as cur:
+        cur.execute(f"SELECT state, COUNT(*), COALESCE(SUM(attempts), 0) FROM {table} GROUP BY state")
+        by_state = {state: (int(count), int(attempts)) for state, count, attempts in cur.fetchall()}
+        cur.execute(f"SELECT claimed_by, COUNT(*) FROM {table} WHERE state = 'RUNNING' "
+                    f"AND claim_expires >= {clock} GROUP BY claimed_by ORDER BY claimed_by")
+        runners = [{"runner": runner, "rows": int(count)} for runner, count in cur.fetchall()]
     counts = {state.lower(): by_state.get(state, (0, 0))[0] for state in ("PENDING", "RUNNING", "DONE", ERR)}
     live = sum(r["rows"] for r in runners)
     return {"work_table": table, "total": sum(c for c, _ in by_state.values()), "pending": counts["pending"],
@@ -346,18 +331,12 @@ def table_status(settings: DbSettings, table: str) -> dict[str, Any]:
 def failed_table_rows(settings: DbSettings, table: str) -> list[dict[str, Any]]:
     """One row per ERR row of the work table: id, attempts, error text, when it was written and
     by which runner."""
-    dialect = dialect_of(settings)
     columns = read_columns(settings, table)
     error = "error" if columns.error else "NULL"
-    try:
-        with closing(dialect.connect(settings, read_password(settings))) as conn:
-            with closing(conn.cursor()) as cur:
-                cur.execute(f"SELECT work_id, attempts, {error}, updated_at, claimed_by FROM {table} "
-                            "WHERE state = 'ERR' ORDER BY work_id")
-                rows = cur.fetchall()
-            conn.rollback()
-    except Exception as e:
-        raise database_error(e, f"--work-table {table}", settings) from e
+    with reading(settings, f"--work-table {table}") as conn, closing(conn.cursor()) as cur:
+        cur.execute(f"SELECT work_id, attempts, {error}, updated_at, claimed_by FROM {table} "
+                    "WHERE state = 'ERR' ORDER BY work_id")
+        rows = cur.fetchall()
     return [{"id": str(work_id), "attempts": int(attempts or 0), "error": text, "updated_at": _iso(at),
              "runner": runner} for work_id, attempts, text, at, runner in rows]
 
