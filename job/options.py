@@ -341,7 +341,7 @@ class RunOptions:
     # Metrics, logs, secrets
     metrics_port: int = option(
         kind=Int(min=0, max=65535), default=DEFAULT_METRICS_PORT, metavar="PORT",
-        help="Port for Prometheus /metrics (0: off), served once the run starts.",
+        help="Port for Prometheus /metrics (0: off), served from the moment the first item goes out.",
         details="See [metrics](operations.md#metrics).")
     metrics_host: str = option(
         default=DEFAULT_METRICS_HOST, metavar="ADDRESS",

@@ -150,3 +150,11 @@ def test_run_config_carries_every_option_the_run_reads(tmp_path):
     assert (cfg.worker.log_level, cfg.worker.redact_fields, cfg.worker.memory_limit) == ("DEBUG", ("pw",), 1024)
     # A cap below the base is the base: the first wait is never cut short.
     assert (cfg.policy.max_attempts, cfg.policy.backoff, cfg.policy.max_backoff) == (6, 3.0, 3.0)
+
+
+def test_the_command_line_wins_over_the_environment_and_ours_over_the_platforms(clean_env):
+    clean_env.setenv("JOB_COMPLETION_INDEX", "4")
+    assert read("run", ["--handler", "x:y"])["shard_index"] == 4
+    clean_env.setenv("BULKJOB_SHARD_INDEX", "2")
+    assert read("run", ["--handler", "x:y"])["shard_index"] == 2
+    assert read("run", ["--handler", "x:y", "--shard-index", "1"])["shard_index"] == 1
