@@ -256,8 +256,8 @@ def _run(o: RunOptions, end: Ending) -> tuple[dict[str, Any], int]:
                         db_items=items_from_db, metrics_dir=prometheus.directory if prometheus is not None else None)
     from .engine import Run
 
-    end.run = Run(config, observer=OnStart(prometheus or NullObserver(), started))
-    return end.run.execute()
+    run = end.run = Run(config, observer=OnStart(prometheus or NullObserver(), started))
+    return run.execute()
 
 
 def _refuse_with_work_table(o: RunOptions) -> None:
