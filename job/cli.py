@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     from .summary import Ending
 
 log = logging.getLogger("bulkjob")
+
+#: What `status` or `report` reads: a status, or rows.
+T = TypeVar("T")
 
 
 class _Statement(click.ParamType):
@@ -284,8 +287,7 @@ def _refuse_with_work_table(o: RunOptions) -> None:
                          "record (bulkjob status --work-table counts its rows)")
 
 
-def _read(o: ReadOptions, table: Callable[[DbSettings, str], Any], manifest: Callable[[Store, str, str], Any]
-          ) -> Any:
+def _read(o: ReadOptions, table: Callable[[DbSettings, str], T], manifest: Callable[[Store, str, str], T]) -> T:
     """What `status` or `report` reads: `table(settings, name)` with --work-table, else
     `manifest(store, prefix, run_id)`; a BulkjobError ends the command with its code."""
     try:
