@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR := .cache/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-core test-faults bench clean
+.PHONY: venv run test test-core test-faults bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test-core: venv
 
 test-faults: venv system-deps
 	$(PY) -m pytest -q -rs -m faults $(PYTEST_ARGS)
+
+# docs/cli.md's tables of options and exit codes, from job/options.py and job/exits.py.
+docs: venv
+	$(PY) -m job.clidocs
 
 clean:
 	rm -rf $(VENV) .venv-* .cache bulkjob-state bench-results

@@ -1,13 +1,23 @@
-"""Configuration, read once by the CLI into frozen values that are passed down."""
+"""The frozen settings a run is handed (RunConfig, and WorkerSettings for each worker), their
+named defaults, and `run_config`, the one place they are built from the options of `bulkjob run`.
+
+Pure but for `cgroup_cpu_limit` and `visible_cpus`, which read what the --workers default needs.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from .db import DbSettings
+    from .db.query import DbItems
+    from .options import RunOptions
 
 #: Default seconds between manifest checkpoints: at most this much progress is repeated after
 #: a crash, and one object is written per interval.
@@ -29,6 +39,22 @@ DEFAULT_PREFETCH = 0
 #: Default seconds an outage may last before the run gives up with exit 5 (progress saved): a
 #: database restart or failover takes seconds to minutes; much longer is for a person to see.
 DEFAULT_OUTAGE_TIMEOUT = 900.0
+#: One shard: a single process runs every item unless the items are split on purpose.
+DEFAULT_SHARD_COUNT = 1
+#: No failed item is tolerated unless asked: a run that lost items must not look like success.
+DEFAULT_MAX_FAILURES = 0
+#: Log formats: text for a person at a terminal, JSON for a log pipeline.
+LOG_FORMATS = ("text", "json")
+#: Text by default: what `kubectl logs` and a terminal show readably.
+DEFAULT_LOG_FORMAT = "text"
+#: The levels a run may log at, the most talkative first.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: INFO: the start, progress lines, outages and each item that failed for good, not every retry.
+DEFAULT_LOG_LEVEL = "INFO"
+#: Formats of `bulkjob report`: JSON Lines keeps each failure's traceback, CSV suits a spreadsheet.
+REPORT_FORMATS = ("jsonl", "csv")
+#: JSON Lines: the complete record, for a program to read.
+DEFAULT_REPORT_FORMAT = "jsonl"
 #: Where Airflow's KubernetesPodOperator reads a task's XCom value from.
 AIRFLOW_XCOM_PATH = Path("/airflow/xcom/return.json")
 
@@ -49,9 +75,9 @@ def parse_size(text: str) -> int:
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs allowed by the cgroup quota (v2 `cpu.max`, else v1 cfs files), None when unlimited."""
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        if quota != "max":
-            return int(quota) / int(period)
+        max_quota, max_period = (root / "cpu.max").read_text().split()[:2]
+        if max_quota != "max":
+            return int(max_quota) / int(max_period)
         return None
     except (OSError, ValueError):
         pass
@@ -73,13 +99,16 @@ def default_workers(limit: float | None, visible_cpus: int) -> int:
 
 
 def visible_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), else the host's CPU count."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
 
-@dataclass(frozen=True, slots=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerSettings:
     """What every worker process needs; pickled once per worker start."""
 
@@ -87,31 +116,31 @@ class WorkerSettings:
     run_id: str
     shard_index: int
     shard_count: int
-    retry_on: tuple[str, ...] = ()
-    #: Exception classes or code prefixes that mean "the environment is unavailable" (--outage-on).
-    outage_on: tuple[str, ...] = ()
-    log_format: str = "text"
-    log_level: str = "INFO"
-    log_file: str | None = None
-    #: --log-file rotates at this size (None: job.logs' default) and keeps this many old files.
-    log_file_max_bytes: int | None = None
-    log_file_backups: int | None = None
-    #: Secret values to keep out of logs, results and errors, besides the environment's.
-    redact: tuple[str, ...] = ()
+    #: Exception classes or code prefixes that make a failure retryable (--retry-on), or mean "the
+    #: environment is unavailable" (--outage-on).
+    retry_on: tuple[str, ...]
+    outage_on: tuple[str, ...]
+    log_format: str
+    log_level: str
+    log_file: str | None
+    #: --log-file rotates at this size and keeps this many old files.
+    log_file_max_bytes: int
+    log_file_backups: int
     #: Payload fields (--redact) whose values are secret for the item that carries them.
-    redact_fields: tuple[str, ...] = ()
+    redact_fields: tuple[str, ...]
     #: The multiprocess metrics directory when metrics are on: workers count items in flight there.
-    metrics_dir: str | None = None
+    metrics_dir: str | None
     #: Address-space limit of a worker in bytes (RLIMIT_AS), and items after which it is replaced.
-    memory_limit: int | None = None
-    max_items_per_worker: int | None = None
-    #: Database settings (a `job.db.DbSettings`) when --db is given.
-    db: object | None = None
+    memory_limit: int | None
+    max_items_per_worker: int | None
+    #: The database for ctx.db and sql: handlers (--db), None without one.
+    db: DbSettings | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RunConfig:
-    """Everything `bulkjob run` was asked to do."""
+    """Everything `bulkjob run` was asked to do, with what the start resolved (run id, shard,
+    workers, the database)."""
 
     items: str | None
     handler: str
@@ -128,20 +157,44 @@ class RunConfig:
     retry_failed: bool
     dry_run: bool
     skip_invalid: bool
-    retry_on: tuple[str, ...]
     xcom_path: Path | None
     s3_endpoint_url: str | None
     progress_interval: float
-    prefetch: int = DEFAULT_PREFETCH
-    max_item_bytes: int = 1024 * 1024
-    lease_ttl: float = 30.0
+    prefetch: int
+    max_item_bytes: int
+    lease_ttl: float
     #: How long a starting run watches a shard whose lease another runner holds (None: the
     #: TTL plus what a takeover needs, see job.lease.default_wait).
-    lease_wait: float | None = None
-    manifest_repair: bool = False
-    outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT
+    lease_wait: float | None
+    manifest_repair: bool
+    outage_timeout: float
     #: An input without items is accepted (--allow-empty) instead of being a usage error.
-    allow_empty: bool = False
-    #: Items from the database (a `job.db.query.DbItems`: a query, or a work table) instead of `items`.
-    db_items: object | None = None
-    worker: WorkerSettings = field(default=None)  # type: ignore[assignment]
+    allow_empty: bool
+    #: Items from the database (--items-sql, or a work table) instead of `items`.
+    db_items: DbItems | None
+    worker: WorkerSettings
+
+
+def run_config(options: RunOptions, *, run_id: str, shard_index: int, workers: int, xcom_path: Path | None,
+               db: DbSettings | None, db_items: DbItems | None, metrics_dir: str | None) -> RunConfig:
+    """The settings of a run from its options and what its start resolved: the run id (given
+    or new), the shard (given, or the Job's index, or 0), the workers (given, or from the CPU
+    limit), the XCom path, the database and its items, the metrics directory (None: off)."""
+    o = options
+    worker = WorkerSettings(
+        handler=o.handler, run_id=run_id, shard_index=shard_index, shard_count=o.shard_count,
+        retry_on=o.retry_on, outage_on=o.outage_on, log_format=o.log_format, log_level=o.log_level.upper(),
+        log_file=o.log_file, log_file_max_bytes=o.log_file_max_bytes, log_file_backups=o.log_file_backups,
+        redact_fields=o.redact, metrics_dir=metrics_dir, memory_limit=o.worker_memory_limit,
+        max_items_per_worker=o.max_items_per_worker, db=db)
+    # A --max-backoff below --backoff counts as --backoff: the cap never cuts the base wait short.
+    policy = RetryPolicy(o.max_attempts, o.backoff, max(o.max_backoff, o.backoff))
+    return RunConfig(
+        items=o.items, handler=o.handler, manifest=o.manifest, run_id=run_id, shard_index=shard_index,
+        shard_count=o.shard_count, workers=workers, policy=policy, item_timeout=o.item_timeout,
+        max_failures=o.max_failures, checkpoint_interval=o.checkpoint_interval, drain_timeout=o.drain_timeout,
+        retry_failed=o.retry_failed, dry_run=o.dry_run, skip_invalid=o.skip_invalid, xcom_path=xcom_path,
+        s3_endpoint_url=o.s3_endpoint_url, progress_interval=o.progress_interval, prefetch=o.prefetch,
+        max_item_bytes=o.max_item_bytes, lease_ttl=o.lease_ttl, lease_wait=o.lease_wait,
+        manifest_repair=o.manifest_repair, outage_timeout=o.outage_timeout, allow_empty=o.allow_empty,
+        db_items=db_items, worker=worker)

@@ -265,7 +265,7 @@ def _start(settings: Any) -> tuple[Handler, tuple[str, ...], Any]:
         from .metrics import worker_in_flight
 
         in_flight = worker_in_flight(settings.metrics_dir)
-    secrets = secrets_of(env_secrets() + tuple(settings.redact) + _password_from_file(settings))
+    secrets = secrets_of(env_secrets() + _password_from_file(settings))
     add_secrets(secrets)
     # What a handler prints reaches the pod's log too (at import time as well), a line at a time.
     if hasattr(sys.stdout, "reconfigure"):
@@ -293,7 +293,7 @@ def main(conn, settings: Any, stop_flag, start_deadline, environment) -> None:
     from .logs import setup_logging
 
     setup_logging(settings.log_format, settings.log_level, settings.log_file,
-                  run_id=settings.run_id, shard=settings.shard_index, redact=settings.redact,
+                  run_id=settings.run_id, shard=settings.shard_index,
                   log_file_max_bytes=settings.log_file_max_bytes, log_file_backups=settings.log_file_backups)
     logger = logging.getLogger("bulkjob.item")
     try:

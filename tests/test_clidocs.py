@@ -1,0 +1,74 @@
+"""docs/cli.md's tables are generated from the options and the exit-code table: the committed
+file is what the generator writes, and the generator touches nothing but its tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from job.clidocs import CLI_MD, COMMAND, TABLES, generate, main, markers
+from job.exits import ENDINGS
+from job.options import ReportOptions, RunOptions, StatusOptions, options_of
+
+
+def test_docs_cli_md_is_what_the_options_generate():
+    text = CLI_MD.read_text(encoding="utf-8")
+    assert generate(text) == text, f"docs/cli.md differs from job/options.py or job/exits.py: run `{COMMAND}`"
+
+
+def test_every_option_and_exit_code_is_in_the_docs():
+    text = CLI_MD.read_text(encoding="utf-8")
+    for cls in (RunOptions, StatusOptions, ReportOptions):
+        for opt in options_of(cls):
+            assert f"| `{opt.flag}" in text and f"`{opt.envvars[0]}`" in text, opt.flag
+    for ending in ENDINGS:
+        assert f"| {ending.code} | `{ending.status}` |" in text
+
+
+def skeleton(between: str) -> str:
+    """A document with prose around every generated part, each holding `between`."""
+    parts = ["# Title\n\nprose before\n"]
+    for name in TABLES:
+        begin, end = markers(name)
+        parts.append(f"{begin}\n{between}\n{end}\n\nprose after {name}\n")
+    return "\n".join(parts)
+
+
+def test_generate_rewrites_only_what_is_between_the_markers():
+    stale = skeleton("| a stale row |")
+    text = generate(stale)
+    assert "a stale row" not in text
+    assert text.startswith("# Title\n\nprose before\n")
+    for name in TABLES:
+        assert f"prose after {name}\n" in text
+    assert "| `--max-attempts N`<br>`BULKJOB_MAX_ATTEMPTS` | `6` |" in text
+    assert generate(text) == text
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_a_part_without_its_markers_is_refused(name):
+    begin, end = markers(name)
+    for broken in (skeleton("").replace(begin, ""), skeleton("").replace(end, ""),
+                   skeleton("").replace(begin, "@@").replace(end, begin).replace("@@", end)):
+        with pytest.raises(ValueError, match=name):
+            generate(broken)
+
+
+def test_check_fails_on_a_stale_file_and_the_command_rewrites_it(tmp_path, capsys):
+    path = tmp_path / "cli.md"
+    path.write_text(skeleton("| a stale row |"))
+    assert main(["--check", str(path)]) == 1
+    assert COMMAND in capsys.readouterr().err
+    assert main([str(path)]) == 0
+    assert main(["--check", str(path)]) == 0 and "a stale row" not in path.read_text()
+
+
+@pytest.mark.parametrize("plain, cell", [
+    ("or use --items-sql / --work-table.", "or use `--items-sql` / `--work-table`."),
+    ("Password: $BULKJOB_DB_PASSWORD or --db-password-file", "Password: `$BULKJOB_DB_PASSWORD` or `--db-password-file`"),
+    ("handle(item, ctx) -> dict | None; or sql:PATH", "handle(item, ctx) -> dict \\| None; or sql:PATH"),
+    ("`--retry-on` already code; non--flag", "`--retry-on` already code; non--flag"),
+])
+def test_help_text_becomes_a_table_cell(plain, cell):
+    from job.clidocs import _markdown
+
+    assert _markdown(plain) == cell
