@@ -320,7 +320,7 @@ def _run(opts: dict, end) -> tuple[dict, int]:
         max_item_bytes=opts["max_item_bytes"], lease_ttl=opts["lease_ttl"], lease_wait=opts["lease_wait"],
         manifest_repair=opts["manifest_repair"], outage_timeout=opts["outage_timeout"], db_items=items_from_db,
         allow_empty=opts["allow_empty"], worker=worker_settings)
-    from .engine import Run
+    from .run import Run
 
     end.run = Run(config, observer=OnStart(prometheus or NullObserver(), started))
     return end.run.execute()

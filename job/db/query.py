@@ -75,7 +75,12 @@ def item_line(row: tuple) -> bytes:
 
 
 class ItemLines:
-    """Opens the items read from the database (like job.sources' openers), and knows their ids."""
+    """The ItemSource (job.sources) of `--items-sql`: the rows read once into a file, and their
+    ids, to tell which recorded items the query no longer returns."""
+
+    name = "items-sql"
+    #: A query that finds nothing to do is not a mistake.
+    may_be_empty = True
 
     def __init__(self, path: str, ids: frozenset[str]) -> None:
         self.path = path
@@ -95,8 +100,8 @@ class ItemLines:
 
 @contextlib.contextmanager
 def open_db_items(settings: DbSettings, items: DbItems, *, retry_on=(), outage_on=()
-                  ) -> Iterator[tuple[str, ItemLines]]:
-    """Yield (source name, ItemLines) for the rows of --items-sql, read once.
+                  ) -> Iterator[ItemLines]:
+    """Yield the ItemSource of --items-sql: its rows, read once.
 
     A failure raises what `database_error` says (the caller waits on DatabaseUnavailable).
     """
@@ -117,7 +122,7 @@ def open_db_items(settings: DbSettings, items: DbItems, *, retry_on=(), outage_o
                 conn.rollback()
         except Exception as e:
             raise database_error(e, items.name, settings, retry_on=retry_on, outage_on=outage_on) from e
-        yield items.name, ItemLines(path, frozenset(ids))
+        yield ItemLines(path, frozenset(ids))
 
 
 def database_error(exc: BaseException, what: str, settings: DbSettings, *, retry_on=(), outage_on=()
