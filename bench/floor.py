@@ -24,7 +24,7 @@ def measure(path: str, workers: int, chunksize: int) -> dict:
         items = [(obj["id"], obj.get("payload", {})) for obj in map(json.loads, f)]
     ctx = multiprocessing.get_context(START_METHOD)
     started = time.perf_counter()
-    first = None
+    first: float | None = None
     count = 0
     with ctx.Pool(workers) as pool:
         for _ in pool.imap_unordered(noop, items, chunksize=chunksize):
@@ -32,6 +32,7 @@ def measure(path: str, workers: int, chunksize: int) -> dict:
             if first is None:
                 first = time.perf_counter()
         last = time.perf_counter()
+    assert first is not None, "the pool ran no item"
     return {"items": count, "workers": workers, "chunksize": chunksize,
             "steady_rate": (count - 1) / (last - first), "pool_seconds": last - started}
 

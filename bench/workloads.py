@@ -96,7 +96,9 @@ def overhead_and_floor(b: Bench, *, count: int = 20000, workers: int = 2) -> dic
     """The job (defaults, then --prefetch 64) and the bare pool alternate, `repeats` times each,
     so that noise from other work on the machine falls on all alike; medians are reported."""
     items = b.items(f"noop-{count}", count)
-    runs, deep, floors = [], [], {1: [], 64: []}
+    runs: list[dict] = []
+    deep: list[dict] = []
+    floors: dict[int, list[dict]] = {1: [], 64: []}
     for _ in range(b.repeats):
         for extra, into in (((), runs), (("--prefetch", str(DEEP_PREFETCH)), deep)):
             b.s3.reset()

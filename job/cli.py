@@ -257,7 +257,7 @@ def _run(o: RunOptions, end: Ending) -> tuple[dict[str, Any], int]:
 
     config = run_config(o, run_id=run_id, shard_index=shard_index, workers=workers, xcom_path=xcom_path, db=db,
                         db_items=items_from_db, metrics_dir=prometheus.directory if prometheus is not None else None)
-    from .engine import Run
+    from .run import Run
 
     run = end.run = Run(config, observer=OnStart(prometheus or NullObserver(), started))
     return run.execute()

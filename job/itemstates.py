@@ -150,7 +150,7 @@ class StatesBuilder:
 class PackedItemStates(ItemStates):
     """Item states in about 20 bytes per item (see the module's docstring)."""
 
-    def __init__(self, keys: array, vals: array, ordinals: array, whole: dict[str, ItemState],
+    def __init__(self, keys: array[int], vals: array[int], ordinals: array[int], whole: dict[str, ItemState],
                  counts: dict[str, int], attempts: int,
                  replay: Callable[[], Iterator[tuple[int, str, dict[str, Any] | None]]] | None) -> None:
         self._keys = keys
@@ -222,7 +222,7 @@ class PackedItemStates(ItemStates):
         i = self._find(item_id)
         return i is not None and self._ordinals[i] == ordinal
 
-    def ordinals(self) -> array:
+    def ordinals(self) -> array[int]:
         """The write-order position of each item's last record (for compaction)."""
         return self._ordinals
 

@@ -264,8 +264,7 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
     name = args.thread.name if args.thread is not None else "?"
-    logging.getLogger("bulkjob").error("uncaught exception in thread %s", name,
-                                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    logging.getLogger("bulkjob").error("uncaught exception in thread %s", name, exc_info=args.exc_value)
 
 
 #: Size at which --log-file rotates, and how many rotated (gzipped) files are kept.

@@ -32,7 +32,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ManifestCorrupt, ManifestError, PreconditionFailed, UsageError
 from .itemstates import (
@@ -66,6 +66,9 @@ from .records import (
     unit_records,
 )
 from .store import Store
+
+if TYPE_CHECKING:
+    from .lease import Lease
 
 __all__ = ["COMPACT_EVERY", "DONE", "FAILED", "FORMAT", "PARTIAL", "RUNNING", "STATES", "ItemState",
            "ItemStates", "Loaded", "ShardManifest", "Unit", "check_run_id", "encode_record", "item_state",
@@ -184,7 +187,7 @@ class ShardManifest:
     def lease_key(self) -> str:
         return self.dir + "lease.json"
 
-    def lease(self, **kwargs: Any):
+    def lease(self, **kwargs: Any) -> Lease:
         """The shard's Lease (job.lease): its generations continue above the manifest's."""
         from .lease import Lease
 

@@ -1,7 +1,8 @@
 """Prometheus metrics: served by the parent on /metrics, pushed to a Pushgateway at the end.
 
-The only module that imports prometheus_client, and only after PROMETHEUS_MULTIPROC_DIR is set:
-the library chooses at import time whether values live in memory or in per-process files.
+With job.metricsfiles (the multiprocess directory), the only modules that import
+prometheus_client, and only after PROMETHEUS_MULTIPROC_DIR is set: the library chooses at import
+time whether values live in memory or in per-process files.
 
 Where each number is kept:
 
@@ -21,13 +22,11 @@ from __future__ import annotations
 
 import atexit
 import bisect
-import glob
 import logging
 import math
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,15 +35,11 @@ from urllib.parse import urlsplit
 
 from .errors import UsageError
 from .manifest import DONE
+from .metricsfiles import MULTIPROC_ENV, WorkerFiles, fold_dead_process, prepare_directory
 from .outcome import Failure
 
 log = logging.getLogger("bulkjob.metrics")
 
-#: The variable prometheus_client reads for its multiprocess directory.
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-#: The run's multiprocess directory is $TMPDIR/bulkjob-metrics-<pid>-<random>: one per parent
-#: process, so that two runs on one machine, or one pod's restarted containers, never mix files.
-DIR_PREFIX = "bulkjob-metrics-"
 #: Attempt durations: from a 10 ms database call to an item that runs for an hour.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                     600.0, 1200.0, 1800.0, 3600.0)
@@ -64,12 +59,6 @@ PUSH_JOB = "bulkjob"
 PUSH_TIMEOUT = 5.0
 #: What a label value built from an error code or class may look like; anything else is "other".
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}\Z")
-#: How the values a dead worker left are merged, by file kind. Counters and histograms add up;
-#: gauges keep their multiprocess mode's meaning. Gauges in mode "all" are series of one process
-#: (a pid label) and go with it; "live" gauges are removed by mark_process_dead.
-_MERGE = {"counter": "sum", "histogram": "sum", "summary": "sum", "gauge_sum": "sum",
-          "gauge_min": "min", "gauge_max": "max", "gauge_mostrecent": "mostrecent"}
-MERGED = "merged"
 
 
 def error_label(failure: Failure | None) -> str:
@@ -304,7 +293,7 @@ class PrometheusObserver(RunMetrics):
         self.pushgateway = pushgateway
         #: Held while workers' files are read or merged, so no scrape sees a file counted twice.
         self._files_lock = threading.Lock()
-        self._server = None
+        self._server: Any = None
         self._pushed = False
         self.port: int | None = None
         if port:
@@ -317,7 +306,7 @@ class PrometheusObserver(RunMetrics):
 
         registry = CollectorRegistry()
         registry.register(self)
-        registry.register(_WorkerFiles(MultiProcessCollector(None, path=self.directory), self._files_lock))
+        registry.register(WorkerFiles(MultiProcessCollector(None, path=self.directory), self._files_lock))
         try:
             self._server, _ = start_http_server(port, addr=addr, registry=registry)
         except OSError as e:
@@ -385,117 +374,6 @@ class _Final:
 
     def collect(self) -> Iterator[Any]:
         return self._metrics.collect(final=True)
-
-
-#: Reads of the workers' files per scrape before giving up (see _WorkerFiles.collect).
-READ_ATTEMPTS = 5
-
-
-class _WorkerFiles:
-    """The workers' metric files, read under the lock that merging a dead worker's files holds."""
-
-    def __init__(self, collector: Any, lock: threading.Lock) -> None:
-        self._collector = collector
-        self._lock = lock
-
-    def collect(self) -> list[Any]:
-        # A worker that is just starting creates its file empty and sizes it a moment later;
-        # reading it in between fails (an empty file cannot be mapped). Try again shortly
-        # rather than answer the scrape with an error.
-        for attempt in range(READ_ATTEMPTS):
-            with self._lock:
-                try:
-                    return list(self._collector.collect())
-                except (ValueError, OSError):
-                    if attempt == READ_ATTEMPTS - 1:
-                        raise
-            time.sleep(0.01)
-        return []
-
-
-def prepare_directory(base: str | None = None) -> str:
-    """Create this process's empty multiprocess directory under `base` (default $TMPDIR, else
-    /tmp), after removing those left by runs whose process is gone."""
-    base = base or tempfile.gettempdir()
-    _remove_stale(base)
-    return tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=base)
-
-
-def _remove_stale(base: str) -> None:
-    me = os.getpid()
-    for path in glob.glob(os.path.join(glob.escape(base), DIR_PREFIX + "*")):
-        pid_text = os.path.basename(path)[len(DIR_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit():
-            continue
-        pid = int(pid_text)
-        if pid != me:  # our own pid: an earlier container of this pod, same pid, same emptyDir
-            try:
-                os.kill(pid, 0)
-                continue
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue  # alive, another user's
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def fold_dead_process(directory: str, pid: int) -> None:
-    """Merge the metric files a dead process left into the `*_merged.db` files, and remove them.
-
-    prometheus_client keeps a dead process's counter files so that counters do not go
-    backwards; merging keeps the values without keeping a file per process ever started.
-    """
-    from prometheus_client.mmap_dict import MmapedDict
-
-    suffix = f"_{pid}.db"
-    for path in glob.glob(os.path.join(glob.escape(directory), f"*{suffix}")):
-        kind = os.path.basename(path)[:-len(suffix)]
-        how = _MERGE.get(kind)
-        if how is not None:
-            target = os.path.join(directory, f"{kind}_{MERGED}.db")
-            values: dict[str, tuple[float, float]] = {}
-            if os.path.exists(target):
-                for key, value, ts, _ in MmapedDict.read_all_values_from_file(target):
-                    values[key] = (value, ts)
-            for key, value, ts, _ in MmapedDict.read_all_values_from_file(path):
-                values[key] = _merge_value(how, values.get(key), (value, ts))
-            tmp = target + ".tmp"  # not *.db: a scrape never reads a half-written file
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            out = MmapedDict(tmp)
-            try:
-                for key, (value, ts) in values.items():
-                    out.write_value(key, value, ts)
-            finally:
-                out.close()
-            os.replace(tmp, target)
-        os.remove(path)
-
-
-def _merge_value(how: str, old: tuple[float, float] | None, new: tuple[float, float]) -> tuple[float, float]:
-    if old is None:
-        return new
-    if how == "sum":
-        return old[0] + new[0], max(old[1], new[1])
-    if how == "min":
-        return min(old, new)
-    if how == "max":
-        return max(old, new)
-    return max(old, new, key=lambda v: v[1])  # mostrecent: the later timestamp wins
-
-
-def worker_in_flight(directory: str) -> Any:
-    """In a worker, before anything else imports prometheus_client: the gauge of items in flight,
-    kept in this process's own file in `directory`. None if prometheus_client was imported
-    before the directory was set (the gauge would count in memory only)."""
-    os.environ[MULTIPROC_ENV] = directory
-    from prometheus_client import Gauge, values
-
-    if not getattr(values.ValueClass, "_multiprocess", False):
-        log.warning("prometheus_client was imported before %s was set; items in flight are not counted",
-                    MULTIPROC_ENV)
-        return None
-    return Gauge("bulkjob_items_in_flight", "Attempts running in workers now.", multiprocess_mode="livesum")
 
 
 def _without_userinfo(url: str) -> str:

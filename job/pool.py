@@ -85,7 +85,7 @@ class Pool:
         # One selector for the pool's life: building one per wait (as multiprocessing's
         # wait() does) cost more than the rest of the parent's work per item.
         self._selector = selectors.DefaultSelector()
-        self._ctx = multiprocessing.get_context(START_METHOD)
+        self._ctx: Any = multiprocessing.get_context(START_METHOD)
         if preload:
             self._ctx.set_forkserver_preload(list(preload))
         self._stop_flag = self._ctx.RawValue("b", 0)

@@ -57,7 +57,7 @@ class Progress:
         self.interval = BAR_REFRESH if self.tty else interval
         self.started = time.monotonic()
         self._last = self.started
-        self._base = None
+        self._base: int | None = None
 
     def update(self, *, done: int, failed: int, pending: int, retrying: int = 0, paused: str | None = None,
                force: bool = False) -> None:
@@ -68,14 +68,14 @@ class Progress:
             return
         self._last = now
         rate = (done + failed - self._base) / max(now - self.started, 1e-9)
-        counts = dict(done=done, failed=failed, pending=pending, total=self.total, rate=rate, retrying=retrying,
-                      paused=paused)
         if self.tty:
-            self.stream.write("\r" + progress_bar(**counts) + "\x1b[K")
+            self.stream.write("\r" + progress_bar(done=done, failed=failed, pending=pending, total=self.total,
+                                                  rate=rate, retrying=retrying, paused=paused) + "\x1b[K")
         else:
             # A log record, not a bare line: with --log-format json every line of the pod's log
             # must be JSON for the collector.
-            log.info("%s", progress_line(**counts))
+            log.info("%s", progress_line(done=done, failed=failed, pending=pending, total=self.total, rate=rate,
+                                         retrying=retrying, paused=paused))
             return
         self.stream.flush()
 

@@ -153,6 +153,8 @@ def segment_header(data: bytes, name: ObjectName) -> dict[str, Any]:
         int(header["records"])
     except (ValueError, KeyError, TypeError):
         raise ManifestCorrupt(f"{name.key}: the header line is damaged") from None
+    if not isinstance(header, dict):
+        raise ManifestCorrupt(f"{name.key}: the header line is damaged")
     if int(header.get("format", 1)) > FORMAT:
         raise ManifestCorrupt(f"{name.key}: unknown manifest format {header.get('format')}")
     return header

@@ -8,7 +8,7 @@ caller says which values are secret.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -24,10 +24,10 @@ SECRET_ENV_VARS = ("BULKJOB_DB_PASSWORD", "BULKJOB_DB_WALLET_PASSWORD", "AWS_SEC
                    "AWS_SESSION_TOKEN")
 
 
-def env_secrets(environ: dict[str, str] | None = None) -> tuple[str, ...]:
+def env_secrets(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """The secret values set in the environment (the database password, S3 secret keys)."""
-    environ = os.environ if environ is None else environ
-    return secrets_of(environ.get(name) for name in SECRET_ENV_VARS)
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    return secrets_of(env.get(name) for name in SECRET_ENV_VARS)
 
 
 def secrets_of(values: Iterable[Any]) -> tuple[str, ...]:

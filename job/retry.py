@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from .errors import Permanent, Retryable, Unavailable
-from .outcome import OUTAGE, PERMANENT, RETRYABLE, STORE, Failure
+from .outcome import OUTAGE, PERMANENT, RETRYABLE, Failure
 
 #: Default attempts per item, the first included. With DEFAULT_BACKOFF and ITEM_JITTER the five
 #: waits before the sixth attempt add up to at least 1 + 2 + 4 + 8 + 16 = 31 s: an item that
@@ -27,22 +27,6 @@ DEFAULT_MAX_BACKOFF = 60.0
 ITEM_JITTER = 0.5
 #: Longest message kept from an exception.
 MAX_MESSAGE_CHARS = 2000
-
-#: S3/botocore error codes that mean "slow down" or "try again".
-_THROTTLING_CODES = frozenset({
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
-    "TooManyRequestsException", "ProvisionedThroughputExceededException",
-    "TransactionInProgressException", "RequestLimitExceeded", "BandwidthLimitExceeded",
-    "LimitExceededException", "RequestThrottled", "SlowDown", "PriorRequestNotComplete",
-    "EC2ThrottledException", "InternalError", "ServiceUnavailable", "RequestTimeout",
-    "RequestTimeoutException",
-})
-#: botocore exception class names for a connection that failed or timed out.
-_BOTOCORE_CONNECTION = frozenset({
-    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-    "ProxyConnectionError", "SSLError", "ResponseStreamingError", "IncompleteReadError",
-    "HTTPClientError",
-})
 
 #: A classifier looks at an exception and returns a Failure, or None when it does not know it.
 Classifier = Callable[[BaseException], "Failure | None"]
@@ -78,29 +62,15 @@ def backoff_delay(attempt: int, *, base: float, cap: float, rand: float, jitter:
     return step * (1.0 - jitter + jitter * rand)
 
 
-def _class_names(exc: BaseException) -> list[str]:
+def class_names(exc: BaseException) -> list[str]:
+    """The names of the exception's class and its bases, most specific first."""
     return [cls.__name__ for cls in type(exc).__mro__]
 
 
-def _message(exc: BaseException) -> str:
+def message_of(exc: BaseException) -> str:
+    """The exception's message, cut to MAX_MESSAGE_CHARS."""
     text = str(exc) or type(exc).__name__
     return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "..."
-
-
-def classify_botocore(exc: BaseException) -> Failure | None:
-    """S3 and other AWS errors, recognised by shape so that only the S3 module imports boto3."""
-    names = _class_names(exc)
-    response = getattr(exc, "response", None)
-    if "ClientError" in names and isinstance(response, dict):
-        error = response.get("Error") or {}
-        code = str(error.get("Code") or "")
-        status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
-        kind = RETRYABLE if code in _THROTTLING_CODES or status >= 500 or status == 429 else PERMANENT
-        return Failure(kind, names[0], _message(exc), code=code or None)
-    if any(n in _BOTOCORE_CONNECTION for n in names):
-        # The endpoint cannot be reached: not the item's fault (an outage of S3 or the network).
-        return Failure(OUTAGE, names[0], _message(exc), system=STORE)
-    return None
 
 
 def classify(exc: BaseException, *, retry_on: Iterable[str] = (), outage_on: Iterable[str] = (),
@@ -113,25 +83,32 @@ def classify(exc: BaseException, *, retry_on: Iterable[str] = (), outage_on: Ite
     (for example `ORA-01555`): `outage_on` makes a failure an outage (unless it is a
     configuration error), `retry_on` makes a permanent one retryable.
     """
-    names = _class_names(exc)
+    names = class_names(exc)
     trace = "".join(tb.format_exception(exc))
     code = getattr(exc, "code", None)
     code = str(code) if code not in (None, "") else None
     if isinstance(exc, Retryable):
-        found = Failure(RETRYABLE, names[0], _message(exc), code=code)
+        found = Failure(RETRYABLE, names[0], message_of(exc), code=code)
     elif isinstance(exc, Permanent):
-        return Failure(PERMANENT, names[0], _message(exc), code=code, traceback=trace)
+        return Failure(PERMANENT, names[0], message_of(exc), code=code, traceback=trace)
     elif isinstance(exc, Unavailable):
-        found = Failure(OUTAGE, names[0], _message(exc), code=code, system=exc.system)
+        found = Failure(OUTAGE, names[0], message_of(exc), code=code, system=exc.system)
     else:
-        found = _first_verdict(exc, (*classifiers, classify_botocore)) or Failure(
+        found = _first_verdict(exc, (*classifiers, _classify_aws)) or Failure(
             OUTAGE if isinstance(exc, ConnectionError) else RETRYABLE if isinstance(exc, TimeoutError)
-            else PERMANENT, names[0], _message(exc), code=code)
+            else PERMANENT, names[0], message_of(exc), code=code)
     if found.kind in (PERMANENT, RETRYABLE) and matches(names, found.code, outage_on):
         found = replace(found, kind=OUTAGE)
     elif found.kind == PERMANENT and matches(names, found.code, retry_on):
         found = replace(found, kind=RETRYABLE)
     return replace(found, traceback=trace)
+
+
+def _classify_aws(exc: BaseException) -> Failure | None:
+    """S3 and other AWS errors raised by a handler (job.s3 knows them; boto3 is not imported)."""
+    from .s3 import classify_botocore
+
+    return classify_botocore(exc)
 
 
 def _first_verdict(exc: BaseException, classifiers: Iterable[Classifier]) -> Failure | None:

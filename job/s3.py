@@ -1,21 +1,40 @@
-"""S3 (and S3-compatible stores such as MinIO): the only module that imports boto3.
+"""S3 (and S3-compatible stores such as MinIO): the only module that imports boto3, and the one
+that knows AWS's errors.
 
 It turns botocore's errors into ours: a 412 into PreconditionFailed, an outage (connection
 refused or timed out, 5xx, throttling) into StoreUnavailable, which callers may retry, and
-anything else (no such bucket, access denied) into ManifestError.
+anything else (no such bucket, access denied) into ManifestError. boto3 is imported when a
+client is first made: classifying a handler's AWS errors (`classify_botocore`) needs none.
 """
 
 from __future__ import annotations
 
+import builtins
 import os
-
-import boto3
-from botocore import handlers
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from .errors import ManifestError, PreconditionFailed, StoreUnavailable, UsageError
-from .retry import classify_botocore
+from .outcome import OUTAGE, PERMANENT, RETRYABLE, STORE, Failure
+from .retry import class_names, message_of
+
+#: S3/botocore error codes that mean "slow down" or "try again".
+_THROTTLING_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException",
+    "TransactionInProgressException", "RequestLimitExceeded", "BandwidthLimitExceeded",
+    "LimitExceededException", "RequestThrottled", "SlowDown", "PriorRequestNotComplete",
+    "EC2ThrottledException", "InternalError", "ServiceUnavailable", "RequestTimeout",
+    "RequestTimeoutException",
+})
+#: botocore exception class names for a connection that failed or timed out.
+_BOTOCORE_CONNECTION = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ProxyConnectionError", "SSLError", "ResponseStreamingError", "IncompleteReadError",
+    "HTTPClientError",
+})
+
 
 #: Seconds to wait for a TCP connection, for reads that no lease depends on (the items file,
 #: `bulkjob status`): an unreachable endpoint must not stall them long.
@@ -28,6 +47,45 @@ CLIENT_ATTEMPTS = 2
 #: connect; the rest waits for the response. One attempt: the lease's heartbeat and the
 #: manifest's writer retry on their own clocks, so that no retry runs past the lease.
 CONNECT_SHARE = 0.4
+
+
+def classify_botocore(exc: BaseException) -> Failure | None:
+    """A Failure for S3 and other AWS errors (a handler's own boto3 calls included), recognised
+    by shape so that classifying one imports nothing; None for anything else."""
+    names = class_names(exc)
+    response = getattr(exc, "response", None)
+    if "ClientError" in names and isinstance(response, dict):
+        error = response.get("Error") or {}
+        code = str(error.get("Code") or "")
+        status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+        kind = RETRYABLE if code in _THROTTLING_CODES or status >= 500 or status == 429 else PERMANENT
+        return Failure(kind, names[0], message_of(exc), code=code or None)
+    if any(n in _BOTOCORE_CONNECTION for n in names):
+        # The endpoint cannot be reached: not the item's fault (an outage of S3 or the network).
+        return Failure(OUTAGE, names[0], message_of(exc), system=STORE)
+    return None
+
+
+
+def _is_botocore(exc: BaseException) -> bool:
+    names = class_names(exc)
+    return "ClientError" in names or "BotoCoreError" in names
+
+
+def _error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    return ((response or {}).get("Error") or {}).get("Code") if isinstance(response, dict) else None
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn botocore's errors raised inside into ours (see `_translate`)."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_botocore(e):
+            raise
+        raise _translate(e, what) from e
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
@@ -48,8 +106,12 @@ def client_limits(request_timeout: float | None) -> tuple[float, float, int]:
     return connect, request_timeout - connect, 1
 
 
-def make_client(endpoint_url: str | None = None, request_timeout: float | None = None):
+def make_client(endpoint_url: str | None = None, request_timeout: float | None = None) -> Any:
     """A boto3 S3 client with bounded timeouts; credentials and region the usual boto3 way."""
+    import boto3
+    from botocore import handlers
+    from botocore.config import Config
+
     connect, read, attempts = client_limits(request_timeout)
     config = Config(
         connect_timeout=connect,
@@ -68,9 +130,10 @@ def make_client(endpoint_url: str | None = None, request_timeout: float | None =
 
 
 def _translate(exc: Exception, what: str) -> Exception:
-    if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        code = exc.response.get("Error", {}).get("Code")
+    response = getattr(exc, "response", None)
+    if "ClientError" in class_names(exc) and isinstance(response, dict):
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        code = _error_code(exc)
         if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
             return PreconditionFailed(f"{what}: {code}")
     failure = classify_botocore(exc)
@@ -94,43 +157,39 @@ class S3Store:
         self._endpoint_url = endpoint_url
         self._request_timeout = request_timeout
         connect, read, attempts = client_limits(request_timeout)
-        self.request_timeout = (connect + read) * attempts
+        self.request_timeout: float | None = (connect + read) * attempts
         self._client = None
 
     @property
-    def client(self):
+    def client(self) -> Any:
         if self._client is None:
             self._client = make_client(self._endpoint_url, self._request_timeout)
         return self._client
 
     def get(self, key: str) -> tuple[bytes, str] | None:
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=key)
-            return response["Body"].read(), response["ETag"]
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise _translate(e, f"reading s3://{self.bucket}/{key}") from e
-        except BotoCoreError as e:
-            raise _translate(e, f"reading s3://{self.bucket}/{key}") from e
+        with _translated(f"reading s3://{self.bucket}/{key}"):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key)
+            except Exception as e:
+                if _is_botocore(e) and _error_code(e) in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return response["Body"].read(), str(response["ETag"])
 
     def download(self, key: str, path: str) -> None:
         """Copy an object to a local file (items files can be larger than memory wants)."""
-        try:
+        with _translated(f"reading s3://{self.bucket}/{key}"):
             self.client.download_file(self.bucket, key, path)
-        except (ClientError, BotoCoreError) as e:
-            raise _translate(e, f"reading s3://{self.bucket}/{key}") from e
 
     def _put(self, key: str, data: bytes, **conditions: str) -> str:
-        try:
-            response = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **conditions)
-            return response["ETag"]
-        except ClientError as e:
-            if conditions and e.response.get("Error", {}).get("Code") == "NoSuchKey":
-                raise PreconditionFailed(f"s3://{self.bucket}/{key} is gone") from e
-            raise _translate(e, f"writing s3://{self.bucket}/{key}") from e
-        except BotoCoreError as e:
-            raise _translate(e, f"writing s3://{self.bucket}/{key}") from e
+        with _translated(f"writing s3://{self.bucket}/{key}"):
+            try:
+                response = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **conditions)
+            except Exception as e:
+                if conditions and _is_botocore(e) and _error_code(e) == "NoSuchKey":
+                    raise PreconditionFailed(f"s3://{self.bucket}/{key} is gone") from e
+                raise
+            return str(response["ETag"])
 
     def put(self, key: str, data: bytes) -> str:
         return self._put(key, data)
@@ -141,19 +200,15 @@ class S3Store:
     def put_replacing(self, key: str, data: bytes, etag: str) -> str:
         return self._put(key, data, IfMatch=etag)
 
-    def list(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        try:
+    def list(self, prefix: str) -> builtins.list[str]:
+        keys: builtins.list[str] = []
+        with _translated(f"listing s3://{self.bucket}/{prefix}"):
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 keys.extend(obj["Key"] for obj in page.get("Contents", ()))
-        except (ClientError, BotoCoreError) as e:
-            raise _translate(e, f"listing s3://{self.bucket}/{prefix}") from e
         return sorted(keys)
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start:start + 1000]]
-            try:
+            with _translated(f"deleting in s3://{self.bucket}"):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-            except (ClientError, BotoCoreError) as e:
-                raise _translate(e, f"deleting in s3://{self.bucket}") from e

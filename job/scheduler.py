@@ -45,7 +45,7 @@ PROBE_JITTER = 0.5
 MAX_REFUNDS = 5
 
 
-class _NotYet:
+class NotYet:
     """The type of NOT_YET."""
 
     def __repr__(self) -> str:
@@ -54,7 +54,7 @@ class _NotYet:
 
 #: What an item source yields when it has nothing now but may have more later (a work table's
 #: claim queue waiting for its next batch): the scheduler asks again at its next take.
-NOT_YET = _NotYet()
+NOT_YET = NotYet()
 
 
 @dataclass(slots=True)
@@ -185,7 +185,7 @@ class Breaker:
 class Scheduler:
     """The unstarted queue, the retry heap, the outage breaker and the adaptive depth."""
 
-    def __init__(self, todo: Iterator[Task], *, policy: RetryPolicy, rand: Callable[[], float],
+    def __init__(self, todo: Iterator[Task | NotYet], *, policy: RetryPolicy, rand: Callable[[], float],
                  fixed_depth: int | None = None) -> None:
         self._todo = todo
         self.policy = policy
@@ -284,7 +284,7 @@ class Scheduler:
         NOT_YET is asked again next time."""
         if self._peeked is None and not self._exhausted:
             found = next(self._todo, None)
-            if found is NOT_YET:
+            if isinstance(found, NotYet):
                 return False
             self._peeked = found
             self._exhausted = found is None

@@ -1,7 +1,10 @@
-"""Where items come from: a local JSONL file, an S3 object, or stdin.
+"""Where a run's items come from: the `ItemSource` a run asks for its items, and the sources of
+a local JSON Lines file, an S3 object and stdin (`--items-sql`'s is job.db.query's).
 
-S3 objects and stdin are first copied to a temporary file: validation reads the items once
-before any runs, then the run streams them again, and neither can be read twice.
+A source is read twice: once whole, so that bad input stops the run before any item runs,
+then streamed again. S3 objects, stdin and a query's rows are first copied to a temporary
+file, since none of them can be read twice. A work table is not an item source but a queue
+(job.db.queue): it hands out rows as they are claimed, and is the run's record too.
 """
 
 from __future__ import annotations
@@ -12,10 +15,48 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import UsageError
 
+if TYPE_CHECKING:
+    from .manifest import ItemStates
+
 Lines = Callable[[], contextlib.AbstractContextManager[Iterator[bytes]]]
+
+
+class ItemSource(Protocol):
+    """The items of a run, as raw JSON Lines that can be read more than once."""
+
+    #: How messages name it: the path, the URL, `<stdin>`, `items-sql`.
+    name: str
+    #: Whether it may hold no item without that being a mistake (a query that finds nothing).
+    may_be_empty: bool
+
+    def __call__(self) -> contextlib.AbstractContextManager[Iterator[bytes]]:
+        """A fresh iterator of its raw lines, in order."""
+        ...
+
+    def finished_earlier(self, states: ItemStates, *, retry_failed: bool) -> int:
+        """Items finished by earlier runs that the source no longer holds (a query's rows that
+        a finished item took out of its result), which still count in the shard's total."""
+        ...
+
+
+class FileLines:
+    """The lines of a local file: the ItemSource of --items PATH, S3 and stdin (copied)."""
+
+    may_be_empty = False
+
+    def __init__(self, path: str, name: str) -> None:
+        self.path = path
+        self.name = name
+
+    def __call__(self) -> contextlib.AbstractContextManager[Iterator[bytes]]:
+        return _lines_of(self.path)
+
+    def finished_earlier(self, states: ItemStates, *, retry_failed: bool) -> int:
+        return 0
 
 
 @contextlib.contextmanager
@@ -25,13 +66,14 @@ def _lines_of(path: str) -> Iterator[Iterator[bytes]]:
 
 
 @contextlib.contextmanager
-def open_source(source: str, *, endpoint_url: str | None = None) -> Iterator[tuple[str, Lines]]:
-    """Yield (display name, opener); each call of opener gives a fresh iterator of raw lines."""
+def open_source(source: str, *, endpoint_url: str | None = None) -> Iterator[ItemSource]:
+    """The ItemSource of `--items SOURCE` (a path, s3://bucket/key or - for stdin), for as long
+    as the block lasts."""
     if source == "-":
         with tempfile.NamedTemporaryFile(prefix="bulkjob-items-", suffix=".jsonl") as tmp:
             shutil.copyfileobj(sys.stdin.buffer, tmp)
             tmp.flush()
-            yield "<stdin>", lambda: _lines_of(tmp.name)
+            yield FileLines(tmp.name, "<stdin>")
         return
     if source.startswith("s3://"):
         from .s3 import S3Store, split_s3_url
@@ -41,7 +83,7 @@ def open_source(source: str, *, endpoint_url: str | None = None) -> Iterator[tup
             path = os.path.join(tmpdir, "items.jsonl")
             found = S3Store(bucket, endpoint_url=endpoint_url)
             found.download(key, path)
-            yield source, lambda: _lines_of(path)
+            yield FileLines(path, source)
         return
     if os.path.isdir(source):
         raise UsageError(f"--items {source!r} is a directory; give a JSON Lines file in it "
@@ -53,4 +95,4 @@ def open_source(source: str, *, endpoint_url: str | None = None) -> Iterator[tup
             pass
     except OSError as e:
         raise UsageError(f"--items {source!r}: cannot read it: {e.strerror}") from None
-    yield source, lambda: _lines_of(source)
+    yield FileLines(source, source)

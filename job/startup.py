@@ -36,7 +36,7 @@ from .outcome import CONFIG
 from .retry import backoff_delay
 from .scheduler import PROBE_BASE, PROBE_CAP, PROBE_FACTOR, PROBE_JITTER
 from .signals import Signals
-from .sources import open_source
+from .sources import ItemSource, open_source
 from .store import open_store
 from .worker import load_handler
 
@@ -97,9 +97,8 @@ class Shard:
 
     manifest: ShardManifest
     handler: Any
-    source_name: str
-    #: Opens the items again (a second pass streams them): see job.sources.
-    lines: Any
+    #: Where the items come from; read again for the second pass.
+    source: ItemSource
     scan: items_module.Scan
     #: Invalid lines this shard records (--skip-invalid).
     invalid: list[items_module.Invalid]
@@ -127,13 +126,13 @@ def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals 
     if counts - {cfg.shard_count}:
         raise UsageError(f"run {cfg.run_id} was started with --shard-count {min(counts - {cfg.shard_count})}; "
                          "resume it with the same count, or start a new run id")
-    source_name, lines = wait("the items source", lambda: stack.enter_context(_open_items(cfg)))
+    source = wait("the items source", lambda: stack.enter_context(open_items(cfg)))
     # A resume reads the manifest before the input, so that the scan can skip what is finished
     # without parsing it; a new run checks its input before it touches the shard at all.
-    resuming = (cfg.shard_index, cfg.shard_count) in shards and cfg.db_items is None
+    resuming = (cfg.shard_index, cfg.shard_count) in shards
     lease = loaded = None
     if not resuming:
-        scan, invalid = _scan(cfg, source_name, lines, None)
+        scan, invalid = _scan(cfg, source, None)
     if not cfg.dry_run:
         if cfg.worker.db is not None:
             wait("the database", lambda: check_database(cfg.worker.db, retry_on=cfg.worker.retry_on,
@@ -156,11 +155,11 @@ def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals 
                               "--manifest-repair to keep every record that can still be read") from None
     states = loaded.states()
     if resuming:
-        scan, invalid = _scan(cfg, source_name, lines, states)
-    return Shard(manifest, handler, source_name, lines, scan, invalid, loaded, states, lease)
+        scan, invalid = _scan(cfg, source, states)
+    return Shard(manifest, handler, source, scan, invalid, loaded, states, lease)
 
 
-def _scan(cfg: RunConfig, source_name: str, lines: Any, states: ItemStates | None
+def _scan(cfg: RunConfig, source: ItemSource, states: ItemStates | None
           ) -> tuple[items_module.Scan, list[items_module.Invalid]]:
     """The first pass over the input (told what is finished, on a resume); bad or empty input
     is refused here."""
@@ -170,24 +169,25 @@ def _scan(cfg: RunConfig, source_name: str, lines: Any, states: ItemStates | Non
             known = states.get(item_id)
             return known is not None and (known.state == DONE or (known.state == FAILED and not cfg.retry_failed))
 
-    with lines() as it:
+    with source() as it:
         scan = items_module.scan(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
                                  max_bytes=cfg.max_item_bytes, finished=finished)
     if scan.invalid and not cfg.skip_invalid:
-        raise items_module.input_error(source_name, scan.invalid)
-    if scan.empty and not cfg.allow_empty and cfg.db_items is None:
-        raise items_module.no_items_error(source_name, scan)
+        raise items_module.input_error(source.name, scan.invalid)
+    if scan.empty and not cfg.allow_empty and not source.may_be_empty:
+        raise items_module.no_items_error(source.name, scan)
     invalid = scan.shard_invalid(cfg.shard_index, cfg.shard_count) if cfg.skip_invalid else []
     return scan, invalid
 
 
-def _open_items(cfg: RunConfig) -> contextlib.AbstractContextManager[tuple[str, Any]]:
-    """The items source: a JSON Lines file, S3 object or stdin, or the database."""
+def open_items(cfg: RunConfig) -> contextlib.AbstractContextManager[ItemSource]:
+    """The run's ItemSource: a JSON Lines file, an S3 object or stdin, or --items-sql's rows."""
     if cfg.db_items is not None:
         from .db.query import open_db_items
 
         return open_db_items(cfg.worker.db, cfg.db_items, retry_on=cfg.worker.retry_on,
                              outage_on=cfg.worker.outage_on)
+    assert cfg.items is not None, "the command line gives --items, --items-sql or --work-table"
     return open_source(cfg.items, endpoint_url=cfg.s3_endpoint_url)
 
 

@@ -6,6 +6,7 @@ replaces the old one atomically, so a crash never leaves half an object behind.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import fcntl
 import json
@@ -52,10 +53,10 @@ class Store(Protocol):
     def put_replacing(self, key: str, data: bytes, etag: str) -> str:
         """Replace the object only if its version tag is still `etag`, else PreconditionFailed."""
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str) -> builtins.list[str]:
         """Keys that start with `prefix`, sorted."""
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:
         """Delete the objects; missing ones are not an error."""
 
 
@@ -191,7 +192,7 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str) -> builtins.list[str]:
         base = self._path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
         if not base.is_dir():
             return []
@@ -206,7 +207,7 @@ class LocalStore:
                     keys.append(key)
         return sorted(keys)
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:
         parents = set()
         for key in keys:
             path = self._path(key)
@@ -218,7 +219,7 @@ class LocalStore:
         for parent in parents:
             _fsync_dir(parent)
 
-    def remove_leftovers(self, prefix: str, *, now: float | None = None) -> list[str]:
+    def remove_leftovers(self, prefix: str, *, now: float | None = None) -> builtins.list[str]:
         """Remove temporary files that a crashed writer left under `prefix` (a directory key
         ending in '/'): those of a process that is gone from this host, and any older than
         TEMP_MAX_AGE. Returns the names removed."""
@@ -288,9 +289,9 @@ class _KeyLock:
                 raise
         self.fd = fd
         try:
-            owner = json.dumps({"pid": os.getpid(), "host": HOST, "since": time.time()}).encode()
+            mine = json.dumps({"pid": os.getpid(), "host": HOST, "since": time.time()}).encode()
             os.ftruncate(fd, 0)
-            os.pwrite(fd, owner, 0)
+            os.pwrite(fd, mine, 0)
         except OSError:
             pass  # the holder's name is for status only; the lock is what counts
         return self
@@ -313,7 +314,8 @@ def open_store(url: str, *, endpoint_url: str | None = None,
         from .s3 import S3Store, split_s3_url
 
         bucket, prefix = split_s3_url(url)
-        return S3Store(bucket, endpoint_url=endpoint_url, request_timeout=request_timeout), prefix
+        store: Store = S3Store(bucket, endpoint_url=endpoint_url, request_timeout=request_timeout)
+        return store, prefix
     if "://" in url:
         raise UsageError(f"manifest URL {url!r}: only s3://bucket/prefix or a local directory")
     return LocalStore(url), ""

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BulkjobError, HandlerImportError, Permanent, UsageError
 from .items import Item
@@ -25,6 +25,9 @@ from .outcome import CRASHED, PERMANENT, Failure, Outcome
 from .redact import env_secrets, field_values, scrub_outcome, secrets_of
 from .retry import classify
 from .tracebacks import handler_traceback, import_failure_at
+
+if TYPE_CHECKING:
+    from .db import Database
 
 #: Largest result a handler may return: results live in the manifest, bulk output belongs in S3.
 MAX_RESULT_BYTES = 64 * 1024
@@ -85,7 +88,7 @@ class Resources:
 
     def __init__(self, settings: Any) -> None:
         self.settings = settings
-        self._db = None
+        self._db: Database | None = None
         #: Set when this worker should exit after the current item (out of memory).
         self.retire = False
         #: The parent's environment epoch when the session was opened (see Pool.bump_environment).
@@ -262,7 +265,7 @@ def _start(settings: Any) -> tuple[Handler, tuple[str, ...], Any]:
     if settings.metrics_dir:
         # Before the handler is imported, so that metrics a handler defines with prometheus_client
         # find the multiprocess directory too.
-        from .metrics import worker_in_flight
+        from .metricsfiles import worker_in_flight
 
         in_flight = worker_in_flight(settings.metrics_dir)
     secrets = secrets_of(env_secrets() + _password_from_file(settings))

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 
-from job import checkpoint, engine, summary
+from job import checkpoint, engine, run, summary
 
 
 def _bug(*args, **kwargs):
@@ -47,15 +47,15 @@ def _bug_on_third_call(original):
 def main() -> None:
     where = sys.argv.pop(1)
     if where == "bug-before-loop":
-        engine.Scheduler = _bug
+        run.Scheduler = _bug
     elif where == "bug-in-loop":
-        engine.Run._dispatch = _bug_on_third_call(engine.Run._dispatch)
+        engine.Loop._dispatch = _bug_on_third_call(engine.Loop._dispatch)
     elif where == "bug-after-loop":
         checkpoint.Checkpointer.close = _bug
     elif where == "sigint-at-start":
-        engine.Run.execute = _signal_first(signal.SIGINT, engine.Run.execute)
+        run.Run.execute = _signal_first(signal.SIGINT, run.Run.execute)
     elif where == "sigterm-at-start":
-        engine.Run.execute = _signal_first(signal.SIGTERM, engine.Run.execute)
+        run.Run.execute = _signal_first(signal.SIGTERM, run.Run.execute)
     elif where == "sigterm-at-end":
         summary.write_summary = _signal_first(signal.SIGTERM, summary.write_summary)
     else:

@@ -10,16 +10,14 @@ import textwrap
 import pytest
 
 from job.metrics import (
-    DIR_PREFIX,
     MAX_ERROR_LABELS,
     OTHER,
     ErrorLabels,
     Histogram,
     RunMetrics,
     error_label,
-    fold_dead_process,
-    prepare_directory,
 )
+from job.metricsfiles import DIR_PREFIX, fold_dead_process, prepare_directory
 from job.outcome import CRASHED, PERMANENT, RETRYABLE, Failure
 
 

@@ -82,7 +82,12 @@ def item_line(row: tuple[Any, ...]) -> bytes:
 
 
 class ItemLines:
-    """Opens the items read from the database (like job.sources' openers), and knows their ids."""
+    """The ItemSource (job.sources) of `--items-sql`: the rows read once into a file, and their
+    ids, to tell which recorded items the query no longer returns."""
+
+    name = "items-sql"
+    #: A query that finds nothing to do is not a mistake.
+    may_be_empty = True
 
     def __init__(self, path: str, ids: frozenset[str]) -> None:
         self.path = path
@@ -102,8 +107,8 @@ class ItemLines:
 
 @contextlib.contextmanager
 def open_db_items(settings: DbSettings, items: DbItems, *, retry_on: Iterable[str] = (),
-                  outage_on: Iterable[str] = ()) -> Iterator[tuple[str, ItemLines]]:
-    """Yield (source name, ItemLines) for the rows of --items-sql, read once.
+                  outage_on: Iterable[str] = ()) -> Iterator[ItemLines]:
+    """Yield the ItemSource of --items-sql: its rows, read once.
 
     A failure raises what `database_error` says (the caller waits on DatabaseUnavailable).
     """
@@ -122,4 +127,4 @@ def open_db_items(settings: DbSettings, items: DbItems, *, retry_on: Iterable[st
                     if row and row[0] is not None:
                         ids.add(str(row[0]))
                     out.write(item_line(row))
-        yield items.name, ItemLines(path, frozenset(ids))
+        yield ItemLines(path, frozenset(ids))
