@@ -27,7 +27,7 @@ from .plan import Crashed, Decision, Refused, plan
 from .recording import CLAIM_WORDS, LEASE_WORDS, Counts, Recorder, Recording
 from .scheduler import NotYet, Outage, Scheduler, Task
 from .signals import Signals
-from .startup import Shard, open_shard, open_work_table, patiently, work_table_of
+from .startup import Shard, database_of, open_shard, open_work_table, patiently, work_table_of
 
 if TYPE_CHECKING:
     from .db.queue import ClaimQueue
@@ -201,7 +201,7 @@ class Run:
         if cfg.dry_run:
             from .db.worktable import table_status
 
-            counts = self._patiently("the work table", lambda: table_status(cfg.worker.db, work.table))
+            counts = self._patiently("the work table", lambda: table_status(database_of(cfg), work.table))
             return {"dry_run": True, "run_id": cfg.run_id, "work_table": work.table, "rows": counts,
                     "workers": cfg.workers, "handler": cfg.handler}, EXIT_OK
         self.queue = work.queue

@@ -24,7 +24,7 @@ import select
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import items as items_module
 from .config import RunConfig
@@ -39,6 +39,9 @@ from .signals import Signals
 from .sources import ItemSource, open_source
 from .store import open_store
 from .worker import load_handler
+
+if TYPE_CHECKING:
+    from .db.url import DbSettings
 
 log = logging.getLogger("bulkjob")
 
@@ -185,10 +188,16 @@ def open_items(cfg: RunConfig) -> contextlib.AbstractContextManager[ItemSource]:
     if cfg.db_items is not None:
         from .db.query import open_db_items
 
-        return open_db_items(cfg.worker.db, cfg.db_items, retry_on=cfg.worker.retry_on,
+        return open_db_items(database_of(cfg), cfg.db_items, retry_on=cfg.worker.retry_on,
                              outage_on=cfg.worker.outage_on)
     assert cfg.items is not None, "the command line gives --items, --items-sql or --work-table"
     return open_source(cfg.items, endpoint_url=cfg.s3_endpoint_url)
+
+
+def database_of(cfg: RunConfig) -> DbSettings:
+    """The run's --db, which the command line requires with --items-sql and --work-table."""
+    assert cfg.worker.db is not None, "--items-sql and --work-table come with --db"
+    return cfg.worker.db
 
 
 def work_table_of(cfg: RunConfig) -> str | None:
@@ -219,7 +228,8 @@ def open_work_table(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Sig
     def wait(what: str, fn: Callable[[], T]) -> T:
         return patiently(what, fn, timeout=cfg.outage_timeout, signals=signals, rand=rand)
 
-    settings, table = cfg.worker.db, work_table_of(cfg)
+    settings, table = database_of(cfg), work_table_of(cfg)
+    assert table is not None, "open_work_table is for a run with --work-table"
     handler = load_handler(cfg.handler, settings)
     wait("the database", lambda: check_database(settings, retry_on=cfg.worker.retry_on,
                                                  outage_on=cfg.worker.outage_on))

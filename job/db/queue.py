@@ -51,7 +51,7 @@ from .dialect import dialect_of
 from .parent import database_error
 
 if TYPE_CHECKING:
-    from ..scheduler import _NotYet
+    from ..scheduler import NotYet
     from .url import DbSettings
     from .worktable import Columns
 
@@ -169,7 +169,7 @@ class ClaimQueue:
         self._thread = threading.Thread(target=self._heartbeat, name="bulkjob-claims", daemon=True)
         self._thread.start()
 
-    def tasks(self) -> Iterator[ClaimedRow | _NotYet]:
+    def tasks(self) -> Iterator[ClaimedRow | NotYet]:
         """What the run does next, as the scheduler pulls it: a Task, a Crashed or Refused row
         (the run records it failed), NOT_YET while a claim is to come, and the end once the
         table has nothing left for this runner."""
