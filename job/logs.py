@@ -22,7 +22,7 @@ from typing import Any
 from .redact import REDACTED, env_secrets, scrub_text, secrets_of
 
 __all__ = ["REDACTED", "add_secrets", "known_secrets", "last_line", "one_line", "redact_std_streams",
-           "secret_values", "set_item", "setup_logging"]
+           "set_item", "setup_logging"]
 
 #: Fields a record may carry about the item it concerns.
 _CONTEXT_FIELDS = ("item_id", "attempt")
@@ -217,10 +217,10 @@ def known_secrets() -> tuple[str, ...]:
     """Every secret value this process's records are redacted of: the environment's, the
     --redact values given to setup_logging, and those added since."""
     return next((h.formatter.secrets for h in logging.getLogger().handlers
-                 if isinstance(h.formatter, _Formatter)), secret_values())
+                 if isinstance(h.formatter, _Formatter)), _secret_values())
 
 
-def secret_values() -> tuple[str, ...]:
+def _secret_values() -> tuple[str, ...]:
     """Secret values this process knows of: the database password and the S3 secret key."""
     return env_secrets()
 

@@ -161,7 +161,7 @@ def test_in_transaction_on_postgres(pg_db, password):
 # -- the parent's own reads ------------------------------------------------------------------------
 
 def read_items(settings, items, **options):
-    with open_db_items(settings, items, **options) as (_name, lines), lines() as it:
+    with open_db_items(settings, items, **options) as lines, lines() as it:
         return [json.loads(line) for line in it]
 
 
