@@ -1,9 +1,14 @@
 """docs/cli.md's tables are generated from the options and the exit-code table: the committed
-file is what the generator writes, and the generator touches nothing but its tables."""
+file is what the generator writes, and the generator touches nothing but its tables. And the
+tests the docs cite are tests that exist."""
 
 from __future__ import annotations
 
+import ast
+import re
+
 import pytest
+from conftest import ROOT
 
 from job.clidocs import CLI_MD, COMMAND, TABLES, generate, main, markers
 from job.exits import ENDINGS
@@ -72,3 +77,28 @@ def test_help_text_becomes_a_table_cell(plain, cell):
     from job.clidocs import _markdown
 
     assert _markdown(plain) == cell
+
+
+def _test_names() -> dict[str, set[str]]:
+    """Every test function of tests/, by name: the files that define it."""
+    names: dict[str, set[str]] = {}
+    for path in (ROOT / "tests").glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
+                names.setdefault(node.name, set()).add(path.name)
+    return names
+
+
+def test_every_test_the_docs_name_exists():
+    """The fault table and the docs cite tests as `file.py::name` or `name` (a trailing `*` for a
+    prefix): each must name a test that is there, so a rename cannot leave a guarantee uncited."""
+    names = _test_names()
+    cited = 0
+    for doc in [ROOT / "README.md", ROOT / "bench" / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for m in re.finditer(r"`(?:(test_\w+\.py)::)?(test_[\w*]+)`", doc.read_text()):
+            file, pattern = m.groups()
+            cited += 1
+            wanted = re.compile(re.escape(pattern).replace(r"\*", ".*") + ("" if pattern.endswith("*") else "$"))
+            assert any(wanted.match(name) and (file is None or file in files) for name, files in names.items()), \
+                f"{doc.name} cites {m.group(0)}, which no test of tests/ is"
+    assert cited > 20
