@@ -157,6 +157,7 @@ class Claims:
     def __init__(self, runner: str, fence=None) -> None:
         self.runner = runner
         self.fence = fence or (lambda: True)
+        self.writing = threading.Lock()
         self.finishing_rows: list[str] = []
         self.forgotten: list[str] = []
 

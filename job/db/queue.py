@@ -80,6 +80,11 @@ class ClaimQueue:
         self._clock = clock
         self._rand = rand
         self._lock = threading.Lock()
+        #: Held by the write-back while a chunk of this runner's rows is locked in its
+        #: transaction: the extension takes it first (for one request's time at most) rather
+        #: than queue in the database behind its own runner's row locks, where a loaded server
+        #: could spend its request timeout and let live claims expire.
+        self.writing = threading.Lock()
         #: Rows claimed and not yet written DONE or ERR (nor given back, nor lost).
         self._held: set[str] = set()
         #: Held rows taken over from an expired claim whose end the run has not recorded yet.
@@ -309,8 +314,13 @@ class ClaimQueue:
             expected = set(self._held)
         lapsed = self._clock() >= self.hard_deadline
         self._table.connect()
-        sent = self._clock()  # after connecting: validity counts from the extension's send
-        count = self._table.extend()
+        quiet = self.writing.acquire(timeout=self.timing.request_timeout)
+        try:
+            sent = self._clock()  # after connecting: validity counts from the extension's send
+            count = self._table.extend()
+        finally:
+            if quiet:
+                self.writing.release()
         if count != len(expected) or self._ambiguous or lapsed:
             self._reconcile(expected, self._table.mine())
             self._ambiguous = False

@@ -259,7 +259,8 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
                     if not first:
                         self.check_fence()
                     first = False
-                    self._db.execute_many(sql, chunk)
+                    with self.claims.writing:  # the heartbeat's extension waits for these row locks
+                        self._db.execute_many(sql, chunk)
                     self._landed += [row["work_id"] for row in chunk]
         except Fenced:
             raise
