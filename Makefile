@@ -43,7 +43,7 @@ test-core: venv
 test-faults: venv system-deps
 	$(PY) -m pytest -q -rs -m faults $(PYTEST_ARGS)
 
-# docs/cli.md's tables of options and exit codes, from job/options.py and job/exits.py.
+# docs/cli.md's tables of options and exit codes, and README.md's exit codes, from job/options.py and job/exits.py.
 docs: venv
 	$(PY) -m job.clidocs
 

@@ -10,7 +10,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from job.clidocs import CLI_MD, COMMAND, TABLES, generate, main, markers
+from job.clidocs import CLI_MD, COMMAND, README_MD, README_TABLES, TABLES, generate, main, markers
 from job.exits import ENDINGS
 from job.options import ReportOptions, RunOptions, StatusOptions, options_of
 
@@ -18,6 +18,22 @@ from job.options import ReportOptions, RunOptions, StatusOptions, options_of
 def test_docs_cli_md_is_what_the_options_generate():
     text = CLI_MD.read_text(encoding="utf-8")
     assert generate(text) == text, f"docs/cli.md differs from job/options.py or job/exits.py: run `{COMMAND}`"
+
+
+def test_the_readmes_exit_codes_are_what_job_exits_generates():
+    text = README_MD.read_text(encoding="utf-8")
+    assert generate(text, README_TABLES) == text, f"README.md's exit codes differ from job/exits.py: run `{COMMAND}`"
+    for ending in ENDINGS:
+        assert f"| {ending.code} | `{ending.status}` | {ending.meaning.split('--')[0]}" in text
+
+
+def test_the_command_checks_both_files_and_a_readme_by_its_own_parts(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    begin, end = markers("exit codes in brief", README_TABLES)
+    readme.write_text(f"# x\n\n{begin}\n| stale |\n{end}\n")
+    assert main(["--check", str(readme)]) == 1
+    assert main([str(readme)]) == 0 and "| 70 | `internal_error` |" in readme.read_text()
+    assert main(["--check"]) == 0  # the checkout's docs/cli.md and README.md
 
 
 def test_every_option_and_exit_code_is_in_the_docs():
