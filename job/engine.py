@@ -121,8 +121,8 @@ class Loop:
                 progress.total = run.counts.total  # a work table's grows with each claim
                 progress.update(done=run.counts.done, failed=run.counts.failed, pending=run.counts.pending,
                                 retrying=sched.waiting_retries, paused=pause_text(paused) if paused else None)
-                run.observer.progress(done=run.counts.done, failed=run.counts.failed, pending=run.counts.pending,
-                                      in_flight=pool.busy(), workers=len(pool.workers))
+                run.observer.progress(total=run.counts.total, done=run.counts.done, failed=run.counts.failed,
+                                      pending=run.counts.pending, in_flight=pool.busy(), workers=len(pool.workers))
             if not (run.interrupted or run.lease_lost):
                 pool.close()
         finally:

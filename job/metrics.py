@@ -130,6 +130,8 @@ class RunMetrics:
         self.paused_seconds = 0.0
         self.started_at = clock()
         self.total: int | None = None
+        #: The total at the start, the run_info label: fixed, so the series stays one.
+        self.total_at_start = 0
         self.pending = 0
         self.workers = 0
         self.finished = {"done": 0, "failed": 0, "skipped": 0}
@@ -147,6 +149,7 @@ class RunMetrics:
 
     def run_started(self, *, total: int, pending: int, workers: int) -> None:
         self.total, self.pending, self.workers = total, pending, workers
+        self.total_at_start = total
         # Finished by an earlier process of the same run id: not run again.
         self.finished["skipped"] = total - pending
         self.last_progress = self._clock()
@@ -178,8 +181,10 @@ class RunMetrics:
         self.checkpoint_bytes += size
         self.checkpoint_duration.observe(seconds)
 
-    def progress(self, *, done: int, failed: int, pending: int, in_flight: int, workers: int) -> None:
-        self.pending, self.workers = pending, workers
+    def progress(self, *, total: int, done: int, failed: int, pending: int, in_flight: int,
+                 workers: int) -> None:
+        # A work table's total grows with each claim; a shard's is known from the start.
+        self.total, self.pending, self.workers = total, pending, workers
 
     def paused(self, system: str) -> None:
         if self.paused_since is None:
@@ -227,9 +232,11 @@ class RunMetrics:
         if self.total is not None:
             info = GaugeMetricFamily("bulkjob_run_info", "Always 1; labels describe the run of this process.",
                                      labels=["run_id", "shard", "shard_count", "total"])
-            info.add_metric([self.run_id, str(self.shard), str(self.shard_count), str(self.total)], 1)
+            info.add_metric([self.run_id, str(self.shard), str(self.shard_count), str(self.total_at_start)], 1)
             yield info
-            yield GaugeMetricFamily("bulkjob_shard_items", "Items in this shard of the input.", value=self.total)
+            yield GaugeMetricFamily("bulkjob_shard_items",
+                                    "Items in this shard of the input (with --work-table: the rows this runner "
+                                    "claimed so far).", value=self.total)
             yield GaugeMetricFamily("bulkjob_items_pending", "Items of this shard not yet done or failed.",
                                     value=self.pending)
         yield GaugeMetricFamily("bulkjob_run_start_time_seconds", "When this process started the run, Unix time.",

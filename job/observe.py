@@ -18,7 +18,8 @@ class Observer(Protocol):
     # `pid` is the dead worker's: whatever it left behind (metric files) can be cleaned up.
     def worker_restarted(self, cause: str, pid: int) -> None: ...
     def checkpoint(self, seconds: float, ok: bool, size: int) -> None: ...
-    def progress(self, *, done: int, failed: int, pending: int, in_flight: int, workers: int) -> None: ...
+    def progress(self, *, total: int, done: int, failed: int, pending: int, in_flight: int,
+                 workers: int) -> None: ...
     # Dispatch paused for an outage of `system` (database, S3, environment), and resumed.
     def paused(self, system: str) -> None: ...
     def resumed(self, seconds: float) -> None: ...
@@ -46,7 +47,8 @@ class NullObserver:
     def checkpoint(self, seconds: float, ok: bool, size: int) -> None:
         pass
 
-    def progress(self, *, done: int, failed: int, pending: int, in_flight: int, workers: int) -> None:
+    def progress(self, *, total: int, done: int, failed: int, pending: int, in_flight: int,
+                 workers: int) -> None:
         pass
 
     def paused(self, system: str) -> None:

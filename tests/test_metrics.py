@@ -77,8 +77,10 @@ def test_run_metrics_count_what_the_loop_reports():
     m.worker_restarted("crash", 12345)
     m.checkpoint(0.004, True, 300)
     m.checkpoint(1.5, False, 0)
-    m.progress(done=4, failed=1, pending=5, in_flight=2, workers=2)
+    m.progress(total=12, done=4, failed=1, pending=5, in_flight=2, workers=2)
     s = _exposition(m)
+    assert s["bulkjob_shard_items", ()] == 12  # a work table's total grows with its claims
+    assert s["bulkjob_items_pending", ()] == 5
     assert s["bulkjob_items_finished_total", (("outcome", "done"),)] == 1
     assert s["bulkjob_items_finished_total", (("outcome", "failed"),)] == 1
     assert s["bulkjob_items_finished_total", (("outcome", "skipped"),)] == 3
@@ -94,7 +96,7 @@ def test_run_metrics_count_what_the_loop_reports():
     assert s["bulkjob_attempt_duration_seconds_bucket", (("le", "0.025"), ("outcome", "failed"))] == 1
     assert s["bulkjob_attempt_duration_seconds_count", (("outcome", "failed"),)] == 2
     assert s["bulkjob_items_pending", ()] == 5
-    assert s["bulkjob_shard_items", ()] == 10
+    assert s["bulkjob_shard_items", ()] == 12
     assert s["bulkjob_run_info", (("run_id", "r1"), ("shard", "2"), ("shard_count", "4"), ("total", "10"))] == 1
     assert s["bulkjob_run_start_time_seconds", ()] == 1000
     assert s["bulkjob_last_progress_timestamp_seconds", ()] == 1005
