@@ -6,6 +6,12 @@ its part of the manifest instead of starting over. A last task reads the
 summaries the shards push as XCom and fails the DAG run, with one line per
 shard, when any of them did not finish cleanly.
 
+With the `work_table` param the items are a database work table instead
+(`bulkjob run --work-table`): `shard_count` runners, identical pods that
+claim rows from the whole table, with no shard index and no manifest (the
+table is the record); more runners go faster. The database is the
+deployer's (DB_ENV), as the image is.
+
 bulkjob's exit code decides what Airflow does with a shard's task: 1 (items
 failed) and 2 (bad usage, configuration or input) fail it at once, since a
 retry would end the same way; 3, 4, 5 and 70 are retried (EXIT_CODES).
@@ -20,7 +26,9 @@ Before the first run (docs/operations.md, Airflow):
     `airflow pools set oracle_dml 4 "bulkjob shards"`;
   * the image in BULKJOB_IMAGE, in the environment of the DAG processor and
     the workers (see IMAGE_ENV): the image is the deployer's choice, never a
-    trigger-time param, since the pods get the database password and S3 keys.
+    trigger-time param, since the pods get the database password and S3 keys;
+  * likewise the database, for `sql:` handlers and work tables: its `--db`
+    URL, without the password, in BULKJOB_DB (see DB_ENV).
 
 Works with Airflow 3 (airflow.sdk) and the cncf.kubernetes provider 10.25, and
 with Airflow 2.10 and the provider 10.10 (see SIDECAR_SECURITY for a limit).
@@ -89,6 +97,11 @@ NOT_RETRIED = frozenset(code for code, (_, _, retry) in EXIT_CODES.items() if co
 IMAGE_ENV = "BULKJOB_IMAGE"
 #: The image when IMAGE_ENV is not set.
 DEFAULT_IMAGE = "registry.example.com/bulkjob:0.1.0"
+#: The environment variable, read when the DAG file is parsed, that holds the database's `--db`
+#: URL (no password: that is the Secret's db-password). The deployer's too: the pods get the
+#: database password, so whoever triggers the DAG must not choose the server it is sent to.
+#: The pods get it under the same name, which is bulkjob's own variable for `--db`.
+DB_ENV = "BULKJOB_DB"
 
 # Pod Security Standards "restricted", the same as k8s/job/job.yaml.
 POD_SECURITY_CONTEXT = k8s.V1PodSecurityContext(
@@ -151,6 +164,24 @@ def deployed_image(environ: Mapping[str, str]) -> str:
     return image
 
 
+def deployed_database(environ: Mapping[str, str]) -> str | None:
+    """The database's `--db` URL from DB_ENV, or None when the deployer set none.
+
+    Raises ValueError when it is blank, holds whitespace, or carries a password.
+    """
+    url = environ.get(DB_ENV)
+    if url is None:
+        return None
+    authority = url.split("://", 1)[-1].split("/", 1)[0]
+    userinfo = authority.rsplit("@", 1)[0] if "@" in authority else ""
+    keys = {part.split("=", 1)[0].strip() for part in url.partition("?")[2].lower().split("&")}
+    if ":" in userinfo or keys & {"password", "passwd", "pwd", "wallet_password"}:
+        raise ValueError(f"{DB_ENV} must not hold the password: it comes from the Secret {SECRET_NAME!r}")
+    if not url or url != url.strip() or any(c.isspace() for c in url):
+        raise ValueError(f"{DB_ENV} must be a --db URL, without blanks: {url!r}")
+    return url
+
+
 def base_container_exit_code(pod: k8s.V1Pod | None, container_name: str) -> int | None:
     """The exit code of the pod's `container_name`, or None when it has not terminated."""
     statuses = (pod.status.container_statuses if pod is not None and pod.status else None) or []
@@ -207,10 +238,14 @@ def shard_arguments(
     run_id: str,
     shard_count: int,
     workers: int,
+    work_table: str = "",
+    database: str | None = None,
 ) -> list[list[str]]:
-    """The `bulkjob run` arguments of each shard, index 0 first.
+    """The `bulkjob run` arguments of each shard, index 0 first; with `work_table`, of each of
+    `shard_count` runners of that table (`items` and `manifest` are then not used).
 
-    Raises ValueError when shard_count or workers is below 1.
+    Raises ValueError when shard_count or workers is below 1, or when a work table is asked
+    for and the deployer named no database (`database`, from DB_ENV).
     """
     if shard_count < 1:
         raise ValueError(f"shard_count must be at least 1, not {shard_count}")
@@ -218,22 +253,27 @@ def shard_arguments(
         raise ValueError(f"workers must be at least 1, not {workers}")
     common = [
         "run",
-        f"--items={items}",
         f"--handler={handler}",
-        f"--manifest={manifest}",
         f"--run-id={run_id}",
-        f"--shard-count={shard_count}",
         f"--workers={workers}",
         f"--drain-timeout={DRAIN_TIMEOUT_SECONDS}",
         f"--metrics-port={METRICS_PORT}",
         f"--xcom-path={XCOM_PATH}",
         "--log-format=json",
     ]
+    if work_table:
+        if database is None:
+            raise ValueError(f"work_table {work_table!r} needs the database: the deployer sets {DB_ENV}")
+        return [[*common, f"--work-table={work_table}"] for _ in range(shard_count)]
+    common += [f"--items={items}", f"--manifest={manifest}", f"--shard-count={shard_count}"]
     return [[*common, f"--shard-index={index}"] for index in range(shard_count)]
 
 
-def shard_problems(summaries: Sequence[Mapping[str, Any] | None], *, manifest: str) -> list[str]:
-    """One readable line per shard that did not finish cleanly; empty when all did.
+def shard_problems(
+    summaries: Sequence[Mapping[str, Any] | None], *, manifest: str, work_table: str = ""
+) -> list[str]:
+    """One readable line per shard (per runner of `work_table`) that did not finish cleanly;
+    empty when all did.
 
     summaries[i] is what shard i pushed as XCom: the job's JSON summary, which
     it writes whatever its exit code (the provider pushes it on failure too),
@@ -244,10 +284,11 @@ def shard_problems(summaries: Sequence[Mapping[str, Any] | None], *, manifest: s
     manifest is the run's --manifest, for the command that lists failed items.
     """
     problems = []
+    what = "runner" if work_table else "shard"
     for index, summary in enumerate(summaries):
         if summary is None:
             problems.append(
-                f"shard {index}: no summary; the pod did not start or was killed before the job "
+                f"{what} {index}: no summary; the pod did not start or was killed before the job "
                 "could write one (see the task log and the pod's events)"
             )
             continue
@@ -256,11 +297,14 @@ def shard_problems(summaries: Sequence[Mapping[str, Any] | None], *, manifest: s
         if code == 0 and not failed:
             continue
         meaning = EXIT_CODES[code][1] if code in EXIT_CODES else "unexpected exit code"
-        line = f"shard {index}: exit code {code} ({meaning}"
+        line = f"{what} {index}: exit code {code} ({meaning}"
         line += "; not retried)" if code in NOT_RETRIED else ")"
         if summary.get("error"):
             line += f": {summary['error']}"
-        if failed:
+        if failed and work_table:
+            line += f"; {failed} of the {summary.get('total', '?')} rows it ran failed (state ERR), listed by "
+            line += f"`bulkjob report --work-table {work_table}`"
+        elif failed:
             line += (
                 f"; {failed} of {summary.get('total', '?')} items failed, listed by "
                 f"`bulkjob report --manifest {manifest} --run-id {summary.get('run_id', '...')}`"
@@ -276,6 +320,9 @@ def totals(summaries: Sequence[Mapping[str, Any] | None]) -> dict[str, int]:
     keys = ("total", "done", "failed", "pending", "retries")
     return {key: sum(int(s.get(key, 0)) for s in summaries if s is not None) for key in keys}
 
+
+#: The deployer's database, read once when the file is parsed.
+DATABASE = deployed_database(os.environ)
 
 with DAG(
     dag_id=DAG_ID,
@@ -296,6 +343,13 @@ with DAG(
         ),
         "shard_count": Param(4, type="integer", minimum=1, maximum=64, description="Pods to split the items over"),
         "workers": Param(2, type="integer", minimum=1, maximum=64, description="Worker processes per pod"),
+        "work_table": Param(
+            "",
+            type="string",
+            pattern=r"^$|^[A-Za-z_][A-Za-z0-9_$#]*(\.[A-Za-z_][A-Za-z0-9_$#]*)?$",
+            description="A work table to claim rows from instead of items: shard_count runners share it "
+            "(needs the deployer's database, BULKJOB_DB)",
+        ),
     },
 ) as dag:
 
@@ -303,16 +357,21 @@ with DAG(
     # as optional, which Airflow 2 rejects before a required one.
     @task
     def plan_shards(
-        items: str, handler: str, manifest: str, job_run_id: str, shard_count: int, workers: int
+        items: str, handler: str, manifest: str, job_run_id: str, shard_count: int, workers: int, work_table: str
     ) -> list[list[str]]:
-        return shard_arguments(
-            items=items,
-            handler=handler,
-            manifest=manifest,
-            run_id=job_run_id,
-            shard_count=int(shard_count),
-            workers=int(workers),
-        )
+        try:
+            return shard_arguments(
+                items=items,
+                handler=handler,
+                manifest=manifest,
+                run_id=job_run_id,
+                shard_count=int(shard_count),
+                workers=int(workers),
+                work_table=work_table,
+                database=DATABASE,
+            )
+        except ValueError as e:  # a retry would end the same way
+            raise AirflowFailException(str(e)) from e
 
     # The run id is the DAG run's: every retry of a shard resumes the same
     # manifest, and a new DAG run starts a new one.
@@ -323,6 +382,7 @@ with DAG(
         job_run_id="{{ run_id }}",
         shard_count="{{ params.shard_count }}",
         workers="{{ params.workers }}",
+        work_table="{{ params.work_table }}",
     )
 
     shards = ShardPodOperator.partial(
@@ -331,7 +391,7 @@ with DAG(
         image=deployed_image(os.environ),
         labels={"app.kubernetes.io/name": "bulkjob", "app.kubernetes.io/component": "worker"},
         ports=[k8s.V1ContainerPort(name="metrics", container_port=METRICS_PORT)],
-        env_vars={"AWS_DEFAULT_REGION": "eu-west-1"},
+        env_vars={"AWS_DEFAULT_REGION": "eu-west-1", **({DB_ENV: DATABASE} if DATABASE else {})},
         secrets=SECRETS,
         container_resources=CONTAINER_RESOURCES,
         security_context=POD_SECURITY_CONTEXT,
@@ -368,10 +428,12 @@ with DAG(
         shard_count = int(context["params"]["shard_count"])
         ti = context["ti"]
         summaries = [ti.xcom_pull(task_ids=SHARD_TASK_ID, map_indexes=i) for i in range(shard_count)]
-        problems = shard_problems(summaries, manifest=context["params"]["manifest"])
+        work_table = context["params"].get("work_table") or ""
+        problems = shard_problems(summaries, manifest=context["params"]["manifest"], work_table=work_table)
         if problems:
+            what = f"runners of work table {work_table}" if work_table else "shards"
             raise AirflowFailException(
-                f"{len(problems)} of {shard_count} shards did not finish cleanly:\n" + "\n".join(problems)
+                f"{len(problems)} of {shard_count} {what} did not finish cleanly:\n" + "\n".join(problems)
             )
         return totals(summaries)
 

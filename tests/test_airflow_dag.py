@@ -11,12 +11,14 @@ table, which the DAG keeps a copy of.
 import dataclasses
 import json
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, need, run_bulkjob, summary_of, write_items
 
+from job.db.worktable import DDL
 from job.exits import ENDINGS
 
 AIRFLOW_VENV = ROOT / ".venv-airflow"
@@ -47,7 +49,17 @@ def _job_summaries(folder: Path) -> Path:
                            "--metrics-port", "0", "--xcom-path", str(folder / f"{name}.json"))
         assert proc.returncode == summary_of(proc)["exit_code"], proc.stderr
         path.unlink()
-    assert sorted(p.stem for p in folder.glob("*.json")) == sorted(cases)
+    # A runner of a work table, as the DAG's work_table param starts it: one row fails.
+    table = folder / "work.db"
+    with sqlite3.connect(table) as conn:
+        conn.executescript(DDL["sqlite"])
+        conn.executemany("INSERT INTO bulk_work (work_id, payload) VALUES (?, ?)",
+                         [(f"w{n}", json.dumps({"fail": "permanent"} if n == 3 else {})) for n in range(10)])
+    proc = run_bulkjob("run", "--work-table", "bulk_work", "--db", f"sqlite:///{table}", "--handler",
+                       "job.examples:checksum", "--run-id", "manual__2026-11-25T08:12:24+00:00", "--workers", "1",
+                       "--metrics-port", "0", "--xcom-path", str(folder / "work-table-failed.json"))
+    assert proc.returncode == 1 and summary_of(proc)["work_table"] == "bulk_work", proc.stderr
+    assert sorted(p.stem for p in folder.glob("*.json")) == sorted([*cases, "work-table-failed"])
     return folder
 
 

@@ -6,6 +6,7 @@ pytest's test_*.py pattern, so the job's own suite never collects it, and
 there is no conftest.py here, which would shadow tests/conftest.py.
 """
 
+import copy
 import importlib.util
 import json
 import os
@@ -32,6 +33,11 @@ import yaml
 from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
 
+try:
+    from airflow.sdk.exceptions import ParamValidationError
+except ImportError:  # Airflow 2
+    from airflow.exceptions import ParamValidationError
+
 # A connection whose extra names the XCom sidecar's image and resources: the deployer's word wins.
 # Airflow reads connections from the environment when asked, not when imported.
 CUSTOM_SIDECAR_CONN = "kubernetes_custom_sidecar"
@@ -43,6 +49,9 @@ os.environ[f"AIRFLOW_CONN_{CUSTOM_SIDECAR_CONN.upper()}"] = json.dumps({"conn_ty
 #: The image the deployer names when the DAG file is parsed (below); trigger-time params cannot change it.
 IMAGE = "registry.example.com/bulkjob:test"
 os.environ["BULKJOB_IMAGE"] = IMAGE
+#: The deployer's database, likewise (no password: the Secret has it).
+DATABASE = "oracle://bulk@db.example.com:1521/ORCLPDB1"
+os.environ["BULKJOB_DB"] = DATABASE
 
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILE = ROOT / "airflow_dag.py"
@@ -53,6 +62,7 @@ PARAMS = {
     "manifest": "s3://state/runs",
     "shard_count": SHARD_COUNT,
     "workers": 2,
+    "work_table": "",
 }
 #: What someone who can only trigger the DAG might pass: it must not reach the pods.
 UNTRUSTED_CONF = {"image": "evil.example.com/steal-credentials:latest"}
@@ -96,7 +106,7 @@ def _option(args, name):
 
 def _shard_arguments(dag, params, run_id):
     """What the plan task returns for these params: it renders its templates like Airflow does."""
-    plan = dag.get_task("plan_shards")
+    plan = copy.copy(dag.get_task("plan_shards"))  # rendering replaces the templates: not the DAG's own
     plan.render_template_fields({"params": params, "run_id": run_id}, jinja_env=dag.get_template_env())
     return plan.python_callable(**plan.op_kwargs)
 
@@ -212,6 +222,7 @@ def test_each_shard_pod_runs_the_image_as_uid_1002_with_its_arguments(rendered_p
         secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in job["env"] if "valueFrom" in e}
         assert set(secrets) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "BULKJOB_DB_PASSWORD"}
         assert {ref["name"] for ref in secrets.values()} == {"bulkjob"}
+        assert {"name": "BULKJOB_DB", "value": DATABASE} in job["env"]
 
 
 def test_each_shard_pod_has_the_xcom_sidecar_reading_the_jobs_summary(rendered_pods):
@@ -278,6 +289,54 @@ def test_the_image_comes_from_the_deployers_environment_only():
     for bad in ("", " r.example.com/b:1", "r.example.com/b:1 --privileged"):
         with pytest.raises(ValueError):
             dag_module.deployed_image({"BULKJOB_IMAGE": bad})
+
+
+@pytest.mark.parametrize("url", ["postgresql://bulk@db:5432/app", "oracle+tcps://bulk@db:2484/SVC?wallet_location=/w"])
+def test_the_database_comes_from_the_deployers_environment_only(url):
+    assert dag_module.deployed_database({"BULKJOB_DB": url}) == url
+    assert dag_module.deployed_database({}) is None
+
+
+@pytest.mark.parametrize("bad", ["", " postgresql://db/app", "postgresql://bulk:secret@db/app",
+                                 "postgresql://bulk@db/app?password=secret", "oracle://u@db/S?PWD=secret",
+                                 " postgresql://bulk:secret@db/app"])
+def test_a_database_url_that_is_blank_or_holds_a_password_is_refused_without_echoing_it(bad):
+    with pytest.raises(ValueError, match="BULKJOB_DB") as caught:
+        dag_module.deployed_database({"BULKJOB_DB": bad})
+    assert "secret" not in str(caught.value)
+
+
+def test_a_work_table_gets_identical_runners_and_no_shards(dag):
+    params = PARAMS | {"work_table": "app.bulk_work"}
+    runners = _shard_arguments(dag, params, RUN_ID)
+
+    assert len(runners) == SHARD_COUNT
+    assert all(args == runners[0] for args in runners)
+    args = runners[0]
+    assert _option(args, "work-table") == "app.bulk_work"
+    assert _option(args, "run-id") == RUN_ID and _option(args, "handler") == PARAMS["handler"]
+    assert not [a for a in args if a.split("=")[0] in ("--items", "--manifest", "--shard-count", "--shard-index")]
+    for pod in (_pod(operator) for operator in _shard_operators(dag, params)):
+        job = pod["spec"]["containers"][0]
+        assert job["args"] == args
+        assert {"name": "BULKJOB_DB", "value": DATABASE} in job["env"]
+
+
+def test_a_work_table_without_the_deployers_database_is_refused():
+    with pytest.raises(ValueError, match="BULKJOB_DB"):
+        dag_module.shard_arguments(items="i", handler="h", manifest="m", run_id="r", shard_count=2, workers=2,
+                                   work_table="bulk_work", database=None)
+
+
+@pytest.mark.parametrize("name, ok", [("bulk_work", True), ("app.bulk_work", True), ("", True),
+                                      ("bulk_work; DROP TABLE x", False), ("a.b.c", False), ("1t", False)])
+def test_the_work_table_param_takes_a_table_name_only(dag, name, ok):
+    param = dag.params.get_param("work_table")
+    if ok:
+        assert param.resolve(name) == name
+    else:
+        with pytest.raises(ParamValidationError):
+            param.resolve(name)
 
 
 def test_the_pod_monitor_selects_the_shard_pods(rendered_pods):
@@ -485,12 +544,16 @@ def test_summaries_the_real_job_wrote_are_judged_by_their_exit_code():
     summaries = _job_summaries()
     if not summaries:
         pytest.skip("no summaries from the job were handed over (BULKJOB_SUMMARIES_DIR)")
+    assert any(summary.get("work_table") for summary in summaries.values())
     for name, summary in summaries.items():
-        problems = dag_module.shard_problems([summary], manifest=PARAMS["manifest"])
+        table = summary.get("work_table") or ""
+        problems = dag_module.shard_problems([summary], manifest=PARAMS["manifest"], work_table=table)
         clean = summary["exit_code"] == 0 and not summary.get("failed")
         assert (problems == []) == clean, (name, summary, problems)
         if not clean:
             assert f"exit code {summary['exit_code']} (" in problems[0]
+        if table and summary.get("failed"):
+            assert problems[0].startswith("runner 0: ") and f"`bulkjob report --work-table {table}`" in problems[0]
 
 
 @pytest.fixture(scope="module")
