@@ -1,7 +1,7 @@
 """The Kubernetes manifests in k8s/ and the `kubectl run` command in docs/operations.md (Deploy).
 
 Schema checks: every object, as written and as kustomize renders each combination
-(the base, the Job, either with the monitoring component, the example overlay),
+(the base, the Job, the work table's Job, either with the monitoring component, the example overlay),
 validated offline in strict mode against the oldest Kubernetes the Job needs and
 the newest schema kubernetes-validate bundles; the Prometheus Operator's kinds,
 which have no bundled schema, get checks of their own. Then the checks no schema
@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,9 +25,10 @@ from typing import ClassVar
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT, need
+from conftest import ROOT, need, run_bulkjob, summary_of
 
 from job.config import DEFAULT_DRAIN_TIMEOUT, DEFAULT_METRICS_PORT
+from job.db.worktable import DDL
 from job.exits import ENDINGS, EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_LEASE, EXIT_OK, EXIT_USAGE, Ending
 from job.retry import DEFAULT_MAX_ATTEMPTS
 
@@ -61,6 +63,7 @@ COMBINATIONS = {
     "base+monitoring": ("base", True, {"ServiceAccount", "PodMonitor", "PrometheusRule"}),
     "job": ("job", False, {"ServiceAccount", "Job"}),
     "job+monitoring": ("job", True, {"ServiceAccount", "Job", "PodMonitor", "PrometheusRule"}),
+    "worktable": ("worktable", False, {"ServiceAccount", "Job"}),
     "overlays/kube-prometheus-stack": ("overlays/kube-prometheus-stack", False,
                                        {"ServiceAccount", "Job", "PodMonitor", "PrometheusRule"}),
 }
@@ -140,6 +143,11 @@ def rendered(kubectl, tmp_path_factory) -> dict[str, list[dict]]:
 @pytest.fixture(scope="session")
 def job() -> dict:
     return one(load(K8S / "job" / "job.yaml"), "Job")
+
+
+@pytest.fixture(scope="session")
+def worktable_job() -> dict:
+    return one(load(K8S / "worktable" / "job.yaml"), "Job")
 
 
 def pod_spec(job: dict) -> dict:
@@ -414,6 +422,63 @@ def test_kubectl_run_pod_matches_the_jobs_pod(job, adhoc_pod):
     for key in ("securityContext", "resources", "volumeMounts", "ports", "terminationMessagePolicy"):
         assert container(adhoc)[key] == container(job_spec)[key], key
     assert drain_timeout(container(adhoc)) == drain_timeout(container(job_spec))
+
+
+# --- the work table's runners ---------------------------------------------------------------------
+
+def test_worktable_runners_are_identical_pods_of_the_whole_table(worktable_job):
+    spec = worktable_job["spec"]
+    args = container(pod_spec(worktable_job))["args"]
+    assert "completionMode" not in spec and "backoffLimitPerIndex" not in spec  # no index: no shards
+    assert spec["completions"] == spec["parallelism"] >= 2
+    assert arg(args, "work-table") and arg(args, "db")
+    assert "@" in arg(args, "db") and ":" not in arg(args, "db").split("://")[1].split("@")[0]  # no password
+    for name in ("items", "manifest", "shard-count", "shard-index", "retry-failed"):
+        assert arg(args, name) is None, name
+    # A poison row costs up to --max-attempts + 1 pods; two outages (exit 5) on top.
+    assert spec["backoffLimit"] >= DEFAULT_MAX_ATTEMPTS + 1 + 2
+    assert pod_spec(worktable_job)["restartPolicy"] == "Never"
+
+
+def test_worktable_pod_failure_policy_maps_every_exit_code(worktable_job):
+    by_code = {}
+    for rule in worktable_job["spec"]["podFailurePolicy"]["rules"]:
+        for code in rule.get("onExitCodes", {}).get("values", []):
+            by_code.setdefault(code, rule["action"])
+    # FailIndex needs an Indexed Job: rows failed beyond --max-failures fail the Job, which a
+    # runner reports only once the table has nothing left for it.
+    expected = {e.code: policy_action(e) for e in ENDINGS if e.code != EXIT_OK} | {EXIT_ITEMS_FAILED: "FailJob"}
+    assert by_code == expected
+
+
+def test_worktable_pod_matches_the_jobs_pod_but_for_its_arguments_and_s3(job, worktable_job):
+    job_spec, runner = pod_spec(job), pod_spec(worktable_job)
+    for key in ("securityContext", "volumes", "terminationGracePeriodSeconds", "serviceAccountName",
+                "automountServiceAccountToken"):
+        assert runner[key] == job_spec[key], key
+    for key in ("securityContext", "resources", "volumeMounts", "ports", "terminationMessagePolicy", "image"):
+        assert container(runner)[key] == container(job_spec)[key], key
+    names = {e["name"] for e in container(runner)["env"]}
+    assert names == {"BULKJOB_RUN_ID", "BULKJOB_DB_PASSWORD"}  # no S3 keys: the table is the record
+
+
+def test_worktable_runner_arguments_run_as_they_are_written(tmp_path, worktable_job):
+    """The manifest's arguments, run by the real CLI against a SQLite work table in place of the
+    example database: every row DONE, exit 0."""
+    written = container(pod_spec(worktable_job))["args"]
+    table = arg(written, "work-table")
+    path = tmp_path / "work.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(DDL["sqlite"].replace("bulk_work", table))
+        conn.executemany(f"INSERT INTO {table} (work_id, payload) VALUES (?, '{{}}')", [(f"w{n}",) for n in range(20)])
+    args = [a.replace("$(BULKJOB_RUN_ID)", "bulkjob-worktable") for a in written]
+    args = [f"--db=sqlite:///{path}" if a.startswith("--db=") else a for a in args]
+    args = [a for a in args if not a.startswith("--metrics-port=")] + ["--metrics-port=0", "--workers=1"]
+    proc = run_bulkjob(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (summary_of(proc)["done"], summary_of(proc)["work_table"]) == (20, table)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state").fetchall() == [("DONE", 20)]
 
 
 # --- Prometheus ---------------------------------------------------------------------------------
