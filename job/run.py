@@ -306,7 +306,8 @@ class Run:
                                    "exit_code": code, "manifest": manifest_url}
         if self.queue is not None:
             summary.update(shard=None, shard_count=None, work_table=self.queue.table, runner=self.queue.runner,
-                           taken_over=self.queue.taken_over, given_back=self.queue.given_back)
+                           taken_over=self.queue.taken_over, given_back=self.queue.given_back,
+                           overtaken=self.queue.overtaken)
         if self.sched is not None:
             breaker = self.sched.breaker
             summary["outages"] = [outage_summary(o) for o in breaker.history + ([breaker.outage] if breaker.outage

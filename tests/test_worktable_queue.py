@@ -96,6 +96,7 @@ def test_three_runners_one_sigkilled_every_row_done_and_applied_once_beyond_the_
     summaries = {name: summary_of(end) for name, end in ends.items()}
     for name, summary in summaries.items():
         assert summary["done"] == done_by.pop(summary["runner"]), name
+        assert summary["overtaken"] == 0, name  # no live runner's claims expired
     [(killed_runner, killed_done)] = done_by.items()
     assert killed_runner.split(":")[1] == str(procs["runner-b"].pid)
     assert killed_done + sum(s["done"] for s in summaries.values()) == count

@@ -158,6 +158,7 @@ class Claims:
         self.runner = runner
         self.fence = fence or (lambda: True)
         self.writing = threading.Lock()
+        self.overtaken = 0
         self.finishing_rows: list[str] = []
         self.forgotten: list[str] = []
 
@@ -215,6 +216,7 @@ def test_the_write_back_writes_only_rows_still_claimed_by_its_runner(work_table)
     assert rows["w3"] == ("RUNNING", 1, "Y: again")  # an attempt that will be retried: still claimed
     assert rows["w4"] == ("RUNNING", 3, None)  # an attempt running: its start counted
     assert rows["w1001"] == rows["w1002"] == ("RUNNING", 0, None)
+    assert claims.overtaken == 3  # w2, w1001 and w1002: final states that found the rows not this runner's
     assert claims.finishing_rows == ["w1", "w2", "w1001", "w1002"]
     assert sorted(claims.forgotten) == ["w1", "w1001", "w1002", "w2"]  # written (or no longer this runner's)
 

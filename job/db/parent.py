@@ -78,12 +78,15 @@ class ParentConnection:
             self.dialect.limit_calls(self._conn, self.call_timeout)
         return self._conn
 
-    def execute_many(self, sql: str, rows: Sequence[Binds]) -> None:
-        """Run `sql` for every row and commit."""
+    def execute_many(self, sql: str, rows: Sequence[Binds]) -> int:
+        """Run `sql` for every row and commit; the rows it changed in all (-1 if the driver
+        cannot tell)."""
         conn = self.get()
         with closing(conn.cursor()) as cur:
             cur.executemany(sql, rows)
+            changed = cur.rowcount
         conn.commit()
+        return changed if isinstance(changed, int) else -1
 
     def drop(self) -> None:
         """Close the connection (it may be dead); the next `get` opens a new one."""

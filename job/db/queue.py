@@ -122,6 +122,8 @@ class ClaimQueue:
         self.last_error: str | None = None
         self.taken_over = 0
         self.given_back = 0
+        #: Rows finished here whose final state found them another runner's (the write-back counts).
+        self.overtaken = 0
 
     # -- the fence -------------------------------------------------------------------------
 

@@ -260,13 +260,23 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
                         self.check_fence()
                     first = False
                     with self.claims.writing:  # the heartbeat's extension waits for these row locks
-                        self._db.execute_many(sql, chunk)
+                        changed = self._db.execute_many(sql, chunk)
+                    if sql in (self.sql.done, self.sql.err) and 0 <= changed < len(chunk):
+                        self._overtaken(len(chunk) - changed)
                     self._landed += [row["work_id"] for row in chunk]
         except Fenced:
             raise
         except Exception:
             self._db.drop()
             raise
+
+    def _overtaken(self, count: int) -> None:
+        """Final states that landed nowhere: the rows were no longer this runner's (another
+        runner took them over once their claims expired, and may have run them again)."""
+        self.claims.overtaken += count
+        log.warning("%d row(s) finished here had been taken over by another runner (their claims expired while "
+                    "this runner could not extend them): they may have run twice, and the table keeps the other "
+                    "runner's outcome", count)
 
     def _written(self, batch: dict[str, Change]) -> None:
         self._settle(batch)
