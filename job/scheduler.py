@@ -198,6 +198,9 @@ class Scheduler:
         self._peeked: Task | None = None
         self._exhausted = False
         self.breaker = Breaker()
+        #: Tasks refunded while the breaker was closed, since the environment last answered:
+        #: if the failures in a row open the breaker, theirs were an outage's too.
+        self._unproven: list[Task] = []
         self.fixed_depth = fixed_depth
         self.depth = fixed_depth or MIN_DEPTH
         self._item_seconds: float | None = None
@@ -331,6 +334,7 @@ class Scheduler:
         self._ended(task)
         if self.fixed_depth is None:
             self._adapt_depth(seconds)
+        self._unproven.clear()
         return self.breaker.answered(now)
 
     def failed(self, task: Task, failure: Failure, now: float, *,
@@ -344,13 +348,20 @@ class Scheduler:
             return Verdict(STOP)
         if failure.environment:
             opened = self.breaker.failed(task.item_id, failure, now, self._rand())
+            if opened:
+                # The failures in a row before this one were the outage's, not their items'.
+                for earlier in self._unproven:
+                    earlier.refunds = max(0, earlier.refunds - 1)
+                self._unproven.clear()
             # During an outage the item is not to blame, however often it meets it; outside
             # one, only so often (see MAX_REFUNDS).
             if self.breaker.open or task.refunds < MAX_REFUNDS:
                 if not self.breaker.open:
                     task.refunds += 1
+                    self._unproven.append(task)
                 self._queue.appendleft(task)
                 return Verdict(REFUND, opened=opened)
+        self._unproven.clear()
         closed = self.breaker.answered(now)
         if failure.environment:
             failure = Failure("retryable", failure.error_class, failure.message, code=failure.code)

@@ -205,6 +205,24 @@ def test_an_item_whose_environment_failures_never_stop_is_charged_after_max_refu
     assert actions == [REFUND] * MAX_REFUNDS + [RETRY]
 
 
+def test_a_refund_is_forgiven_when_the_failures_in_a_row_turn_out_to_be_an_outage():
+    """An item at the head of the queue meets each new outage first, while the breaker is still
+    closed: that refund is the outage's, not the item's, once the next failure opens it."""
+    cycles = MAX_REFUNDS + 2
+    s = scheduler("h", *[f"j{n}" for n in range(cycles)])
+    now = 0.0
+    for n in range(cycles):
+        h, j = s.take(2, now)
+        assert (h.item_id, j.item_id) == ("h", f"j{n}")
+        assert s.failed(h, outage(), now).action == REFUND
+        assert s.failed(j, outage(), now).opened
+        now += 100.0
+        [probe] = s.take(1, now)
+        assert probe.item_id == f"j{n}" and s.succeeded(probe, 0.01, now) is not None
+    [h] = s.take(1, now)
+    assert (h.item_id, h.attempt, h.refunds) == ("h", 1, 0)
+
+
 def test_a_probe_sent_back_unstarted_is_due_again_at_once():
     s = scheduler("a", "b")
     [a] = s.take(1, 0.0)
