@@ -19,19 +19,21 @@ RATE = 250
 
 #: (bucket, functions): a sample goes to the bucket of the innermost frame that matches.
 BUCKETS = (
-    ("read and parse items (two passes)", ("parse_line", "scan", "iter_items", "Run._todo")),
+    ("read and parse items (two passes)", ("parse_line", "scan", "iter_items", "Run._tasks", "plan")),
     ("encode manifest records (JSON)", ("encode_record", "Checkpointer.add")),
-    ("metrics observer", ("RunMetrics.", "PrometheusObserver.", "Progress.")),
+    ("metrics observer", ("RunMetrics.", "PrometheusObserver.", "Progress.", "OnStart.")),
     ("receive outcomes (poll, read, unpickle)", ("Pool._drain",)),
     ("send tasks (pickle, write)", ("Pool.submit",)),
     ("wait on pipes and sentinels (build selector, poll)", ("Pool.wait",)),
-    ("outcome bookkeeping (records, counts)", ("Run._on_outcome",)),
-    ("dispatch loop (free slots, next item)", ("Run._dispatch",)),
-    ("run loop (timeouts, lease, progress)", ("Run._loop",)),
-    ("checkpoint writer thread (S3 PUTs)", ("Checkpointer._run",)),
+    ("outcome bookkeeping (records, counts)", ("Loop._on_outcome", "Loop._on_failure", "Recording.")),
+    ("scheduler decisions (queue, retries, depth)", ("Scheduler.", "Breaker.")),
+    ("dispatch loop (free slots, next item)", ("Loop._dispatch", "Loop._take")),
+    ("run loop (timeouts, lease, progress)", ("Loop.run_loop", "Loop._timeout", "Loop._kill_overdue",
+                                              "Loop._watch_fence", "Loop._reason_to_stop")),
+    ("checkpoint writer thread (S3 PUTs)", ("BackgroundWriter._run", "Checkpointer._write")),
     ("lease renewal thread", ("Lease.",)),
     ("start-up: imports", ("_find_and_load",)),
-    ("start-up: manifest, lease, meta", ("Run._execute", "ShardManifest.")),
+    ("start-up: manifest, lease, meta", ("Run.execute", "Run._shard", "open_shard", "ShardManifest.")),
 )
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
