@@ -206,6 +206,7 @@ def _run_pipelined(conn: Connection, statements: Sequence[BoundStatement]) -> in
     try:
         cursors: list[psycopg.Cursor[TupleRow]] = []
         first: psycopg.Error | None = None
+        commit: psycopg.Cursor[TupleRow] | None = None
         try:
             with conn.pipeline():
                 try:
@@ -214,7 +215,7 @@ def _run_pipelined(conn: Connection, statements: Sequence[BoundStatement]) -> in
                         cur = conn.cursor()
                         cur.execute(sql, params)
                         cursors.append(cur)
-                    conn.execute("COMMIT", prepare=False)
+                    commit = conn.execute("COMMIT", prepare=False)
                 except psycopg.Error as e:
                     # Queue nothing more. Leaving the pipeline sends the Sync that ends what
                     # the server skipped, and collects every result still owed.
@@ -224,14 +225,23 @@ def _run_pipelined(conn: Connection, statements: Sequence[BoundStatement]) -> in
             # constraint checked at COMMIT, or the session lost); a later one is only the echo
             # of the first (statements the server skipped).
             first = first or e
-        if first is not None:
+        if first is not None and not _committed(commit):
             raise first
+        # Committed, even when the session was lost right after COMMIT's answer (a server
+        # stopping ends its sessions at their next message, here the Sync): reporting that
+        # failure would run the item again. The lost session is dropped at its next use.
         return sum(max(cur.rowcount, 0) for cur in cursors)
     except BaseException:
         rollback_quietly(conn)
         raise
     finally:
         _leave_autocommit(conn)
+
+
+def _committed(commit: psycopg.Cursor[TupleRow] | None) -> bool:
+    """Whether COMMIT's own answer came back, and said COMMIT (a failed transaction's COMMIT
+    answers ROLLBACK; one never answered has no status)."""
+    return commit is not None and commit.statusmessage == "COMMIT"
 
 
 def _leave_autocommit(conn: Connection) -> None:
