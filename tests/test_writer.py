@@ -236,11 +236,13 @@ def test_the_write_back_checks_the_fence_before_each_batch(work_table):
     assert not writer.flush(2)
     # The fence was asked before the first batch and before each next one: two of four batches
     # went out, then nothing more while it stays closed; the rest is kept, not lost.
-    assert sorted(table_rows(pg_db)[f"w{n}"][0] for n in range(1, 1001)).count("DONE") == 500
+    rows = table_rows(pg_db)
+    assert [rows[f"w{n}"][0] for n in range(1, 1001)].count("DONE") == 500
     assert writer.unsaved == 500 and writer.fenced_since is not None
     writer.fence = lambda: True  # the claims are extended again
     assert writer.close(10)
-    assert sum(1 for n in range(1, 1001) if table_rows(pg_db)[f"w{n}"][0] == "DONE") == 1000
+    rows = table_rows(pg_db)
+    assert sum(1 for n in range(1, 1001) if rows[f"w{n}"][0] == "DONE") == 1000
 
 
 def test_a_start_held_back_by_the_fence_is_not_left_behind(work_table):
