@@ -1,7 +1,7 @@
-"""A TCP proxy on loopback that a test can cut (connections refused), make hang, and restore.
-
-Used to take S3 (or a database) away from a running job without restarting the server,
-which would lose moto's in-memory data.
+"""TCP proxies on loopback: one that a test can cut (connections refused), make hang, and
+restore, to take S3 (or a database) away from a running job without restarting the server,
+which would lose moto's in-memory data; and one that cuts a PostgreSQL session right after a
+given answer.
 """
 
 from __future__ import annotations
@@ -111,3 +111,45 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+class CutAfterAnswer:
+    """A TCP proxy on loopback that speaks just enough of PostgreSQL's protocol to cut the
+    connection at the worst moment for a client: once armed, right after the server's answer to
+    a command whose tag starts with `tag` has passed (CommandComplete "COMMIT") and before the
+    ReadyForQuery that follows it, as a server that stops between those two messages does."""
+
+    def __init__(self, port: int, tag: bytes = b"COMMIT") -> None:
+        self.upstream = port
+        self.tag = tag
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = threading.Event()
+        self.cut = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        client, _ = self.listener.accept()
+        server = socket.create_connection(("127.0.0.1", self.upstream))
+        threading.Thread(target=TcpProxy._pipe, args=(client, server), daemon=True).start()
+        self._answers(server, client)
+
+    def _answers(self, server: socket.socket, client: socket.socket) -> None:
+        buffer = b""
+        try:
+            while data := server.recv(65536):
+                buffer += data
+                while len(buffer) >= 5:  # whole messages only: a type byte, then a length
+                    size = 1 + int.from_bytes(buffer[1:5], "big")
+                    if len(buffer) < size:
+                        break
+                    message, buffer = buffer[:size], buffer[size:]
+                    client.sendall(message)
+                    if self.armed.is_set() and message[:1] == b"C" and message[5:].startswith(self.tag):
+                        self.cut.set()
+                        for sock in (client, server):
+                            sock.shutdown(socket.SHUT_RDWR)
+                            sock.close()
+                        return
+        except OSError:
+            pass

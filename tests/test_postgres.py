@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import run_bulkjob, summary_of, write_items
+from netproxy import CutAfterAnswer
 
 from job.manifest import ShardManifest
 from job.store import LocalStore
@@ -345,56 +345,6 @@ def test_statements_that_need_or_refuse_a_transaction_block_still_get_one(tmp_pa
         assert (record["state"], record["error"]["code"]) == ("failed", code), record
 
 
-class CutAfterCommit:
-    """A TCP proxy on loopback that speaks just enough of PostgreSQL's protocol to cut the
-    connection at the worst moment for a client: once armed, right after the server's answer to
-    COMMIT has passed (CommandComplete "COMMIT") and before the ReadyForQuery of the Sync that
-    follows it, as a server that stops between those two messages does."""
-
-    def __init__(self, port: int, tag: bytes = b"COMMIT") -> None:
-        self.upstream = port
-        self.tag = tag
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.armed = threading.Event()
-        self.cut = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        client, _ = self.listener.accept()
-        server = socket.create_connection(("127.0.0.1", self.upstream))
-        threading.Thread(target=self._pipe, args=(client, server), daemon=True).start()
-        self._answers(server, client)
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-
-    def _answers(self, server: socket.socket, client: socket.socket) -> None:
-        buffer = b""
-        try:
-            while data := server.recv(65536):
-                buffer += data
-                while len(buffer) >= 5:  # whole messages only: a type byte, then a length
-                    size = 1 + int.from_bytes(buffer[1:5], "big")
-                    if len(buffer) < size:
-                        break
-                    message, buffer = buffer[:size], buffer[size:]
-                    client.sendall(message)
-                    if self.armed.is_set() and message[:1] == b"C" and message[5:].startswith(self.tag):
-                        self.cut.set()
-                        for sock in (client, server):
-                            sock.shutdown(socket.SHUT_RDWR)
-                            sock.close()
-                        return
-        except OSError:
-            pass
-
-
 def test_a_session_lost_just_after_commit_answered_is_no_failure(pg_db):
     """The transaction committed and its COMMIT was answered; the session died before the Sync's
     ReadyForQuery. Reporting that as a failure would run the item again (a second commit): the
@@ -404,7 +354,7 @@ def test_a_session_lost_just_after_commit_answered_is_no_failure(pg_db):
     from job.db import postgres
 
     pg_db.execute("CREATE TABLE ledger (k text)")
-    proxy = CutAfterCommit(pg_db.server.port)
+    proxy = CutAfterAnswer(pg_db.server.port)
     conninfo = pg_db.server.conninfo(pg_db.name).replace(f"port={pg_db.server.port}", f"port={proxy.port}")
     conn = psycopg.connect(conninfo + " sslmode=disable gssencmode=disable")
     proxy.armed.set()
