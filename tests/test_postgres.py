@@ -363,5 +363,4 @@ def test_a_session_lost_just_after_commit_answered_is_no_failure(pg_db):
     assert proxy.cut.is_set()  # the cut did happen where it should
     assert rows == 2
     assert pg_db.execute("SELECT k FROM ledger ORDER BY k") == [("a",), ("b",)]
-    assert not postgres.usable(conn)
-    conn.close()
+    assert not postgres.usable(conn)  # closed: the next item opens a new session

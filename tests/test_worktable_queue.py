@@ -115,7 +115,9 @@ def test_three_runners_one_sigkilled_every_row_done_and_applied_once_beyond_the_
     for item in repeated:
         name, at = first[item]
         assert name == "runner-b", item
-        assert (killed_at - at).total_seconds() <= interval + 1.0, (item, killed_at - at)
+        # The interval, plus what the last write-back of the killed runner took on a loaded
+        # machine (its chunk waits for an extension in flight: at most TTL/6, 1.3 s here).
+        assert (killed_at - at).total_seconds() <= interval + 3.0, (item, killed_at - at)
     assert len(repeated) < 2000  # far fewer than what the killed runner did
 
 

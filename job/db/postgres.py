@@ -225,11 +225,14 @@ def _run_pipelined(conn: Connection, statements: Sequence[BoundStatement]) -> in
             # constraint checked at COMMIT, or the session lost); a later one is only the echo
             # of the first (statements the server skipped).
             first = first or e
-        if first is not None and not _committed(commit):
-            raise first
-        # Committed, even when the session was lost right after COMMIT's answer (a server
-        # stopping ends its sessions at their next message, here the Sync): reporting that
-        # failure would run the item again. The lost session is dropped at its next use.
+        if first is not None:
+            if not _committed(commit):
+                raise first
+            # Committed, though the session was lost right after COMMIT's answer (a server
+            # stopping ends its sessions at their next message, here the Sync): reporting that
+            # failure would run the item again. The session is closed, so that its next use
+            # opens a new one rather than meet a pipeline left half read.
+            conn.close()
         return sum(max(cur.rowcount, 0) for cur in cursors)
     except BaseException:
         rollback_quietly(conn)
