@@ -60,6 +60,10 @@ class Loop:
         preload: tuple[str, ...] = ("job.worker",)
         if cfg.worker.metrics_dir:
             preload += ("prometheus_client",)
+        if cfg.worker.db is not None:
+            # Its driver too (psycopg takes ~0.1 s of CPU to import): once, not in every worker
+            # at its first item, while the others compete for the CPU.
+            preload += (f"job.db.{cfg.worker.db.dialect}",)
         pool = self.pool = Pool(cfg.workers, cfg.worker, prefetch=sched.worker_depth, preload=preload)
         signals, queue = run.signals, run.queue
         progress = Progress(run.counts.total, interval=cfg.progress_interval)

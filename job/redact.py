@@ -7,7 +7,9 @@ caller says which values are secret.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -93,10 +95,30 @@ def scrub(value: Any, secrets: tuple[str, ...]) -> Any:
     return value
 
 
+#: What JSON escapes in a string (and ensure_ascii=False leaves alone): a secret holding one of
+#: these may not appear as itself in a JSON text that holds it.
+_JSON_TEXT = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
+
+
+def _may_hold(value: Any, secrets: tuple[str, ...]) -> bool:
+    """Whether a JSON-like value may hold a secret (a string, key or number that scrub would
+    change): false only when its JSON text holds none of them. One C-speed pass, where scrub
+    walks every key and value; a value JSON cannot write (NaN among them, which str() spells
+    otherwise) is scrubbed the slow way."""
+    try:
+        text = _JSON_TEXT.encode(value)
+    except (TypeError, ValueError):
+        return True
+    return any(secret in text or _JSON_ESCAPED.search(secret) is not None for secret in secrets)
+
+
 def scrub_outcome(outcome: Outcome, secrets: tuple[str, ...]) -> Outcome:
     """The outcome with secrets removed from what reaches the manifest and the parent's logs:
     the handler's result, the kept progress, and the failure's message, code and traceback."""
     if not secrets or (outcome.result is None and outcome.failure is None and not outcome.progress):
+        return outcome
+    if outcome.failure is None and not outcome.progress and not _may_hold(outcome.result, secrets):
         return outcome
     failure = outcome.failure
     if failure is not None:

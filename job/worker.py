@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pickle import HIGHEST_PROTOCOL, dumps
 from typing import TYPE_CHECKING, Any
 
 from .errors import BulkjobError, HandlerImportError, Permanent, UsageError
@@ -330,11 +331,13 @@ def main(conn, settings: Any, stop_flag, start_deadline, environment) -> None:
                 # renewal (monotonic): a parent that stalls (stopped, starved) past it must not
                 # have its workers start items it may no longer record.
                 if stop_flag.value or time.monotonic() > start_deadline.value:
-                    conn.send(Outcome(task[0], 0, 0.0))
+                    conn.send_bytes(dumps(Outcome(task[0], 0, 0.0), HIGHEST_PROTOCOL))
                     continue
                 resources.new_epoch(environment.value)
-                conn.send(_attempt(handler, task, settings=settings, resources=resources, logger=logger,
-                                   secrets=secrets, in_flight=in_flight))
+                # Plain pickle: Connection.send builds a ForkingPickler (for sharing sockets and
+                # file descriptors, which an Outcome never holds) per message.
+                conn.send_bytes(dumps(_attempt(handler, task, settings=settings, resources=resources, logger=logger,
+                                               secrets=secrets, in_flight=in_flight), HIGHEST_PROTOCOL))
                 items_run += 1
                 if resources.retire or (settings.max_items_per_worker
                                         and items_run >= settings.max_items_per_worker):

@@ -13,7 +13,8 @@ import pytest
 from conftest import free_port, run_bulkjob, start_bulkjob, write_items
 from promservers import Pushgateway, descendants, wait_for_metrics
 
-from job.redact import REDACTED, field_values, scrub, scrub_text, secrets_of
+from job.outcome import Outcome
+from job.redact import REDACTED, field_values, scrub, scrub_outcome, scrub_text, secrets_of
 
 DB_PASSWORD = "db-pass-Wq7Zk2"
 S3_SECRET = "s3-secret-Hc5Rt9"
@@ -48,6 +49,29 @@ def _texts_of_manifest(s3_server, bucket: str) -> list[str]:
             data = gzip.decompress(data)
         texts.append(obj["Key"] + "\n" + data.decode("utf-8", "replace"))
     return texts
+
+
+@pytest.mark.parametrize("result, secrets", [
+    ({"steps": 1, "rows": 1}, ("hunter2",)),
+    ({"steps": 1, "rows": 1}, ("1",)),                       # a number equal to a secret
+    ({"rows": 12}, ("1",)),                                  # only part of a number: kept
+    ({"note": "pw is hunter2"}, ("hunter2",)),
+    ({"hunter2": 1}, ("hunter2",)),                          # a key
+    ({"a": ["x", ("hunter2",)]}, ("hunter2",)),              # inside a tuple
+    ({"a": "pässwört"}, ("pässwört",)),                      # JSON would escape it as ASCII
+    ({"a": 'say "hi"'}, ('"hi"',)),                          # a secret JSON writes escaped
+    ({"a": "tab\there"}, ("\th",)),
+    ({"a": float("nan")}, ("nan",)),                         # str() and JSON spell NaN apart
+    ({"a": 1.5e16}, ("1.5e+16",)),
+    ({"a": True, "b": None}, ("True",)),                     # booleans are never secrets
+    ({"a": {1: "x"}}, ("1",)),                               # a key JSON writes as a string
+    ({"a": object()}, ("x",)),                               # not JSON: the slow way
+])
+def test_scrub_outcome_of_a_result_equals_scrub(result, secrets):
+    """The shortcut for results that hold no secret (one JSON pass instead of a walk) never
+    keeps what the walk would scrub."""
+    scrubbed = scrub_outcome(Outcome("item-1", 1, 0.1, result=result), secrets)
+    assert repr(scrubbed.result) == repr(scrub(result, secrets))
 
 
 def test_no_secret_reaches_any_output_of_a_run(tmp_path, s3_server, s3_bucket):
