@@ -7,6 +7,7 @@ does a login the server refused: libpq reports those as text, which is matched h
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -166,6 +167,7 @@ SELF_CONTAINED = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "WI
 _FIRST_WORD = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*(?:(?!/\*).)*?\*/)*[\s(]*([A-Za-z]+)", re.S)
 
 
+@functools.lru_cache(maxsize=256)
 def self_contained(sql: str) -> bool:
     """Whether a statement (of SELF_CONTAINED's kinds) may run alone in autocommit mode as the
     whole of a transaction."""
