@@ -32,6 +32,10 @@ MAX_TICK = 0.5
 #: Workers that die before ever becoming ready, per pool slot, before the run gives up: a
 #: handler whose import crashes the process would otherwise restart workers forever.
 MAX_START_FAILURES_PER_SLOT = 3
+#: While every worker has a task queued behind the one it runs, the loop waits this long
+#: before it looks for answers, so that it wakes once for several of them: each wake-up costs
+#: the parent more than an answer does. No worker idles meanwhile (its next task is there).
+GATHER_SECONDS = 0.001
 #: Seconds the loop may wait for a start record to be durable before it tries again later.
 START_RECORD_TIMEOUT = 5.0
 #: Seconds before the fence's hard deadline (when another runner could take over) at which
@@ -97,6 +101,8 @@ class Loop:
                         break
                 elif pool.busy() == 0:
                     break
+                if drain_deadline is None and pool.queued_everywhere():
+                    time.sleep(GATHER_SECONDS)
                 events, woke = pool.wait(self._timeout(now, drain_deadline))
                 if woke:
                     signals.drain_wakeups()

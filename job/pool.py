@@ -225,6 +225,11 @@ class Pool:
         handle.inflight.extend(tasks)
         return len(tasks)
 
+    def queued_everywhere(self) -> bool:
+        """Every worker is ready and holds a task beyond the one it runs: none can run out of
+        work soon."""
+        return all(w.ready and not w.broken and len(w.inflight) >= 2 for w in self.workers)
+
     def busy(self) -> int:
         return sum(len(w.inflight) for w in self.workers)
 
