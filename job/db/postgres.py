@@ -1,4 +1,5 @@
-"""PostgreSQL through psycopg 3: the only module that imports psycopg.
+"""PostgreSQL through psycopg 3: the only module that imports psycopg (with job.db.pgpipeline,
+the part of it that sends a transaction).
 
 Errors are told apart by SQLSTATE. A connection that failed or was cut comes as an
 OperationalError without one ("connection is closed", "server closed the connection"), and so
@@ -19,10 +20,11 @@ from psycopg.rows import TupleRow
 
 from ..errors import UsageError
 from ..outcome import CONFIG, OUTAGE, PERMANENT, RETRYABLE, Failure
+from . import pgpipeline
 from .batch import RowError, executemany_with_savepoints
 from .dialect import milliseconds
 from .errors import environment
-from .session import prepare_session, rollback_quietly
+from .session import prepare_session
 
 if TYPE_CHECKING:
     from .dialect import Binds, BoundStatement, Cursor
@@ -179,70 +181,16 @@ def run_transaction(conn: Connection, statements: Sequence[BoundStatement]) -> i
     """Run `statements` ((sql, binds or None), in order) as one transaction and commit it, in
     one round trip; returns the rows they affected. Raises the error of the statement that
     failed, with nothing of the transaction committed and the session out of it (rolled
-    back); a session lost on the way raises libpq's error (an outage), to be dropped.
+    back); a session lost on the way raises libpq's error (an outage), and is closed.
 
-    A transaction of one query or DML statement (see SELF_CONTAINED) is that statement alone in
-    autocommit mode. Any other goes out in pipeline mode: BEGIN, the statements and COMMIT are
-    sent without waiting, and their results come back together at one Sync. The session is
-    left in autocommit mode (see _autocommit).
+    A transaction of one query or DML statement (see SELF_CONTAINED) is that statement alone,
+    committed at its Sync as in autocommit mode. Any other is sent as BEGIN, the statements and
+    COMMIT, without waiting, and their results come back together at one Sync (job.db.pgpipeline).
+    The session is left in autocommit mode (see _autocommit).
     """
-    if len(statements) == 1 and self_contained(statements[0][0]):
-        return _run_alone(conn, *statements[0])
-    return _run_pipelined(conn, statements)
-
-
-def _run_alone(conn: Connection, sql: str, params: dict[str, Any] | None) -> int:
     _autocommit(conn)
-    with conn.cursor() as cur:
-        cur.execute(sql, params)
-        return max(cur.rowcount, 0)
-
-
-def _run_pipelined(conn: Connection, statements: Sequence[BoundStatement]) -> int:
-    # Autocommit, so that psycopg sends no BEGIN of its own: in pipeline mode it would wait for
-    # that BEGIN's answer, a round trip of its own. Our BEGIN makes it the same explicit
-    # transaction as outside a pipeline.
-    _autocommit(conn)
-    try:
-        cursors: list[psycopg.Cursor[TupleRow]] = []
-        first: psycopg.Error | None = None
-        commit: psycopg.Cursor[TupleRow] | None = None
-        try:
-            with conn.pipeline():
-                try:
-                    conn.execute("BEGIN", prepare=False)
-                    for sql, params in statements:
-                        cur = conn.cursor()
-                        cur.execute(sql, params)
-                        cursors.append(cur)
-                    commit = conn.execute("COMMIT", prepare=False)
-                except psycopg.Error as e:
-                    # Queue nothing more. Leaving the pipeline sends the Sync that ends what
-                    # the server skipped, and collects every result still owed.
-                    first = e
-        except psycopg.Error as e:
-            # Raised while leaving: the first error when it came back only at the Sync (a
-            # constraint checked at COMMIT, or the session lost); a later one is only the echo
-            # of the first (statements the server skipped).
-            first = first or e
-        if first is not None:
-            if not _committed(commit):
-                raise first
-            # Committed, though the session was lost right after COMMIT's answer (a server
-            # stopping ends its sessions at their next message, here the Sync): reporting that
-            # failure would run the item again. The session is closed, so that its next use
-            # opens a new one rather than meet a pipeline left half read.
-            conn.close()
-        return sum(max(cur.rowcount, 0) for cur in cursors)
-    except BaseException:
-        rollback_quietly(conn)
-        raise
-
-
-def _committed(commit: psycopg.Cursor[TupleRow] | None) -> bool:
-    """Whether COMMIT's own answer came back, and said COMMIT (a failed transaction's COMMIT
-    answers ROLLBACK; one never answered has no status)."""
-    return commit is not None and commit.statusmessage == "COMMIT"
+    lone = len(statements) == 1 and self_contained(statements[0][0])
+    return pgpipeline.transaction(conn, statements, explicit=not lone)
 
 
 def _autocommit(conn: Connection) -> None:
