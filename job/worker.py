@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -194,19 +195,15 @@ def run_attempt(handler: Handler, task: tuple, *, settings: Any, resources: Reso
 
 
 def _attempt(handler: Handler, task: tuple, *, settings: Any, resources: Resources,
-             logger: logging.Logger, secrets: tuple[str, ...], in_flight) -> Outcome:
-    """One attempt with its bookkeeping: every record logged meanwhile names the item, the
-    gauge of items in flight counts it, and no secret value (the environment's, or the item's
-    --redact fields) leaves the worker in the outcome."""
+             logger: logging.Logger, secrets: tuple[str, ...]) -> Outcome:
+    """One attempt with its bookkeeping: every record logged meanwhile names the item, and no
+    secret value (the environment's, or the item's --redact fields) leaves the worker in the
+    outcome."""
     item_secrets = field_values(task[1], settings.redact_fields) if settings.redact_fields else ()
     set_item(task[0], task[2], item_secrets)
-    if in_flight is not None:
-        in_flight.inc()
     try:
         outcome = run_attempt(handler, task, settings=settings, resources=resources, logger=logger)
     finally:
-        if in_flight is not None:
-            in_flight.dec()
         set_item(None)
     return scrub_outcome(outcome, secrets_of(secrets + item_secrets) if item_secrets else secrets)
 
@@ -245,6 +242,12 @@ def _password_from_file(settings: Any) -> tuple[str, ...]:
         return (read_password(settings.db) or "",)
     except BulkjobError:
         return ()  # unreadable: the connection attempt reports it
+
+
+def _queued(conn) -> bool:
+    """Whether a message waits in the pipe (select with no wait: Connection.poll builds a
+    selector per call)."""
+    return bool(select.select([conn.fileno()], [], [], 0)[0])
 
 
 def _die_with_parent() -> None:
@@ -317,9 +320,16 @@ def main(conn, settings: Any, stop_flag, start_deadline, environment) -> None:
 
         resource.setrlimit(resource.RLIMIT_AS, (settings.memory_limit, settings.memory_limit))
     items_run = 0
+    #: The gauge of items in flight says 1 while this worker runs attempts back to back; it is
+    #: set to 0 only when the worker is about to wait for tasks (setting it around every
+    #: attempt cost a tenth of a short item's time).
+    running = False
     conn.send((READY, os.getpid()))
     try:
         while True:
+            if running and not _queued(conn):
+                in_flight.dec()
+                running = False
             try:
                 tasks = conn.recv()
             except EOFError:
@@ -333,11 +343,14 @@ def main(conn, settings: Any, stop_flag, start_deadline, environment) -> None:
                 if stop_flag.value or time.monotonic() > start_deadline.value:
                     conn.send_bytes(dumps(Outcome(task[0], 0, 0.0), HIGHEST_PROTOCOL))
                     continue
+                if in_flight is not None and not running:
+                    in_flight.inc()
+                    running = True
                 resources.new_epoch(environment.value)
                 # Plain pickle: Connection.send builds a ForkingPickler (for sharing sockets and
                 # file descriptors, which an Outcome never holds) per message.
                 conn.send_bytes(dumps(_attempt(handler, task, settings=settings, resources=resources, logger=logger,
-                                               secrets=secrets, in_flight=in_flight), HIGHEST_PROTOCOL))
+                                               secrets=secrets), HIGHEST_PROTOCOL))
                 items_run += 1
                 if resources.retire or (settings.max_items_per_worker
                                         and items_run >= settings.max_items_per_worker):
