@@ -22,7 +22,7 @@ BUCKETS = (
     ("read and parse items (two passes)", ("parse_line", "scan", "iter_items", "Run._tasks", "plan")),
     ("encode manifest records (JSON)", ("encode_record", "Checkpointer.add")),
     ("metrics observer", ("RunMetrics.", "PrometheusObserver.", "Progress.", "OnStart.")),
-    ("receive outcomes (poll, read, unpickle)", ("Pool._drain",)),
+    ("receive outcomes (read, unpickle)", ("Pool._receive", "Answers.")),
     ("send tasks (pickle, write)", ("Pool.submit",)),
     ("wait on pipes and sentinels (build selector, poll)", ("Pool.wait",)),
     ("outcome bookkeeping (records, counts)", ("Loop._on_outcome", "Loop._on_failure", "Recording.")),
