@@ -1,4 +1,4 @@
-"""A PostgreSQL transaction sent with libpq's pipeline calls (job/db/pgpipeline.py): the
+"""A PostgreSQL transaction sent with libpq's pipeline calls (job/db/postgres/pipeline.py): the
 placeholder conversion as a pure function, and against the real server what it keeps per
 session (prepared statements), what it must never do (hold the GIL while it waits) and what a
 lost session comes to."""
@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from job.db import pgpipeline, postgres
+from job.db import postgres
+from job.db.postgres import pipeline as pgpipeline
 from job.outcome import OUTAGE
 
 psycopg = pytest.importorskip("psycopg")
@@ -118,3 +119,14 @@ def test_a_session_ended_by_the_server_mid_transaction_is_an_outage_and_closed(c
     assert failure is not None and failure.kind == OUTAGE, failure
     assert not postgres.usable(conn)
     assert pg_db.execute("SELECT count(*) FROM kv") == [(0,)]
+
+
+def test_a_session_with_a_transaction_open_is_refused_not_joined(conn, pg_db):
+    """BEGIN inside an open transaction only warns, and a lone statement would join it
+    uncommitted: the item must fail instead of being recorded done."""
+    conn.execute("SELECT 1")  # psycopg opens a transaction (the session is not in autocommit)
+    with pytest.raises(psycopg.ProgrammingError):
+        postgres.run_transaction(conn, [(UPSERT, {"k": "a", "v": 1})])
+    conn.rollback()
+    assert postgres.run_transaction(conn, [(UPSERT, {"k": "a", "v": 1})]) == 1
+    assert pg_db.execute("SELECT k, v FROM kv") == [("a", 1)]

@@ -10,7 +10,7 @@ must roll back (ORA-63302, PostgreSQL 40001).
 
 Each transaction (the item's statements, or a step's) goes to the dialect whole, with its
 commit (`run_transaction`), so that it travels in as few round trips as the driver allows:
-one on PostgreSQL (a pipeline, or a lone statement in autocommit mode), one per statement on
+one on PostgreSQL (a pipeline, or a lone statement with its Sync), one per statement on
 Oracle (the commit travels with the last one); see those modules.
 """
 

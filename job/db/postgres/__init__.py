@@ -1,5 +1,5 @@
-"""PostgreSQL through psycopg 3: the only module that imports psycopg (with job.db.pgpipeline,
-the part of it that sends a transaction).
+"""PostgreSQL through psycopg 3: this package is the only one that imports psycopg (its
+`pipeline` module sends a steps transaction).
 
 Errors are told apart by SQLSTATE. A connection that failed or was cut comes as an
 OperationalError without one ("connection is closed", "server closed the connection"), and so
@@ -18,17 +18,17 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
-from ..errors import UsageError
-from ..outcome import CONFIG, OUTAGE, PERMANENT, RETRYABLE, Failure
-from . import pgpipeline
-from .batch import RowError, executemany_with_savepoints
-from .dialect import milliseconds
-from .errors import environment
-from .session import prepare_session
+from ...errors import UsageError
+from ...outcome import CONFIG, OUTAGE, PERMANENT, RETRYABLE, Failure
+from ..batch import RowError, executemany_with_savepoints
+from ..dialect import milliseconds
+from ..errors import environment
+from ..session import prepare_session
+from . import pipeline
 
 if TYPE_CHECKING:
-    from .dialect import Binds, BoundStatement, Cursor
-    from .url import DbSettings
+    from ..dialect import Binds, BoundStatement, Cursor
+    from ..url import DbSettings
 
 #: The connections this dialect makes and is handed back (see job.db.dialect): rows as tuples.
 Connection: TypeAlias = psycopg.Connection[TupleRow]
@@ -185,20 +185,10 @@ def run_transaction(conn: Connection, statements: Sequence[BoundStatement]) -> i
 
     A transaction of one query or DML statement (see SELF_CONTAINED) is that statement alone,
     committed at its Sync as in autocommit mode. Any other is sent as BEGIN, the statements and
-    COMMIT, without waiting, and their results come back together at one Sync (job.db.pgpipeline).
-    The session is left in autocommit mode (see _autocommit).
+    COMMIT, without waiting, and their results come back together at one Sync (job.db.postgres.pipeline).
     """
-    _autocommit(conn)
     lone = len(statements) == 1 and self_contained(statements[0][0])
-    return pgpipeline.transaction(conn, statements, explicit=not lone)
-
-
-def _autocommit(conn: Connection) -> None:
-    """Autocommit mode, where every transaction of run_transaction is its own: it stays on
-    between items, since nothing else uses the session of a steps handler. (Turning it on and
-    off around each item cost two of psycopg's waits, more client time than the statement.)"""
-    if not conn.autocommit:
-        conn.autocommit = True
+    return pipeline.transaction(conn, statements, explicit=not lone)
 
 
 def limit_calls(conn: Connection, seconds: float) -> None:

@@ -8,7 +8,7 @@ text and its parameter types come back a second time in a session), Bind, Execut
 statement, BEGIN and COMMIT around them when asked, and one Sync. Parameters are adapted by
 psycopg's Transformer, as psycopg's cursors do; errors are psycopg's own classes.
 
-Part of job.db.postgres, the module that owns PostgreSQL; nothing else calls it.
+Part of job.db.postgres, the package that owns PostgreSQL; nothing else calls it.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ import psycopg
 from psycopg import errors, pq
 from psycopg.adapt import PyFormat, Transformer
 
+from ..session import close_quietly
+
 if TYPE_CHECKING:
     from psycopg.abc import Buffer
 
-    from .dialect import BoundStatement
+    from ..dialect import BoundStatement
 
 #: Named prepared statements a session keeps at most (psycopg's own default is 100); a text
 #: beyond them is sent unnamed, parsed by the server each time.
@@ -104,12 +106,15 @@ def transaction(conn: psycopg.Connection[Any], statements: Sequence[BoundStateme
     OperationalError raised (an outage), unless COMMIT's own answer came back first: then the
     transaction is committed, the rows are returned and only the session is closed.
     """
+    if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        # BEGIN would only warn, and a lone statement would join that transaction uncommitted.
+        raise psycopg.ProgrammingError("a transaction is already open on this session")
     prepared = _sessions.get(conn)
     if prepared is None:
         prepared = _sessions[conn] = _Prepared()
     messages = _messages(conn, statements, prepared)  # adapted before anything is sent
-    #: What each query sent was, in order: its Parse's key for a Parse, else None.
-    sent: list[tuple[bytes, tuple[int, ...]] | None] = []
+    #: Each query sent, in order: (its key, its name) for a Parse, else None.
+    sent: list[tuple[tuple[bytes, tuple[int, ...]], bytes] | None] = []
     pgconn = conn.pgconn
     try:
         pgconn.enter_pipeline_mode()
@@ -123,7 +128,7 @@ def transaction(conn: psycopg.Connection[Any], statements: Sequence[BoundStateme
                 continue
             if m.prepare is not None:
                 pgconn.send_prepare(m.name, m.sql, param_types=m.types)
-                sent.append(m.prepare)
+                sent.append((m.prepare, m.name))
             pgconn.send_query_prepared(m.name, m.params, param_formats=m.formats)
             sent.append(None)
         if explicit:
@@ -133,21 +138,19 @@ def transaction(conn: psycopg.Connection[Any], statements: Sequence[BoundStateme
         _flush(pgconn)
         rows, error, committed, answered = _read(conn)
         for index in answered:
-            key = sent[index]
-            if key is not None:
-                prepared.names[key] = next(m.name for m in messages if m.prepare == key and m.name)
+            parsed = sent[index]
+            if parsed is not None:
+                prepared.names[parsed[0]] = parsed[1]
         if pgconn.status == pq.ConnStatus.OK:
             pgconn.exit_pipeline_mode()
-    except BaseException as e:
-        # Sending failed (the session is lost), or the pipeline was left half read: the session
-        # cannot be trusted any more.
-        _close(conn)
-        if isinstance(e, psycopg.Error) and not isinstance(e, psycopg.OperationalError):
-            raise psycopg.OperationalError(str(e)) from None
+    except BaseException:
+        # Sending failed (libpq's OperationalError: the session is lost), or the pipeline was
+        # left half read: the session cannot be trusted any more.
+        close_quietly(conn)
         raise
     if pgconn.status != pq.ConnStatus.OK:
         # Lost on the way. COMMIT's own answer came back: committed, whatever came after.
-        _close(conn)
+        close_quietly(conn)
         if committed:
             return rows
         raise error or _lost(conn)
@@ -247,9 +250,3 @@ def _lost(conn: psycopg.Connection[Any], message: bytes | None = None) -> psycop
     text = (message or conn.pgconn.error_message or b"").decode("utf-8", "replace").strip()
     return psycopg.OperationalError(f"consuming input failed: {text or 'server closed the connection unexpectedly'}")
 
-
-def _close(conn: psycopg.Connection[Any]) -> None:
-    try:
-        conn.close()
-    except Exception:
-        pass
