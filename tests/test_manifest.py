@@ -341,7 +341,9 @@ def test_running_records_come_first_so_that_a_later_record_wins(tmp_path):
     # A changed running list alone is worth a checkpoint; an unchanged one is not.
     cp.set_running([{"id": "y", "state": RUNNING, "attempts": 2}])
     cp.wake()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10  # the writer thread may be slow to run on a loaded machine
+    while cp.writes < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert cp.writes == 2
     cp.wake()
     time.sleep(0.3)
