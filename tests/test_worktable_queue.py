@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import bulkjob_cmd, bulkjob_env, run_bulkjob, start_bulkjob, summary_of
+from conftest import ROOT, bulkjob_cmd, bulkjob_env, run_bulkjob, start_bulkjob, summary_of
 from ledger import applied
 from netproxy import TcpProxy
 
@@ -77,9 +77,16 @@ def test_three_runners_one_sigkilled_every_row_done_and_applied_once_beyond_the_
     count, interval = 20000, 0.5
     fill(pg_db, count)
     handler = steps(tmp_path)
-    procs = {name: start_bulkjob(*runner(pg_db.url, handler, name, "--workers", "2", "--lease-ttl", "8"),
-                                 env=pg_db.env, start_new_session=True)
-             for name in ("runner-a", "runner-b", "runner-c")}
+    # The runner to be killed logs to a file (its writes of row states, at debug), read if the
+    # bound below does not hold.
+    killed_log = tmp_path / "runner-b.log"
+    with killed_log.open("w") as log_file:
+        procs = {name: subprocess.Popen(
+            bulkjob_cmd(*runner(pg_db.url, handler, name, "--workers", "2", "--lease-ttl", "8",
+                                *(("--log-level", "debug") if name == "runner-b" else ()))),
+            env=bulkjob_env(pg_db.env), stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+            stderr=log_file if name == "runner-b" else subprocess.PIPE)
+            for name in ("runner-a", "runner-b", "runner-c")}
     wait_for(lambda: pg_db.execute("SELECT COUNT(*) FROM ledger WHERE runner = 'runner-b'")[0][0] >= 2000
              and states(pg_db).get("DONE", 0) >= 5000, 120, "a third of the rows done", procs.values())
     os.killpg(procs["runner-b"].pid, signal.SIGKILL)  # its whole process group, workers included
@@ -117,7 +124,8 @@ def test_three_runners_one_sigkilled_every_row_done_and_applied_once_beyond_the_
         assert name == "runner-b", item
         # The interval, plus what the last write-back of the killed runner took on a loaded
         # machine (its chunk waits for an extension in flight: at most TTL/6, 1.3 s here).
-        assert (killed_at - at).total_seconds() <= interval + 3.0, (item, killed_at - at)
+        writes = [line for line in killed_log.read_text().splitlines() if "bulkjob.worktable" in line]
+        assert (killed_at - at).total_seconds() <= interval + 3.0, (item, killed_at - at, writes[-20:])
     assert len(repeated) < 2000  # far fewer than what the killed runner did
 
 

@@ -263,3 +263,29 @@ def test_a_start_held_back_by_the_fence_is_not_left_behind(work_table):
     fence["open"] = True
     assert writer.close(10) and writer.unsaved == 0
     assert table_rows(pg_db)["w5"] == ("RUNNING", 0, None)
+
+
+def test_a_write_back_held_up_in_the_database_says_how_far_behind_it_is(work_table, monkeypatch, caplog):
+    """The bound on rows run again after a crash is the write-back's lag: a write that waits
+    (here for a row lock another session holds) shows in `lag` and in a warning."""
+    import job.db.worktable as worktable
+
+    pg_db, settings = work_table
+    monkeypatch.setattr(worktable, "LAG_WARNING", 0.5)
+    writer = recorder(settings, Claims("A"))
+    writer.interval = 0.01  # the warning's other threshold: LAG_INTERVALS intervals
+    with caplog.at_level(logging.WARNING, logger="bulkjob.worktable"):
+        with pg_db.connect(autocommit=False) as other:
+            other.execute("SELECT 1 FROM bulk_work WHERE work_id = 'w7' FOR UPDATE")
+            writer.add({"id": "w7", "state": "done", "attempts": 1})
+            writer.start()
+            writer.wake()
+            time.sleep(1.0)
+            assert table_rows(pg_db)["w7"][0] == "RUNNING"  # the write waits for the lock
+            other.rollback()
+        assert writer.flush(10)
+    assert table_rows(pg_db)["w7"][0] == "DONE"
+    assert writer.lag >= 1.0
+    assert f"written {writer.lag:.1f}s after the rows end" in caplog.text
+    writer.add({"id": "w8", "state": "done", "attempts": 1})
+    assert writer.close(10) and writer.lag < 0.5  # a write that waits for nothing

@@ -44,6 +44,11 @@ MAX_ERROR_CHARS = 1000
 #: call_timeout): the connection sits idle between batches, and one a firewall dropped would
 #: otherwise hang the next batch until TCP gives up.
 WRITE_CALL_TIMEOUT = 60.0
+#: A final state written this long after the run recorded it (or --checkpoint-interval times
+#: LAG_INTERVALS, if longer) is logged as a warning: the rows a runner that dies runs again are
+#: those finished within the last write's lag, not within the interval.
+LAG_WARNING = 5.0
+LAG_INTERVALS = 10
 
 #: The work table, per database. `error` is optional: bulkjob fills it when the column exists;
 #: so is `result` (not here), which keeps each done row's result as JSON.
@@ -171,6 +176,12 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
         self._landed: list[str] = []
         #: Rows of the batch being written that came from the running list, not from `add`.
         self._starts: set[str] = set()
+        #: When (monotonic) the oldest change in `_pending`, and in the batch being written, was
+        #: added; and the lag of the last batch written (seconds from its oldest add to durable).
+        self._pending_since: float | None = None
+        self._batch_since: float | None = None
+        self.lag = 0.0
+        self._lag_warned_at = float("-inf")
 
     # -- what the run calls ----------------------------------------------------------------
 
@@ -189,6 +200,8 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
                 return  # a final state stays final
             if old is not None and old[0] == PARTIAL and state == RUNNING:
                 change = (PARTIAL, change[1], old[2], None)  # keep the error of the failed attempt
+            if self._pending_since is None:
+                self._pending_since = self.clock()
             self._pending[work_id] = change
             self._ticket()
             full = len(self._pending) >= self.batch
@@ -234,6 +247,7 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
             return None
         self._pending = {}
         self._inflight = batch
+        self._batch_since, self._pending_since = self._pending_since, None
         return batch, self._added
 
     def _write(self, batch: dict[str, Change]) -> None:
@@ -281,6 +295,16 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
     def _written(self, batch: dict[str, Change]) -> None:
         self._settle(batch)
         self._inflight = None
+        since, self._batch_since = self._batch_since, None
+        if since is None:
+            return
+        self.lag = self.clock() - since
+        log.debug("wrote %d row state(s); the oldest was recorded %.2fs ago", len(batch), self.lag)
+        if self.lag > max(LAG_WARNING, LAG_INTERVALS * self.interval) and self.clock() >= self._lag_warned_at + 60:
+            self._lag_warned_at = self.clock()
+            log.warning("the work table's row states are written %.1fs after the rows end (--checkpoint-interval "
+                        "%.1fs): the database or this machine is slow; a runner that dies runs again the rows it "
+                        "finished within that time", self.lag, self.interval)
 
     def _kept(self, batch: dict[str, Change]) -> None:
         """A batch cut short (a failure, the fence closing between chunks): the committed chunks
@@ -288,6 +312,9 @@ class ClaimRecorder(BackgroundWriter[dict[str, Change]]):
         landed = set(self._landed)
         self._settle({work_id: batch[work_id] for work_id in landed})
         self._inflight = None
+        since, self._batch_since = self._batch_since, None
+        if since is not None and (self._pending_since is None or since < self._pending_since):
+            self._pending_since = since  # the kept changes are as old as their batch
         for work_id, change in batch.items():
             if work_id not in landed and work_id not in self._starts:
                 self._pending.setdefault(work_id, change)  # a newer change wins
