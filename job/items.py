@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import compress, islice, repeat
+from operator import add, eq, methodcaller, not_
 from typing import Any
 
 from .errors import InputError, UsageError
+from .itemstates import Finished
 from .manifest import FAILED
 from .outcome import INVALID, Failure
 from .shard import shard_of
@@ -44,6 +48,15 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 #: The id at the start of a line, when it can be read without parsing the line: a plain string
 #: (no escapes, no control characters) or an integer, right after the opening brace.
 _LEADING_ID = re.compile(rb'\{\s*"id"\s*:\s*(?:"([^"\\\x00-\x1f]{1,512})"|(-?(?:0|[1-9]\d{0,29})))\s*[,}]')
+#: The same for a string id, at the start of each line of a block of lines (whitespace that
+#: is not a line break in place of `\s`: a match never reaches into the next line).
+_LEADING_STRING_IDS = re.compile(
+    rb'^[ \t\r\f\v]*\{[ \t\r\f\v]*"id"[ \t\r\f\v]*:[ \t\r\f\v]*"([^"\\\x00-\x1f]{1,512})"[ \t\r\f\v]*[,}]', re.M)
+_GET_ID = methodcaller("get", "id")
+_GET_PAYLOAD = methodcaller("get", "payload")
+_PAYLOAD_TYPES = {dict, type(None)}
+#: Lines that the first pass of a resume looks at together (`_finished_block`).
+SCAN_BLOCK = 4096
 
 
 def invalid_line_id(line: int) -> str:
@@ -201,6 +214,13 @@ class LineSet:
             self._bits[line] = 1
             self.count += 1
 
+    def add_range(self, start: int, stop: int) -> None:
+        """Lines `start` to `stop - 1`."""
+        if stop > len(self._bits):
+            self._bits.extend(bytes(max(stop - len(self._bits), len(self._bits))))
+        self.count += self._bits.count(0, start, stop)
+        self._bits[start:stop] = b"\x01" * (stop - start)
+
     def __contains__(self, line: object) -> bool:
         return isinstance(line, int) and 0 <= line < len(self._bits) and self._bits[line] == 1
 
@@ -256,62 +276,210 @@ def leading_id(raw: bytes) -> str | None:
         return None
 
 
-def scan(lines: Iterator[bytes], *, shard_index: int, shard_count: int,
-         max_bytes: int = MAX_LINE_BYTES, finished: Callable[[str], bool] | None = None) -> Scan:
+def scan(lines: Iterable[bytes], *, shard_index: int, shard_count: int,
+         max_bytes: int = MAX_LINE_BYTES, finished: Finished | None = None) -> Scan:
     """First pass: validate every line and count this shard's items.
 
     Repeated ids are found within this shard only, which is enough: equal ids hash to the
     same shard, so every shard reports a repeat of its own ids and none misses one.
-    `finished(id)` (on a resume) says an item needs no run: its line is marked to be skipped,
-    and when its id can be read without parsing (`leading_id`), it is not parsed at all.
+    `finished` (on a resume) names the items that need no run: their lines are marked to be
+    skipped, and when their ids can be read without parsing (`leading_id`), they are not
+    parsed at all. Lines are taken SCAN_BLOCK at a time (`_block`): a block of lines of the
+    common shape is checked in C-level loops; what it cannot settle goes line by line.
     """
     result = Scan(per_shard=[0] * shard_count)
     first_seen: dict[str, int] = {}
-    for number, raw in enumerate(lines, start=1):
-        result.lines = number
-        if finished is not None and len(raw) <= max_bytes:
-            item_id = leading_id(raw)
-            if item_id is not None and finished(item_id):
-                shard = shard_of(item_id, shard_count)
-                result.valid += 1
-                result.per_shard[shard] += 1
-                if shard == shard_index:
-                    earlier = first_seen.setdefault(item_id, number)
-                    if earlier != number:
-                        result.invalid.append(Invalid(number, f"duplicate id {item_id!r} (first on line {earlier})",
-                                                      shard=shard_index))
-                        result.valid -= 1
-                    else:
-                        result.shard_items += 1
-                        result.finished += 1
-                    result.skip_lines.add(number)
+    earlier = _FinishedLines(finished.size if finished is not None else 0)
+    number = 0
+    lines = iter(lines)
+    while block := list(islice(lines, SCAN_BLOCK)):
+        settled = _block(block, number + 1, finished, earlier, first_seen, result, shard_index=shard_index,
+                         shard_count=shard_count, max_bytes=max_bytes)
+        if settled is True:
+            number += len(block)
+            continue
+        for raw, known in zip(block, settled or repeat(None, len(block)), strict=True):
+            number += 1
+            if known:
+                continue  # settled with its block
+            if finished is not None and known is None and len(raw) <= max_bytes:
+                item_id = leading_id(raw)
+                slot = None if item_id is None else finished.slot(item_id)
+                if item_id is not None and slot is not None:
+                    shard = shard_of(item_id, shard_count)
+                    result.valid += 1
+                    result.per_shard[shard] += 1
+                    if shard == shard_index:
+                        _finished_line(result, finished, earlier, item_id, number, slot, shard)
+                    continue
+            parsed = parse_line(raw.rstrip(b"\r\n"), number, max_bytes=max_bytes)
+            if parsed is None:
+                result.skip_lines.add(number)
                 continue
-        parsed = parse_line(raw.rstrip(b"\r\n"), number, max_bytes=max_bytes)
-        if parsed is None:
-            result.skip_lines.add(number)
-            continue
-        if isinstance(parsed, Invalid):
-            result.invalid.append(parsed)
-            result.skip_lines.add(number)
-            continue
-        shard = shard_of(parsed.id, shard_count)
-        if shard != shard_index:
+            if isinstance(parsed, Invalid):
+                result.invalid.append(parsed)
+                result.skip_lines.add(number)
+                continue
+            shard = shard_of(parsed.id, shard_count)
             result.valid += 1
             result.per_shard[shard] += 1
-            continue
-        earlier = first_seen.setdefault(parsed.id, number)
-        if earlier != number:
-            result.invalid.append(Invalid(number, f"duplicate id {parsed.id!r} (first on line {earlier})",
-                                          shard=shard_index))
-            result.skip_lines.add(number)
-            continue
-        result.valid += 1
-        result.shard_items += 1
-        result.per_shard[shard] += 1
-        if finished is not None and finished(parsed.id):
-            result.finished += 1
-            result.skip_lines.add(number)
+            if shard != shard_index:
+                continue
+            slot = None if finished is None or known is False else finished.slot(parsed.id)
+            if slot is not None:
+                assert finished is not None
+                _finished_line(result, finished, earlier, parsed.id, number, slot, shard)
+                continue
+            first = first_seen.setdefault(parsed.id, number)
+            if first != number:
+                _repeated(result, parsed.id, number, first, shard)
+                continue
+            result.shard_items += 1
+    result.lines = number
     return result
+
+
+class _FinishedLines:
+    """Where each finished item was met, for the message about a repeat: by slot for lines
+    taken one by one, by hash in each block taken at once (8 bytes a line, searched only when
+    a repeat is found)."""
+
+    def __init__(self, size: int) -> None:
+        self.by_slot = array("I", bytes(4 * size))
+        self.blocks: list[tuple[int, array[int]]] = []
+
+    def line(self, item_id: str, slot: int) -> int:
+        if self.by_slot[slot]:
+            return self.by_slot[slot]
+        wanted = hash(item_id)
+        for start, hashes in self.blocks:
+            if wanted in hashes:
+                return start + hashes.index(wanted)
+        return 0
+
+
+def _finished_line(result: Scan, finished: Finished, earlier: _FinishedLines, item_id: str, number: int,
+                   slot: int, shard: int) -> None:
+    """Line `number` of `shard`, this run's (counted valid already), names a finished item."""
+    result.skip_lines.add(number)
+    if not finished.take_one(item_id):
+        _repeated(result, item_id, number, earlier.line(item_id, slot), shard)
+        return
+    earlier.by_slot[slot] = number
+    result.shard_items += 1
+    result.finished += 1
+
+
+def _repeated(result: Scan, item_id: str, number: int, first: int, shard: int) -> None:
+    """Line `number` of `shard` (counted valid already) repeats the id of line `first`: it is
+    invalid, and not counted."""
+    result.invalid.append(Invalid(number, f"duplicate id {item_id!r} (first on line {first})", shard=shard))
+    result.skip_lines.add(number)
+    result.valid -= 1
+    result.per_shard[shard] -= 1
+
+
+def _block(block: list[bytes], start: int, finished: Finished | None, earlier: _FinishedLines,
+           first_seen: dict[str, int], result: Scan, *, shard_index: int, shard_count: int,
+           max_bytes: int) -> bool | list[bool] | None:
+    """Lines `start`... at once, when each one begins as `leading_id` reads it (a plain string
+    id) and says `"id"` once. Those naming a finished item of this shard not met before are
+    counted and marked; then the others are parsed together (`_plain`). Returns True if the
+    whole block is settled; a list (True: settled; False: to parse, and not finished) if
+    only the finished lines are; None if nothing is (the block goes line by line)."""
+    longest = max(map(len, block))
+    if longest > max_bytes:
+        return None
+    text = b"".join(block)
+    matched = _LEADING_STRING_IDS.findall(text)
+    # One match a line at most (each starts a line, none crosses one): as many as lines means
+    # every line; as many "id" as lines then means one in each.
+    if len(matched) != len(block) or text.count(b'"id"') != len(block) or text.count(b"\n") > len(block):
+        return None
+    try:
+        ids = list(map(bytes.decode, matched))
+    except UnicodeDecodeError:
+        return None
+    shards = list(map(shard_of, ids, repeat(shard_count))) if shard_count > 1 else None
+    flags: list[bool] | None = [False] * len(block)
+    if finished is not None:
+        if shards is None:
+            flags = finished.take(ids)
+        else:
+            # Only this shard's items can be finished here; the others are parsed.
+            mine = list(map(eq, shards, repeat(shard_index)))
+            taken = finished.take(list(compress(ids, mine)))
+            flags = None
+            if taken is not None:
+                found = iter(taken)
+                flags = [m and next(found) for m in mine]
+        if flags is None:
+            return None
+        count = flags.count(True)
+        if count:
+            earlier.blocks.append((start, array("q", map(hash, ids))))
+            if count == len(block):
+                result.skip_lines.add_range(start, start + count)
+            else:
+                for n in compress(range(start, start + len(block)), flags):
+                    result.skip_lines.add(n)
+            result.valid += count
+            result.per_shard[shard_index] += count
+            result.shard_items += count
+            result.finished += count
+            if count == len(block):
+                return True
+    assert flags is not None
+    todo = list(map(not_, flags))
+    numbers = list(compress(range(start, start + len(block)), todo))
+    if _plain(list(compress(block, todo)), list(compress(ids, todo)), numbers, longest,
+              None if shards is None else list(compress(shards, todo)), first_seen, result, shard_index):
+        return True
+    return flags
+
+
+def _plain(lines: list[bytes], ids: list[str], numbers: list[int], longest: int, shards: list[int] | None,
+           first_seen: dict[str, int], result: Scan, shard_index: int) -> bool:
+    """Lines known to begin with a plain string id (`ids`) and to say `"id"` once, parsed in
+    one call as the elements of a JSON array: True, and counted as parse_line and the loop of
+    `scan` would count them, if each line is one object with that id (and an object payload,
+    if any), and nothing else; if no line has a reason for a closer look (a \\u escape of a
+    surrogate, DEL in the text, deep brackets) and no id repeats. Else False, nothing counted."""
+    if not lines:
+        return True
+    joined = b",".join(lines)
+    if b"\x7f" in joined or _SURROGATE_ESCAPE.search(joined):
+        return False
+    if longest > MAX_NESTING:  # a shorter line cannot hold more brackets than that
+        brackets = map(add, map(bytes.count, lines, repeat(b"[")), map(bytes.count, lines, repeat(b"{")))
+        if max(brackets) > MAX_NESTING:
+            return False
+    try:
+        # Decoded here, strictly (json.loads would let bytes of a surrogate through).
+        objs = json.loads("[" + joined.decode("utf-8") + "]")
+    except (ValueError, RecursionError):
+        return False
+    # Each line begins an object with its id, and says "id" nowhere else: as many objects with
+    # those ids, in order, as lines means one object a line (a line cut in two, or two lines
+    # joined, would leave an id inside another object, or an element with no id).
+    if len(objs) != len(lines) or set(map(type, objs)) != {dict} or list(map(_GET_ID, objs)) != ids:
+        return False
+    if not set(map(type, map(_GET_PAYLOAD, objs))) <= _PAYLOAD_TYPES:
+        return False
+    if shards is not None:
+        here = list(map(eq, shards, repeat(shard_index)))
+        ids, numbers = list(compress(ids, here)), list(compress(numbers, here))
+    if len(set(ids)) != len(ids) or any(map(first_seen.__contains__, ids)):
+        return False  # a repeat: line by line, which says where
+    first_seen.update(zip(ids, numbers, strict=True))
+    result.valid += len(lines)
+    result.shard_items += len(ids)
+    if shards is None:
+        result.per_shard[shard_index] += len(lines)
+    else:
+        for shard in shards:
+            result.per_shard[shard] += 1
+    return True
 
 
 def iter_items(lines: Iterator[bytes], *, shard_index: int, shard_count: int,

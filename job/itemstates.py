@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 from array import array
 from bisect import bisect_left
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from itertools import chain, compress, count, pairwise, repeat, starmap
-from operator import add, and_, lshift, ne, or_, rshift
+from operator import add, and_, lshift, ne, not_, or_, rshift
 from typing import Any
 
 DONE = "done"
@@ -76,6 +76,126 @@ class ItemStates:
     def items(self, state: str | None = None) -> Iterator[tuple[str, ItemState]]:
         """(id, ItemState) pairs, all or those in `state`."""
         return ((i, s) for i, s in self._states.items() if state is None or s.state == state)
+
+    def finished(self, states: Collection[str]) -> Finished:
+        """The items whose state is one of `states`, as the input's first pass asks (job.items)."""
+        return _DictFinished({i: n for n, (i, s) in enumerate(self._states.items()) if s.state in states})
+
+
+class Finished:
+    """The items a resume does not run again, as the first pass over the input asks: each has a
+    slot (a number below `size` that no other item has), and is taken when its line is met,
+    so that a second line with its id is known for a repeat without a set of ids."""
+
+    size: int
+
+    def slot(self, item_id: str) -> int | None:
+        """The item's slot if it is finished, else None."""
+        raise NotImplementedError
+
+    def take_one(self, item_id: str) -> bool:
+        """Take a finished item; False if it was taken before."""
+        raise NotImplementedError
+
+    def take(self, ids: list[str]) -> list[bool] | None:
+        """For a block of ids: which are finished (those are taken), which are not; or None if
+        a finished one was taken before or repeats in the block (nothing is taken then: ask
+        one by one)."""
+        raise NotImplementedError
+
+
+class _DictFinished(Finished):
+    def __init__(self, slots: dict[str, int]) -> None:
+        self._slots = slots
+        self._left = set(slots)
+        self.size = len(slots)
+
+    def slot(self, item_id: str) -> int | None:
+        return self._slots.get(item_id)
+
+    def take_one(self, item_id: str) -> bool:
+        if item_id not in self._left:
+            return False
+        self._left.discard(item_id)
+        return True
+
+    def take(self, ids: list[str]) -> list[bool] | None:
+        flags = list(map(self._left.__contains__, ids))
+        taken = _take(self._left, list(compress(ids, flags)))
+        if taken is None:
+            return None
+        if any(map(self._slots.__contains__, compress(ids, map(not_, flags)))):
+            self._left.update(taken)  # a finished id met before: a repeat
+            return None
+        return flags
+
+
+def _take(left: set[Any], keys: list[Any]) -> list[Any] | None:
+    """Remove `keys` (all in `left`) from `left`, and return them; None, with `left` as it
+    was, if one repeats."""
+    before = len(left)
+    left.difference_update(keys)
+    if before - len(left) != len(keys):
+        left.update(keys)
+        return None
+    return keys
+
+
+class _PackedFinished(Finished):
+    """Slots are positions in PackedItemStates' arrays. What is not taken yet is a set of the
+    items' 96-bit keys (hash and second hash), and a bitmap of their hashes' low bits tells
+    most ids that are not finished from those taken before; both are made on the first take.
+    A block of ids is looked up in C-level loops (map over the set, the bitmap)."""
+
+    def __init__(self, states: PackedItemStates, codes: frozenset[int]) -> None:
+        self._states = states
+        self._codes = codes
+        self._left: set[int] | None = None
+        self._bits = bytearray()
+        self._mask = 0
+        self.size = len(states)
+
+    def slot(self, item_id: str) -> int | None:
+        i = self._states._find(item_id)
+        return i if i is not None and self._states._vals[i] & 7 in self._codes else None
+
+    def _not_taken(self) -> set[int]:
+        if self._left is None:
+            keys, vals = self._states._keys, self._states._vals
+            wanted = list(map(self._codes.__contains__, map(and_, vals, repeat(7))))
+            self._left = set(compress(map(or_, map(lshift, keys, repeat(32)), map(rshift, vals, repeat(32))), wanted))
+            size = 1 << max(10, (16 * len(self._left)).bit_length())  # 1/16 of the bits set at most
+            self._bits, self._mask = bytearray(size), size - 1
+            deque(map(self._bits.__setitem__, map(and_, compress(keys, wanted), repeat(self._mask)), repeat(1)),
+                  maxlen=0)
+        return self._left
+
+    def take_one(self, item_id: str) -> bool:
+        left = self._not_taken()
+        key = (hash(item_id) << 32) | _second_hash(item_id)
+        if key not in left:
+            return False
+        left.discard(key)
+        return True
+
+    def take(self, ids: list[str]) -> list[bool] | None:
+        left = self._not_taken()
+        hashes = list(map(hash, ids))
+        seconds = map(and_, map(hash, map(add, ids, repeat("\x00"))), repeat(_LOW32))
+        keys = list(map(or_, map(lshift, hashes, repeat(32)), seconds))
+        flags = list(map(left.__contains__, keys))
+        taken = _take(left, list(compress(keys, flags)))
+        if taken is None:
+            return None
+        # Not there: not finished, or finished and taken before. The bitmap clears most; the
+        # rest are looked up.
+        others = compress(range(len(ids)), map(not_, flags))
+        marked = compress(others, map(self._bits.__getitem__, map(and_, compress(hashes, map(not_, flags)),
+                                                                 repeat(self._mask))))
+        if any(self.slot(ids[i]) is not None for i in marked):
+            left.update(taken)
+            return None
+        return flags
 
 
 def _second_hash(item_id: str) -> int:
@@ -221,6 +341,10 @@ class PackedItemStates(ItemStates):
         """Whether the record at write-order position `ordinal` is the last one of `item_id`."""
         i = self._find(item_id)
         return i is not None and self._ordinals[i] == ordinal
+
+    def finished(self, states: Collection[str]) -> Finished:
+        # An item kept whole has the same state in `_vals` (its last record's): no need to look.
+        return _PackedFinished(self, frozenset(_CODES[s] for s in states))
 
     def ordinals(self) -> array[int]:
         """The write-order position of each item's last record (for compaction)."""

@@ -166,12 +166,7 @@ def _scan(cfg: RunConfig, source: ItemSource, states: ItemStates | None
           ) -> tuple[items_module.Scan, list[items_module.Invalid]]:
     """The first pass over the input (told what is finished, on a resume); bad or empty input
     is refused here."""
-    finished = None
-    if states is not None:
-        def finished(item_id: str) -> bool:
-            known = states.get(item_id)
-            return known is not None and (known.state == DONE or (known.state == FAILED and not cfg.retry_failed))
-
+    finished = None if states is None else states.finished((DONE,) if cfg.retry_failed else (DONE, FAILED))
     with source() as it:
         scan = items_module.scan(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
                                  max_bytes=cfg.max_item_bytes, finished=finished)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from job.items import Invalid, Item, invalid_line_id, iter_items, leading_id, line_of, parse_line, scan
+from job.itemstates import ItemState, ItemStates
 from job.shard import shard_of
 
 
@@ -162,7 +163,7 @@ def test_a_resume_scan_skips_finished_items_without_parsing_them():
     texts = ['{"id": "done-1", "payload": {"broken": ', '{"id": "todo"}', '{"id": "done-2"}', '',
              '{"id": "done-2"}', '{"payload": {}, "id": "done-3"}']
     finished = {"done-1", "done-2", "done-3"}
-    result = scan(lines(*texts), shard_index=0, shard_count=1, finished=finished.__contains__)
+    result = scan(lines(*texts), shard_index=0, shard_count=1, finished=ItemStates({i: ItemState("done", 1) for i in finished}).finished(("done",)))
     # Line 1 is not parsed (it was valid when it ran); line 5 repeats an id; line 6 is parsed.
     assert [(i.line, i.reason.split(" (")[0]) for i in result.invalid] == [(5, "duplicate id 'done-2'")]
     assert (result.shard_items, result.finished, result.to_run) == (4, 3, 1)
@@ -175,7 +176,124 @@ def test_a_resume_scan_counts_every_shard_alike():
     texts = [json.dumps({"id": f"i{n}"}) for n in range(200)]
     finished = {f"i{n}" for n in range(0, 200, 2)}
     fresh = [scan(lines(*texts), shard_index=k, shard_count=3) for k in range(3)]
-    resumed = [scan(lines(*texts), shard_index=k, shard_count=3, finished=finished.__contains__) for k in range(3)]
+    resumed = [scan(lines(*texts), shard_index=k, shard_count=3, finished=ItemStates({i: ItemState("done", 1) for i in finished}).finished(("done",))) for k in range(3)]
     for a, b in zip(fresh, resumed, strict=True):
         assert (a.valid, a.shard_items, a.per_shard) == (b.valid, b.shard_items, b.per_shard)
     assert sum(r.finished for r in resumed) == 100
+
+
+# -- the first pass in blocks: the same answers as line by line ---------------------------------
+
+#: Lines of every shape the block path must either settle exactly as parse_line would, or hand
+#: to the line-by-line path: plain items, other shapes of id, payloads, bad lines, repeats.
+SHAPES = [
+    '{"id": "p1", "payload": {"x": 1}}',
+    '{"id":"p2"}',
+    '  {"id" : "p3" , "payload": null}',
+    '{"id": "p4", "payload": [1]}',                 # payload not an object
+    '{"id": "p5", "payload": {"y": "id"}}',         # says "id" twice: parsed alone
+    '{"id": 6}',                                    # an integer id
+    '{"id": "a\\"b"}',                              # an escape in the id
+    '{"payload": {}, "id": "p7"}',                  # id not first
+    '{"id": "p8", "id": "p9"}',
+    '{"id": "p10"} {"id": "p11"}',                  # two values on one line
+    '{"id": "p12", "x": [1',                        # a line cut in two...
+    '{"id": "p13"}]}',                              # ...whose rest would close it
+    '{"id": "p14"}, {"z": 1}',
+    '',
+    '   ',
+    'not json',
+    '[1, 2]',
+    '{"id": "del\x7f"}',                            # DEL: refused in an id
+    '{"id": "sur", "payload": {"s": "\\ud800"}}',   # a lone surrogate
+    '{"id": "d", "payload": ' + "[" * 250 + "]" * 250 + '}',
+    '{"id": "caf\u00e9", "payload": {}}',            # not ASCII
+    '{"id": "p15", "payload": {"n": NaN}}',
+    '{"id": "p1"}',                                 # repeats p1
+    '{"id":"p2"}',                                  # repeats p2
+    '{"id": "p16"}\r',
+    '{"id": "' + "x" * 600 + '"}',                  # id too long
+]
+
+
+def shaped_input(repeat_at: int = 3) -> list[bytes]:
+    """SHAPES, among plain lines (so that whole blocks of every size form), some of them
+    repeated far apart."""
+    out = []
+    for n in range(60):
+        out.append(f'{{"id": "i{n}", "payload": {{"n": {n}}}}}')
+        if n % repeat_at == 0 and n // repeat_at < len(SHAPES):
+            out.append(SHAPES[n // repeat_at])
+    out += SHAPES[:5] + [f'{{"id": "i{n}"}}' for n in range(0, 60, 7)]
+    return [line.encode() + b"\n" for line in out]
+
+
+def finished_states(kind: str, ids: set[str]):
+    """The same finished items as a plain ItemStates or as the packed states a resume builds."""
+    from job.itemstates import StatesBuilder
+
+    if kind == "none":
+        return None
+    if kind == "dict":
+        return ItemStates({i: ItemState("done", 1) for i in ids}).finished(("done", "failed"))
+    builder = StatesBuilder()
+    for item_id in sorted(ids):
+        builder.add(item_id, "running", 1)  # superseded: the last record of an id wins
+    for n, item_id in enumerate(sorted(ids)):
+        builder.add(item_id, "failed" if n % 5 == 0 else "done", 1)
+    builder.add("i1", "partial", 2, {"id": "i1", "state": "partial", "attempts": 2, "progress": {"k": 1}})
+    return builder.build().finished(("done", "failed"))
+
+
+def scanned(monkeypatch, data: list[bytes], *, block: int | None, states: str, shard_index: int, shard_count: int):
+    import job.items as items
+
+    if block is None:
+        monkeypatch.setattr(items, "_block", lambda *a, **k: None)  # line by line: the reference
+    else:
+        monkeypatch.setattr(items, "SCAN_BLOCK", block)
+    finished = {f"i{n}" for n in range(0, 60, 2)} | {"p1", "p3", "p13", "a\"b", "6", "caf\u00e9"}
+    finished = {i for i in finished if shard_of(i, shard_count) == shard_index}  # a shard records its own
+    result = scan(iter(data), shard_index=shard_index, shard_count=shard_count, max_bytes=4000,
+                  finished=finished_states(states, finished))
+    monkeypatch.undo()
+    return (result.lines, result.valid, result.shard_items, result.per_shard, result.finished,
+            sorted(result.skip_lines), [(i.line, i.reason, i.id, i.shard) for i in result.invalid])
+
+
+@pytest.mark.parametrize("states", ["none", "dict", "packed"])
+@pytest.mark.parametrize("block", [1, 2, 5, 16, 4096])
+@pytest.mark.parametrize("shard_index, shard_count", [(0, 1), (0, 3), (2, 3)])
+def test_the_first_pass_in_blocks_answers_as_line_by_line(monkeypatch, states, block, shard_index, shard_count):
+    data = shaped_input()
+    reference = scanned(monkeypatch, data, block=None, states=states, shard_index=shard_index,
+                        shard_count=shard_count)
+    assert scanned(monkeypatch, data, block=block, states=states, shard_index=shard_index,
+                   shard_count=shard_count) == reference
+
+
+@pytest.mark.parametrize("states", ["none", "dict", "packed"])
+def test_plain_blocks_are_settled_at_once_and_repeats_still_name_their_first_line(monkeypatch, states):
+    """The block path is taken (not only fallen back from): plain lines, a repeat of a
+    finished and of an unfinished item far apart, each named with the line it repeats."""
+    import job.items as items
+
+    data = [f'{{"id": "i{n}", "payload": {{}}}}\n'.encode() for n in range(100)]
+    data += [b'{"id": "i2"}\n', b'{"id": "i3"}\n']  # i2 is finished (even), i3 is not
+    settled = []
+    real = items._block
+
+    def spy(block, *args, **kwargs):
+        answer = real(block, *args, **kwargs)
+        settled.append(answer is True)
+        return answer
+
+    monkeypatch.setattr(items, "_block", spy)
+    monkeypatch.setattr(items, "SCAN_BLOCK", 10)
+    finished = finished_states(states, {f"i{n}" for n in range(0, 100, 2)})
+    result = scan(iter(data), shard_index=0, shard_count=1, finished=finished)
+    assert settled[:10] == [True] * 10 and settled[10] is False
+    assert [(i.line, i.reason) for i in result.invalid] == [
+        (101, "duplicate id 'i2' (first on line 3)"), (102, "duplicate id 'i3' (first on line 4)")]
+    assert (result.valid, result.shard_items, result.finished) == (100, 100, 0 if states == "none" else 50)
+    assert sorted(result.skip_lines) == sorted(([] if states == "none" else list(range(1, 101, 2))) + [101, 102])
