@@ -11,6 +11,7 @@ of a million finished items then costs a scan of their ids.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from array import array
@@ -245,6 +246,8 @@ class Scan:
     skip_lines: LineSet = field(default_factory=LineSet)
     #: This shard's items that the first pass found finished (counted, not parsed).
     finished: int = 0
+    #: The input as read, every byte of every line in order (`input_digest`'s answer).
+    digest: str = ""
 
     @property
     def to_run(self) -> int:
@@ -292,7 +295,9 @@ def scan(lines: Iterable[bytes], *, shard_index: int, shard_count: int,
     earlier = _FinishedLines(finished.size if finished is not None else 0)
     number = 0
     lines = iter(lines)
+    hasher = _hasher()
     while block := list(islice(lines, SCAN_BLOCK)):
+        hasher.update(b"".join(block))
         settled = _block(block, number + 1, finished, earlier, first_seen, result, shard_index=shard_index,
                          shard_count=shard_count, max_bytes=max_bytes)
         if settled is True:
@@ -336,7 +341,23 @@ def scan(lines: Iterable[bytes], *, shard_index: int, shard_count: int,
                 continue
             result.shard_items += 1
     result.lines = number
+    result.digest = hasher.hexdigest()
     return result
+
+
+def _hasher() -> Any:
+    return hashlib.blake2b(digest_size=16)
+
+
+def input_digest(lines: Iterable[bytes]) -> tuple[str, int]:
+    """(digest, lines) of an input, as `scan` reports them: a second reading of the same bytes
+    gives the same digest; any byte changed, added or moved, another."""
+    hasher, count = _hasher(), 0
+    lines = iter(lines)
+    while block := list(islice(lines, SCAN_BLOCK)):
+        hasher.update(b"".join(block))
+        count += len(block)
+    return hasher.hexdigest(), count
 
 
 class _FinishedLines:

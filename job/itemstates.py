@@ -144,7 +144,8 @@ def _take(left: set[Any], keys: list[Any]) -> list[Any] | None:
 class _PackedFinished(Finished):
     """Slots are positions in PackedItemStates' arrays. What is not taken yet is a set of the
     items' 96-bit keys (hash and second hash), and a bitmap of their hashes' low bits tells
-    most ids that are not finished from those taken before; both are made on the first take.
+    most ids that are not finished from those taken before: the set is made on the first take,
+    the bitmap when an id is not in the set.
     A block of ids is looked up in C-level loops (map over the set, the bitmap)."""
 
     def __init__(self, states: PackedItemStates, codes: frozenset[int]) -> None:
@@ -162,13 +163,25 @@ class _PackedFinished(Finished):
     def _not_taken(self) -> set[int]:
         if self._left is None:
             keys, vals = self._states._keys, self._states._vals
-            wanted = list(map(self._codes.__contains__, map(and_, vals, repeat(7))))
-            self._left = set(compress(map(or_, map(lshift, keys, repeat(32)), map(rshift, vals, repeat(32))), wanted))
-            size = 1 << max(10, (16 * len(self._left)).bit_length())  # 1/16 of the bits set at most
+            all_keys = map(or_, map(lshift, keys, repeat(32)), map(rshift, vals, repeat(32)))
+            if sum(self._states.count(_NAMES[code]) for code in self._codes) == len(keys):
+                self._left = set(all_keys)  # every item is finished (the common resume)
+            else:
+                self._left = set(compress(all_keys, map(self._codes.__contains__, map(and_, vals, repeat(7)))))
+        return self._left
+
+    def _marked(self, hashes: Iterator[int]) -> Iterator[int]:
+        """Per hash: whether the bitmap of finished items' hashes has its bit (a finished item
+        has it; most others do not). The bitmap is made on the first call: a resume whose
+        lines are all finished never needs it."""
+        if not self._bits:
+            keys, vals = self._states._keys, self._states._vals
+            size = 1 << max(10, (16 * len(keys)).bit_length())  # 1/16 of the bits set at most
             self._bits, self._mask = bytearray(size), size - 1
+            wanted = map(self._codes.__contains__, map(and_, vals, repeat(7)))
             deque(map(self._bits.__setitem__, map(and_, compress(keys, wanted), repeat(self._mask)), repeat(1)),
                   maxlen=0)
-        return self._left
+        return map(self._bits.__getitem__, map(and_, hashes, repeat(self._mask)))
 
     def take_one(self, item_id: str) -> bool:
         left = self._not_taken()
@@ -189,9 +202,10 @@ class _PackedFinished(Finished):
             return None
         # Not there: not finished, or finished and taken before. The bitmap clears most; the
         # rest are looked up.
+        if len(taken) == len(ids):
+            return flags
         others = compress(range(len(ids)), map(not_, flags))
-        marked = compress(others, map(self._bits.__getitem__, map(and_, compress(hashes, map(not_, flags)),
-                                                                 repeat(self._mask))))
+        marked = compress(others, self._marked(compress(hashes, map(not_, flags))))
         if any(self.slot(ids[i]) is not None for i in marked):
             left.update(taken)
             return None

@@ -2,7 +2,9 @@
 
 Layout, under `<prefix>/<run id>/shard-<index>-of-<count>/`:
 
-- `meta.json`: the shard's identity (run id, shard, items source, total) and its start time.
+- `meta.json`: the shard's identity (run id, shard, items source, total) and its start time;
+  after a run that finished every item, FINISHED: what of its input and options a rerun must
+  find unchanged to end at once without reading the records (job.startup).
 - `lease.json`: the shard's lease (job.lease).
 - `seg-g<generation>-<seq>.jsonl.gz`: one object per checkpoint, holding only the records that
   changed since the previous one: a header line `{"format", "gen", "seq", "records",
@@ -77,6 +79,11 @@ __all__ = ["COMPACT_EVERY", "DONE", "FAILED", "FORMAT", "PARTIAL", "RUNNING", "S
 #: A compaction folds the manifest once this many segments are live: bounds the objects a
 #: resume reads while keeping the rewrite of every item rare.
 COMPACT_EVERY = 64
+#: The key of meta.json that says a run finished every item of the shard: {"input": the
+#: digest of the input's bytes, "lines", "max_item_bytes", "invalid", "total", "done",
+#: "failed", "objects": the record objects it left}. Removed by the next run's start, before
+#: it writes any record.
+FINISHED = "finished"
 _SHARD_DIR = re.compile(r"shard-(\d{5})-of-(\d{5})/")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 
@@ -208,6 +215,10 @@ class ShardManifest:
         if not isinstance(meta, dict) or meta.get("format", 0) > FORMAT:
             raise ManifestCorrupt(f"{self.dir}meta.json: unknown manifest format")
         return meta
+
+    def record_objects(self) -> list[str]:
+        """The names of the shard's segments and snapshots, sorted (one listing)."""
+        return sorted(k[len(self.dir):] for k in self.store.list(self.dir) if parse_name(k))
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         self.store.put(self.dir + "meta.json", json.dumps({**meta, "format": FORMAT}, indent=1).encode())

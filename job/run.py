@@ -20,13 +20,14 @@ from .engine import Loop
 from .errors import UsageError
 from .exits import EXIT_INTERNAL, EXIT_OK, run_exit_code, status_of
 from .lease import LOST
-from .manifest import DONE, FAILED, ItemStates, ShardManifest
+from .manifest import DONE, FAILED, FINISHED, ItemStates, ShardManifest
 from .observe import NullObserver, Observer
 from .outcome import CRASHED, Failure
 from .plan import Crashed, Decision, Refused, plan
 from .recording import CLAIM_WORDS, LEASE_WORDS, Counts, Recorder, Recording
 from .scheduler import NotYet, Outage, Scheduler, Task
 from .signals import Signals
+from .sources import FileLines
 from .startup import Shard, database_of, open_shard, open_work_table, patiently, work_table_of
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ class Run:
         self.queue: ClaimQueue | None = None
         self.words = LEASE_WORDS
         self.meta: dict[str, Any] = {}
+        #: The first pass over a file's lines (its digest is what FINISHED remembers).
+        self._input: items_module.Scan | None = None
 
     # Set once the shard is open: the fence, where records go, and what records them.
     lease: Lease | ClaimQueue
@@ -110,6 +113,8 @@ class Run:
     def _shard(self, stack: contextlib.ExitStack) -> tuple[dict[str, Any], int]:
         cfg = self.config
         shard = open_shard(cfg, stack, signals=self.signals, rand=self._rand.random)
+        if shard.finished is not None:
+            return self._finished_before(shard)
         states = shard.states
         self.counts.total = shard.scan.shard_items + len(shard.invalid)
         self._count_known(states)
@@ -124,6 +129,9 @@ class Run:
                          items=shard.source.name, handler=cfg.handler, total=self.counts.total,
                          last_started_at=time.time(), state="running", generation=lease.generation)
         self.meta.setdefault("created_at", self.meta["last_started_at"])
+        # From here on the records may change: no earlier end vouches for them any more.
+        self.meta.pop(FINISHED, None)
+        self._input = shard.scan if isinstance(shard.source, FileLines) else None
         self._patiently("the manifest store", lambda: manifest.write_meta(self.meta))
         failed_before = states.count(FAILED)
         log.info("run %s shard %d/%d: %d items, %d already done, %s; manifest %s",
@@ -288,10 +296,42 @@ class Run:
         self.observer.run_finished(summary)
         return summary, code
 
+    def _finished_before(self, shard: Shard) -> tuple[dict[str, Any], int]:
+        """An earlier run finished every item of the shard on this same input: say so and end,
+        with the exit code that run's failures call for (job.startup._finished_on_this_input)."""
+        ended = shard.finished
+        assert ended is not None
+        cfg = self.config
+        self.counts.total, self.counts.done, self.counts.failed = ended["total"], ended["done"], ended["failed"]
+        self.counts.skipped_already_done = self.counts.done
+        log.info("run %s shard %d/%d: every one of its %d items was finished by an earlier run on this same input "
+                 "(%d done, %d failed); nothing to do", cfg.run_id, cfg.shard_index, cfg.shard_count,
+                 self.counts.total, self.counts.done, self.counts.failed)
+        self.observer.run_started(total=self.counts.total, pending=0, workers=0)
+        code = run_exit_code(interrupted=False, lease_lost=False, unavailable=False, unsaved=False,
+                             config_error=False, failed=self.counts.failed, max_failures=cfg.max_failures)
+        summary = self.summary(status_of(code), code, shard.manifest.url)
+        self.observer.run_finished(summary)
+        return summary, code
+
     def _end_meta(self, manifest: ShardManifest) -> None:
         """Say in meta.json that this runner ended with its word (no attempt left running), so
-        that the next one starts at full speed."""
+        that the next one starts at full speed; and, when every item of the shard is finished,
+        what a rerun must find unchanged to end at once (FINISHED)."""
         meta = dict(self.meta, state="ended", last_ended_at=time.time())
+        scan = self._input
+        if scan is not None and scan.digest and self.counts.total and not self.counts.pending \
+                and not (self.interrupted or self.lease_lost or self.unavailable or self.unsaved
+                         or self.internal_error or self.config_error):
+            try:
+                objects = manifest.record_objects()
+            except Exception as e:  # the next run reads the records, as it would anyway
+                log.warning("could not list %s to remember this run's end: %s", manifest.url, e)
+            else:
+                meta[FINISHED] = {"input": scan.digest, "lines": scan.lines,
+                                  "max_item_bytes": self.config.max_item_bytes, "invalid": len(scan.invalid),
+                                  "total": self.counts.total, "done": self.counts.done,
+                                  "failed": self.counts.failed, "objects": objects}
         try:
             manifest.write_meta(meta)
         except Exception as e:  # the next run only starts more carefully

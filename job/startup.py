@@ -31,12 +31,12 @@ from .config import RunConfig
 from .errors import BulkjobError, ConfigError, EnvironmentUnavailable, ManifestCorrupt, Unreachable, UsageError
 from .exits import EXIT_INTERRUPTED
 from .lease import Lease, LeaseState, default_wait, lease_timing
-from .manifest import DONE, FAILED, ItemStates, Loaded, ShardManifest, list_shards
+from .manifest import DONE, FAILED, FINISHED, ItemStates, Loaded, ShardManifest, list_shards
 from .outcome import CONFIG
 from .retry import backoff_delay
 from .scheduler import PROBE_BASE, PROBE_CAP, PROBE_FACTOR, PROBE_JITTER
 from .signals import Signals
-from .sources import ItemSource, open_source
+from .sources import FileLines, ItemSource, open_source
 from .store import open_store
 from .worker import load_handler
 
@@ -109,6 +109,10 @@ class Shard:
     states: ItemStates
     #: Held, heartbeat running; None for --dry-run, which writes nothing.
     lease: Lease | None
+    #: An earlier run finished every item of the shard on this very input (meta.json's
+    #: FINISHED): nothing to run, and the manifest was not read (scan, loaded and states are
+    #: empty).
+    finished: dict[str, Any] | None = None
 
 
 def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals | None,
@@ -147,6 +151,11 @@ def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals 
              lambda: lease.acquire(wait=patience, on_wait=_WaitNotice(patience)))
         # Heartbeat from this moment, the repair and the reading included.
         lease.start()
+        if resuming and not cfg.manifest_repair:
+            ended = wait("the manifest store", lambda: _finished_on_this_input(cfg, manifest, source))
+            if ended is not None:
+                return Shard(manifest, handler, source, items_module.Scan(per_shard=[0] * cfg.shard_count), [],
+                             Loaded(meta=None), ItemStates({}), lease, finished=ended)
         if cfg.manifest_repair:
             kept, objects = wait("the manifest store (repairing)", lambda: manifest.repair(generation=lease.generation))
             log.warning("manifest repaired: %d item record(s) kept from %d object(s) in %s",
@@ -160,6 +169,29 @@ def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals 
     if resuming:
         scan, invalid = _scan(cfg, source, states)
     return Shard(manifest, handler, source, scan, invalid, loaded, states, lease)
+
+
+def _finished_on_this_input(cfg: RunConfig, manifest: ShardManifest, source: ItemSource) -> dict[str, Any] | None:
+    """What meta.json says of an earlier run that finished every item of the shard (FINISHED,
+    written by job.run at its end), if it holds for this run: the record objects are those it
+    left; the input is the same, byte for byte (read once, without parsing: its digest); the
+    same --max-item-bytes; --skip-invalid if it skipped invalid lines; nothing failed that
+    --retry-failed would run again. A local file, S3 object or stdin only: a query's rows
+    change as its items finish."""
+    if not isinstance(source, FileLines):
+        return None
+    try:
+        meta = manifest.read_meta() or {}
+    except ManifestCorrupt:
+        return None  # the full reading says what is wrong
+    ended = meta.get(FINISHED)
+    if not isinstance(ended, dict) or ended.get("max_item_bytes") != cfg.max_item_bytes \
+            or (ended.get("invalid") and not cfg.skip_invalid) or (ended.get("failed") and cfg.retry_failed) \
+            or manifest.record_objects() != ended.get("objects"):
+        return None
+    with source() as lines:
+        digest, count = items_module.input_digest(lines)
+    return ended if (digest, count) == (ended.get("input"), ended.get("lines")) else None
 
 
 def _scan(cfg: RunConfig, source: ItemSource, states: ItemStates | None

@@ -3,7 +3,9 @@
 import csv
 import io
 import json
+import os
 import re
+import signal
 import sqlite3
 import time
 
@@ -199,3 +201,90 @@ def test_run_rides_out_an_s3_outage(tmp_path, s3_server, s3_bucket):
     assert json.loads(out.splitlines()[-1])["done"] == 300
     status = status_of(f"s3://{s3_bucket}/m", "outage", env=s3_server.env)
     assert status["done"] == 300
+
+
+FINISHED_BEFORE = "was finished by an earlier run on this same input"
+
+
+def test_a_rerun_of_a_finished_shard_on_the_same_input_ends_at_once(tmp_path, manifest):
+    """Every item finished (one failed for good): a rerun on the same bytes reads no record,
+    runs nothing and ends as the first did; any change of the input or of what the end depends
+    on (--retry-failed, --max-item-bytes) takes the full path."""
+    items = [{"id": i, "payload": {"permanent": i == 7}} for i in range(30)]
+    first = bulk(tmp_path, manifest, items, "--max-failures", "1")
+    assert first.returncode == 0, first.stderr
+    again = bulk(tmp_path, manifest, items, "--max-failures", "1")
+    assert again.returncode == 0 and FINISHED_BEFORE in again.stderr, again.stderr
+    summary = summary_of(again)
+    assert {k: summary[k] for k in ("total", "done", "failed", "skipped_already_done", "attempts", "pending")} == \
+        {"total": 30, "done": 29, "failed": 1, "skipped_already_done": 29, "attempts": 0, "pending": 0}
+    strict = bulk(tmp_path, manifest, items)  # the same end, judged by this run's --max-failures
+    assert strict.returncode == 1 and FINISHED_BEFORE in strict.stderr
+    assert sum(applied(tmp_path / "ledger.db").values()) == 29  # nothing ran again
+
+    for extra in (("--max-item-bytes", "5000"), ("--retry-failed",)):
+        full = bulk(tmp_path, manifest, items, "--max-failures", "1", *extra)
+        assert FINISHED_BEFORE not in full.stderr and "already done" in full.stderr, (extra, full.stderr)
+    assert summary_of(full)["attempts"] == 1  # --retry-failed ran item 7 again
+    # The same items, one byte different: read in full (and the end remembered again).
+    changed = [dict(i, payload=dict(i["payload"], note=" ")) if i["id"] == 0 else i for i in items]
+    moved = bulk(tmp_path, manifest, changed, "--max-failures", "1")
+    assert FINISHED_BEFORE not in moved.stderr and summary_of(moved)["attempts"] == 0
+    assert FINISHED_BEFORE in bulk(tmp_path, manifest, changed, "--max-failures", "1").stderr
+    assert FINISHED_BEFORE not in bulk(tmp_path, manifest, items, "--max-failures", "1").stderr
+
+
+def test_skipped_invalid_lines_are_remembered_with_the_end(tmp_path):
+    url = str(tmp_path / "state")
+    path = write_items(tmp_path / "items.jsonl", [{"id": 1}, "not json", {"id": 2}])
+
+    def run(*extra):
+        return run_bulkjob("run", "--items", str(path), "--handler", "ledger:handle", "--manifest", url,
+                           "--run-id", "r1", "--metrics-port", "0", "--max-failures", "1", *extra,
+                           env={"LEDGER_DB": str(tmp_path / "ledger.db")})
+
+    assert run("--skip-invalid").returncode == 0
+    assert FINISHED_BEFORE in run("--skip-invalid").stderr
+    refused = run()  # without --skip-invalid the input is refused, as it was before it ran
+    assert refused.returncode == 2 and FINISHED_BEFORE not in refused.stderr and "not json" not in refused.stdout
+
+
+def test_a_run_that_starts_forgets_the_earlier_end_before_it_writes(tmp_path):
+    """A rerun on another input is SIGKILLed mid-run: its records are in the manifest, so the
+    first input, byte for byte as when it finished, is read in full again."""
+    url = str(tmp_path / "state")
+    env = {"LEDGER_DB": str(tmp_path / "ledger.db")}
+    items = write_items(tmp_path / "items.jsonl", [{"id": i} for i in range(20)])
+    argv = ("run", "--handler", "ledger:handle", "--manifest", url, "--run-id", "r1", "--metrics-port", "0",
+            "--checkpoint-interval", "0.2")
+    assert run_bulkjob(*argv, "--items", str(items), env=env).returncode == 0
+    meta = tmp_path / "state" / "r1" / "shard-00000-of-00001" / "meta.json"
+    assert "finished" in json.loads(meta.read_text())
+    other = write_items(tmp_path / "other.jsonl", [{"id": i} for i in range(20)] + [{"id": 20, "payload": {"hang": True}}])
+    proc = start_bulkjob(*argv, "--items", str(other), env=env, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while json.loads(meta.read_text()).get("state") != "running":
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.05)
+    assert "finished" not in json.loads(meta.read_text())
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    again = run_bulkjob(*argv, "--items", str(items), env=env)
+    assert again.returncode == 0 and FINISHED_BEFORE not in again.stderr
+    assert summary_of(again)["skipped_already_done"] == 20
+
+
+def test_a_record_object_gone_since_the_end_means_reading_the_records(tmp_path):
+    url = str(tmp_path / "state")
+    env = {"LEDGER_DB": str(tmp_path / "ledger.db")}
+    items = write_items(tmp_path / "items.jsonl", [{"id": i} for i in range(40)])
+    argv = ("run", "--handler", "ledger:handle", "--manifest", url, "--run-id", "r1", "--metrics-port", "0",
+            "--items", str(items))
+    assert run_bulkjob(*argv, env=env).returncode == 0
+    shard = tmp_path / "state" / "r1" / "shard-00000-of-00001"
+    segments = sorted(shard.glob("seg-*"))
+    assert segments and FINISHED_BEFORE in run_bulkjob(*argv, env=env).stderr
+    segments[0].unlink()  # its items' records with it: they run again
+    again = run_bulkjob(*argv, env=env)
+    assert again.returncode == 0 and FINISHED_BEFORE not in again.stderr
+    assert summary_of(again)["attempts"] > 0
