@@ -108,7 +108,9 @@ def targets(r: dict) -> list[Verdict]:
     sc = r.get("scale")
     if sc:
         n = f"{sc['items']:,}"
-        for key, what in (("all_done", "all done"), ("half_done", "half done")):
+        # The peak of a resume that holds item states: the all-done one that reads its records.
+        for key, what in (("all_done_read" if "all_done_read" in sc else "all_done", "all done"),
+                          ("half_done", "half done")):
             out.append(_at_most(f"resumed {n}-item run ({what}): parent peak < 250 MB", sc[key]["parent_mb"], 250,
                                 "MB", 0))
         out.append(_at_most(f"resumed {n}-item run (all done): to its end <= 0.15 x the fresh run",
@@ -248,9 +250,13 @@ def table(r: dict) -> list[tuple[str, str, str]]:
                   f"{f['wall']:.1f} s; {f['parent_mb']:.0f} MB"),
                  (w, "manifest of the finished run: objects, bytes per item",
                   f"{mf['objects']}, {mf['bytes_per_item']:.1f} B"),
-                 (w, "resumed, all done: process start to exit (x fresh); parent peak",
-                  f"{a['wall']:.1f} s ({a['ratio']:.2f}); {a['parent_mb']:.0f} MB"),
-                 (w, f"resumed, half done ({h['stopped_after']:,} stopped by SIGTERM): start to first new item "
+                 (w, "resumed, all done, same input: process start to exit (x fresh); parent peak",
+                  f"{a['wall']:.1f} s ({a['ratio']:.2f}); {a['parent_mb']:.0f} MB")]
+        if "all_done_read" in sc:
+            r2 = sc["all_done_read"]
+            rows.append((w, "resumed, all done, input + a blank line (records read): start to exit (x fresh); peak",
+                         f"{r2['wall']:.1f} s ({r2['ratio']:.2f}); {r2['parent_mb']:.0f} MB"))
+        rows += [(w, f"resumed, half done ({h['stopped_after']:,} stopped by SIGTERM): start to first new item "
                      "(x fresh); parent peak", f"{h['to_first_new_item']:.1f} s ({h['ratio']:.2f}); {h['parent_mb']:.0f} MB"),
                  (w, "of which: reading the manifest into item states (all done / half done, timed apart)",
                   f"{a['manifest_load']:.1f} s / {h['manifest_load']:.1f} s")]
