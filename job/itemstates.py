@@ -79,7 +79,8 @@ class ItemStates:
 
     def finished(self, states: Collection[str]) -> Finished:
         """The items whose state is one of `states`, as the input's first pass asks (job.items)."""
-        return _DictFinished({i: n for n, (i, s) in enumerate(self._states.items()) if s.state in states})
+        finished = (i for i, s in self._states.items() if s.state in states)
+        return _DictFinished({i: n for n, i in enumerate(finished)})
 
 
 class Finished:
@@ -176,7 +177,7 @@ class _PackedFinished(Finished):
         lines are all finished never needs it."""
         if not self._bits:
             keys, vals = self._states._keys, self._states._vals
-            size = 1 << max(10, (16 * len(keys)).bit_length())  # 1/16 of the bits set at most
+            size = 1 << max(10, (16 * len(keys)).bit_length())  # 1/16 of its bytes set at most
             self._bits, self._mask = bytearray(size), size - 1
             wanted = map(self._codes.__contains__, map(and_, vals, repeat(7)))
             deque(map(self._bits.__setitem__, map(and_, compress(keys, wanted), repeat(self._mask)), repeat(1)),

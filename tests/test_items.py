@@ -235,7 +235,9 @@ def finished_states(kind: str, ids: set[str]):
     if kind == "none":
         return None
     if kind == "dict":
-        return ItemStates({i: ItemState("done", 1) for i in ids}).finished(("done", "failed"))
+        states = {f"todo{n}": ItemState("partial", 1) for n in range(5)}  # known, not finished
+        states.update({i: ItemState("done", 1) for i in sorted(ids)})
+        return ItemStates(states).finished(("done", "failed"))
     builder = StatesBuilder()
     for item_id in sorted(ids):
         builder.add(item_id, "running", 1)  # superseded: the last record of an id wins
