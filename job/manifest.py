@@ -30,6 +30,7 @@ was written: if no later record follows, the runner died with it), plus `result`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -81,8 +82,8 @@ __all__ = ["COMPACT_EVERY", "DONE", "FAILED", "FORMAT", "PARTIAL", "RUNNING", "S
 COMPACT_EVERY = 64
 #: The key of meta.json that says a run finished every item of the shard: {"input": the
 #: digest of the input's bytes, "lines", "max_item_bytes", "invalid", "total", "done",
-#: "failed", "objects": the record objects it left}. Removed by the next run's start, before
-#: it writes any record.
+#: "failed", "records": the digest of the record objects it left}. Removed by the next run's
+#: start, before it writes any record.
 FINISHED = "finished"
 _SHARD_DIR = re.compile(r"shard-(\d{5})-of-(\d{5})/")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
@@ -216,9 +217,20 @@ class ShardManifest:
             raise ManifestCorrupt(f"{self.dir}meta.json: unknown manifest format")
         return meta
 
-    def record_objects(self) -> list[str]:
-        """The names of the shard's segments and snapshots, sorted (one listing)."""
-        return sorted(k[len(self.dir):] for k in self.store.list(self.dir) if parse_name(k))
+    def records_digest(self) -> str | None:
+        """A digest of the shard's segments and snapshots, names and bytes (one listing, then
+        each object read, not parsed: a few MB for a million items); None if one vanished
+        while they were read."""
+        hasher = hashlib.blake2b(digest_size=16)
+        for key in self.store.list(self.dir):
+            if not parse_name(key):
+                continue
+            found = self.store.get(key)
+            if found is None:
+                return None
+            hasher.update(f"{key[len(self.dir):]} {len(found[0])}\n".encode())
+            hasher.update(found[0])
+        return hasher.hexdigest()
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         self.store.put(self.dir + "meta.json", json.dumps({**meta, "format": FORMAT}, indent=1).encode())

@@ -324,14 +324,15 @@ class Run:
                 and not (self.interrupted or self.lease_lost or self.unavailable or self.unsaved
                          or self.internal_error or self.config_error):
             try:
-                objects = manifest.record_objects()
+                records = manifest.records_digest()
             except Exception as e:  # the next run reads the records, as it would anyway
-                log.warning("could not list %s to remember this run's end: %s", manifest.url, e)
-            else:
+                log.warning("could not read back %s to remember this run's end: %s", manifest.url, e)
+                records = None
+            if records is not None:
                 meta[FINISHED] = {"input": scan.digest, "lines": scan.lines,
                                   "max_item_bytes": self.config.max_item_bytes, "invalid": len(scan.invalid),
                                   "total": self.counts.total, "done": self.counts.done,
-                                  "failed": self.counts.failed, "objects": objects}
+                                  "failed": self.counts.failed, "records": records}
         try:
             manifest.write_meta(meta)
         except Exception as e:  # the next run only starts more carefully

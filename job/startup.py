@@ -174,7 +174,7 @@ def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals 
 def _finished_on_this_input(cfg: RunConfig, manifest: ShardManifest, source: ItemSource) -> dict[str, Any] | None:
     """What meta.json says of an earlier run that finished every item of the shard (FINISHED,
     written by job.run at its end), if it holds for this run: the record objects are those it
-    left; the input is the same, byte for byte (read once, without parsing: its digest); the
+    left, byte for byte; the input is the same, byte for byte (read once, without parsing: its digest); the
     same --max-item-bytes; --skip-invalid if it skipped invalid lines; nothing failed that
     --retry-failed would run again. A local file, S3 object or stdin only: a query's rows
     change as its items finish."""
@@ -187,7 +187,7 @@ def _finished_on_this_input(cfg: RunConfig, manifest: ShardManifest, source: Ite
     ended = meta.get(FINISHED)
     if not isinstance(ended, dict) or ended.get("max_item_bytes") != cfg.max_item_bytes \
             or (ended.get("invalid") and not cfg.skip_invalid) or (ended.get("failed") and cfg.retry_failed) \
-            or manifest.record_objects() != ended.get("objects"):
+            or manifest.records_digest() != ended.get("records"):
         return None
     with source() as lines:
         digest, count = items_module.input_digest(lines)
