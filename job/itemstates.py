@@ -16,10 +16,10 @@ import json
 from array import array
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain, compress, count, pairwise, repeat, starmap
-from operator import add, and_, lshift, ne, not_, or_, rshift
+from operator import add, and_, eq, lshift, ne, not_, or_, rshift
 from typing import Any
 
 DONE = "done"
@@ -155,6 +155,8 @@ class _PackedFinished(Finished):
         self._left: set[int] | None = None
         self._bits = bytearray()
         self._mask = 0
+        #: The last block held few finished items: look at the bitmap first.
+        self._sparse = False
         self.size = len(states)
 
     def slot(self, item_id: str) -> int | None:
@@ -171,7 +173,7 @@ class _PackedFinished(Finished):
                 self._left = set(compress(all_keys, map(self._codes.__contains__, map(and_, vals, repeat(7)))))
         return self._left
 
-    def _marked(self, hashes: Iterator[int]) -> Iterator[int]:
+    def _marked(self, hashes: Iterable[int]) -> Iterator[int]:
         """Per hash: whether the bitmap of finished items' hashes has its bit (a finished item
         has it; most others do not). The bitmap is made on the first call: a resume whose
         lines are all finished never needs it."""
@@ -195,22 +197,47 @@ class _PackedFinished(Finished):
     def take(self, ids: list[str]) -> list[bool] | None:
         left = self._not_taken()
         hashes = list(map(hash, ids))
-        seconds = map(and_, map(hash, map(add, ids, repeat("\x00"))), repeat(_LOW32))
-        keys = list(map(or_, map(lshift, hashes, repeat(32)), seconds))
-        flags = list(map(left.__contains__, keys))
-        taken = _take(left, list(compress(keys, flags)))
+        if self._sparse:
+            # Few finished items lately (the part of a resume not run yet): the bitmap first,
+            # and the keys only of the ids it marks (every finished one, a sixteenth of others).
+            look = list(compress(range(len(ids)), self._marked(hashes)))
+            some, some_hashes = list(map(ids.__getitem__, look)), list(map(hashes.__getitem__, look))
+        else:
+            some, some_hashes = ids, hashes
+        seconds = map(and_, map(hash, map(add, some, repeat("\x00"))), repeat(_LOW32))
+        keys = list(map(or_, map(lshift, some_hashes, repeat(32)), seconds))
+        found = list(map(left.__contains__, keys))
+        taken = _take(left, list(compress(keys, found)))
         if taken is None:
             return None
-        # Not there: not finished, or finished and taken before. The bitmap clears most; the
-        # rest are looked up.
-        if len(taken) == len(ids):
-            return flags
-        others = compress(range(len(ids)), map(not_, flags))
-        marked = compress(others, self._marked(compress(hashes, map(not_, flags))))
-        if any(self.slot(ids[i]) is not None for i in marked):
-            left.update(taken)
-            return None
+        if len(taken) < len(some):
+            # Not there: not finished, or finished and taken before (a repeat: line by line).
+            others, others_hashes = compress(some, map(not_, found)), compress(some_hashes, map(not_, found))
+            if not self._sparse:
+                others = compress(others, self._marked(others_hashes))
+            if self._any_finished(list(others)):
+                left.update(taken)
+                return None
+        self._sparse = 2 * len(taken) < len(ids)
+        if some is ids:
+            return found
+        flags = [False] * len(ids)
+        for i in compress(look, found):
+            flags[i] = True
         return flags
+
+    def _any_finished(self, ids: list[str]) -> bool:
+        """Whether one of `ids` is finished: bisected for in C-level loops, and looked up one
+        by one only where the 64-bit hash is there."""
+        if not ids:
+            return False
+        keys, starts = self._states._keys, self._states._starts
+        hashes = list(map(hash, ids))
+        prefixes = list(map(rshift, map(add, hashes, repeat(_OFFSET)), repeat(_PREFIX_SHIFT)))
+        at = map(min, map(bisect_left, repeat(keys), hashes, map(starts.__getitem__, prefixes),
+                          map(starts.__getitem__, map(add, prefixes, repeat(1)))), repeat(len(keys) - 1))
+        near = compress(ids, map(eq, map(keys.__getitem__, at), hashes))
+        return any(self.slot(item_id) is not None for item_id in near)
 
 
 def _second_hash(item_id: str) -> int:

@@ -299,3 +299,32 @@ def test_plain_blocks_are_settled_at_once_and_repeats_still_name_their_first_lin
         (101, "duplicate id 'i2' (first on line 3)"), (102, "duplicate id 'i3' (first on line 4)")]
     assert (result.valid, result.shard_items, result.finished) == (100, 100, 0 if states == "none" else 50)
     assert sorted(result.skip_lines) == sorted(([] if states == "none" else list(range(1, 101, 2))) + [101, 102])
+
+
+@pytest.mark.parametrize("states", ["dict", "packed"])
+@pytest.mark.parametrize("block", [64, 4096])
+def test_a_half_done_resume_in_blocks_answers_as_line_by_line(monkeypatch, states, block):
+    """Finished items first, then unfinished ones (where the packed states look at their bitmap
+    first), a finished id given again among the unfinished, and back."""
+    import job.items as items
+
+    ids = [f"i{n}" for n in range(3000)]
+    lines = [f'{{"id": "{i}"}}\n'.encode() for i in ids]
+    data = lines[:1000] + lines[1000:2500] + [lines[10], lines[1500]] + lines[2500:] + [lines[20]]
+
+    def run(reference):
+        if reference:
+            monkeypatch.setattr(items, "_block", lambda *a, **k: None)
+        else:
+            monkeypatch.setattr(items, "SCAN_BLOCK", block)
+        result = scan(iter(data), shard_index=0, shard_count=1, finished=finished_states(states, set(ids[:1000])))
+        monkeypatch.undo()
+        return (result.valid, result.shard_items, result.finished, sorted(result.skip_lines),
+                [(i.line, i.reason) for i in result.invalid])
+
+    got = run(False)
+    assert got == run(True)
+    assert got[2] == (1000 if states == "dict" else 999)  # the packed states hold i1 partial
+    assert [reason for _, reason in got[4]] == [
+        "duplicate id 'i10' (first on line 11)", "duplicate id 'i1500' (first on line 1501)",
+        "duplicate id 'i20' (first on line 21)"]
