@@ -280,7 +280,7 @@ def leading_id(raw: bytes) -> str | None:
 
 
 def scan(lines: Iterable[bytes], *, shard_index: int, shard_count: int,
-         max_bytes: int = MAX_LINE_BYTES, finished: Finished | None = None) -> Scan:
+         max_bytes: int = MAX_LINE_BYTES, finished: Finished | None = None, trusted: str | None = None) -> Scan:
     """First pass: validate every line and count this shard's items.
 
     Repeated ids are found within this shard only, which is enough: equal ids hash to the
@@ -289,6 +289,11 @@ def scan(lines: Iterable[bytes], *, shard_index: int, shard_count: int,
     skipped, and when their ids can be read without parsing (`leading_id`), they are not
     parsed at all. Lines are taken SCAN_BLOCK at a time (`_block`): a block of lines of the
     common shape is checked in C-level loops; what it cannot settle goes line by line.
+
+    `trusted` is the digest of an input an earlier run of the shard found wholly valid (no
+    invalid line, no repeated id) under the same limits: lines of the common shape are then
+    counted, not parsed. The caller compares the digest this pass reports with it, and scans
+    again, untrusting, if they differ.
     """
     result = Scan(per_shard=[0] * shard_count)
     first_seen: dict[str, int] = {}
@@ -299,7 +304,7 @@ def scan(lines: Iterable[bytes], *, shard_index: int, shard_count: int,
     while block := list(islice(lines, SCAN_BLOCK)):
         hasher.update(b"".join(block))
         settled = _block(block, number + 1, finished, earlier, first_seen, result, shard_index=shard_index,
-                         shard_count=shard_count, max_bytes=max_bytes)
+                         shard_count=shard_count, max_bytes=max_bytes, trusted=trusted is not None)
         if settled is True:
             number += len(block)
             continue
@@ -402,7 +407,7 @@ def _repeated(result: Scan, item_id: str, number: int, first: int, shard: int) -
 
 def _block(block: list[bytes], start: int, finished: Finished | None, earlier: _FinishedLines,
            first_seen: dict[str, int], result: Scan, *, shard_index: int, shard_count: int,
-           max_bytes: int) -> bool | list[bool] | None:
+           max_bytes: int, trusted: bool = False) -> bool | list[bool] | None:
     """Lines `start`... at once, when each one begins as `leading_id` reads it (a plain string
     id) and says `"id"` once. Those naming a finished item of this shard not met before are
     counted and marked; then the others are parsed together (`_plain`). Returns True if the
@@ -452,6 +457,10 @@ def _block(block: list[bytes], start: int, finished: Finished | None, earlier: _
                 return True
     assert flags is not None
     todo = list(map(not_, flags))
+    if trusted:
+        _count(len(block) - flags.count(True), None if shards is None else list(compress(shards, todo)), result,
+               shard_index)
+        return True
     numbers = list(compress(range(start, start + len(block)), todo))
     if _plain(list(compress(block, todo)), list(compress(ids, todo)), numbers, longest,
               None if shards is None else list(compress(shards, todo)), first_seen, result, shard_index):
@@ -493,14 +502,20 @@ def _plain(lines: list[bytes], ids: list[str], numbers: list[int], longest: int,
     if len(set(ids)) != len(ids) or any(map(first_seen.__contains__, ids)):
         return False  # a repeat: line by line, which says where
     first_seen.update(zip(ids, numbers, strict=True))
-    result.valid += len(lines)
-    result.shard_items += len(ids)
-    if shards is None:
-        result.per_shard[shard_index] += len(lines)
-    else:
-        for shard in shards:
-            result.per_shard[shard] += 1
+    _count(len(lines), shards, result, shard_index)
     return True
+
+
+def _count(lines: int, shards: list[int] | None, result: Scan, shard_index: int) -> None:
+    """`lines` valid lines of unfinished items (in `shards`, or all in this run's shard)."""
+    result.valid += lines
+    if shards is None:
+        result.per_shard[shard_index] += lines
+        result.shard_items += lines
+        return
+    for shard in shards:
+        result.per_shard[shard] += 1
+    result.shard_items += shards.count(shard_index)
 
 
 def iter_items(lines: Iterator[bytes], *, shard_index: int, shard_count: int,

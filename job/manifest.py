@@ -85,6 +85,10 @@ COMPACT_EVERY = 64
 #: "failed", "records": the digest of the record objects it left}. Removed by the next run's
 #: start, before it writes any record.
 FINISHED = "finished"
+#: The key of meta.json for an input found wholly valid (no invalid line, no repeated id) by
+#: the first pass of the run that wrote it: {"input": its digest, "max_item_bytes"}. A resume
+#: on the same bytes counts the lines of the common shape instead of parsing them again.
+VALID_INPUT = "valid_input"
 _SHARD_DIR = re.compile(r"shard-(\d{5})-of-(\d{5})/")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 

@@ -20,7 +20,7 @@ from .engine import Loop
 from .errors import UsageError
 from .exits import EXIT_INTERNAL, EXIT_OK, run_exit_code, status_of
 from .lease import LOST
-from .manifest import DONE, FAILED, FINISHED, ItemStates, ShardManifest
+from .manifest import DONE, FAILED, FINISHED, VALID_INPUT, ItemStates, ShardManifest
 from .observe import NullObserver, Observer
 from .outcome import CRASHED, Failure
 from .plan import Crashed, Decision, Refused, plan
@@ -132,6 +132,9 @@ class Run:
         # From here on the records may change: no earlier end vouches for them any more.
         self.meta.pop(FINISHED, None)
         self._input = shard.scan if isinstance(shard.source, FileLines) else None
+        self.meta.pop(VALID_INPUT, None)
+        if self._input is not None and not self._input.invalid:
+            self.meta[VALID_INPUT] = {"input": self._input.digest, "max_item_bytes": cfg.max_item_bytes}
         self._patiently("the manifest store", lambda: manifest.write_meta(self.meta))
         failed_before = states.count(FAILED)
         log.info("run %s shard %d/%d: %d items, %d already done, %s; manifest %s",

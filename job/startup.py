@@ -31,7 +31,7 @@ from .config import RunConfig
 from .errors import BulkjobError, ConfigError, EnvironmentUnavailable, ManifestCorrupt, Unreachable, UsageError
 from .exits import EXIT_INTERRUPTED
 from .lease import Lease, LeaseState, default_wait, lease_timing
-from .manifest import DONE, FAILED, FINISHED, ItemStates, Loaded, ShardManifest, list_shards
+from .manifest import DONE, FAILED, FINISHED, VALID_INPUT, ItemStates, Loaded, ShardManifest, list_shards
 from .outcome import CONFIG
 from .retry import backoff_delay
 from .scheduler import PROBE_BASE, PROBE_CAP, PROBE_FACTOR, PROBE_JITTER
@@ -167,8 +167,18 @@ def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals 
                               "--manifest-repair to keep every record that can still be read") from None
     states = loaded.states()
     if resuming:
-        scan, invalid = _scan(cfg, source, states)
+        scan, invalid = _scan(cfg, source, states, loaded.meta)
     return Shard(manifest, handler, source, scan, invalid, loaded, states, lease)
+
+
+def _valid_input(cfg: RunConfig, source: ItemSource, meta: dict[str, Any] | None) -> str | None:
+    """The digest of the input an earlier run of the shard found wholly valid (meta.json's
+    VALID_INPUT, written by job.run when it starts), if the limits it was checked under hold."""
+    found = (meta or {}).get(VALID_INPUT)
+    if not isinstance(source, FileLines) or not isinstance(found, dict) \
+            or found.get("max_item_bytes") != cfg.max_item_bytes or not isinstance(found.get("input"), str):
+        return None
+    return found["input"]
 
 
 def _finished_on_this_input(cfg: RunConfig, manifest: ShardManifest, source: ItemSource) -> dict[str, Any] | None:
@@ -194,14 +204,23 @@ def _finished_on_this_input(cfg: RunConfig, manifest: ShardManifest, source: Ite
     return ended if (digest, count) == (ended.get("input"), ended.get("lines")) else None
 
 
-def _scan(cfg: RunConfig, source: ItemSource, states: ItemStates | None
+def _scan(cfg: RunConfig, source: ItemSource, states: ItemStates | None, meta: dict[str, Any] | None = None
           ) -> tuple[items_module.Scan, list[items_module.Invalid]]:
-    """The first pass over the input (told what is finished, on a resume); bad or empty input
-    is refused here."""
-    finished = None if states is None else states.finished((DONE,) if cfg.retry_failed else (DONE, FAILED))
-    with source() as it:
-        scan = items_module.scan(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
-                                 max_bytes=cfg.max_item_bytes, finished=finished)
+    """The first pass over the input (told what is finished, on a resume, and trusting what an
+    earlier run of the shard found valid if the input is the same); bad or empty input is
+    refused here."""
+    trusted = _valid_input(cfg, source, meta)
+    while True:
+        finished = None if states is None else states.finished((DONE,) if cfg.retry_failed else (DONE, FAILED))
+        with source() as it:
+            scan = items_module.scan(it, shard_index=cfg.shard_index, shard_count=cfg.shard_count,
+                                     max_bytes=cfg.max_item_bytes, finished=finished, trusted=trusted)
+        if trusted is None or scan.digest == trusted:
+            break
+        log.debug("the input is not the one an earlier run found valid: checking every line")
+        trusted = None
+    if trusted is not None:
+        log.debug("the input is the one an earlier run found valid: its unfinished lines were counted, not parsed")
     if scan.invalid and not cfg.skip_invalid:
         raise items_module.input_error(source.name, scan.invalid)
     if scan.empty and not cfg.allow_empty and not source.may_be_empty:

@@ -328,3 +328,23 @@ def test_a_half_done_resume_in_blocks_answers_as_line_by_line(monkeypatch, state
     assert [reason for _, reason in got[4]] == [
         "duplicate id 'i10' (first on line 11)", "duplicate id 'i1500' (first on line 1501)",
         "duplicate id 'i20' (first on line 21)"]
+
+
+@pytest.mark.parametrize("states", ["none", "dict", "packed"])
+@pytest.mark.parametrize("shard_count", [1, 3])
+def test_a_trusted_first_pass_counts_what_a_checking_one_finds(monkeypatch, states, shard_count):
+    """An input found wholly valid before: counting its lines gives what parsing them gives."""
+    import job.items as items
+
+    monkeypatch.setattr(items, "SCAN_BLOCK", 64)
+    data = [f'{{"id": "i{n}", "payload": {{"n": {n}}}}}\n'.encode() for n in range(1000)]
+    data.insert(500, b'{"payload": {}, "id": "other-shape"}\n')  # goes line by line either way
+
+    def run(trusted):
+        result = scan(iter(data), shard_index=0, shard_count=shard_count, trusted=trusted,
+                      finished=finished_states(states, {f"i{n}" for n in range(0, 400)}))
+        return (result.lines, result.valid, result.shard_items, result.per_shard, result.finished,
+                sorted(result.skip_lines), result.invalid, result.digest)
+
+    checked = run(None)
+    assert checked[6] == [] and run(checked[7]) == checked

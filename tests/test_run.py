@@ -288,3 +288,24 @@ def test_a_record_object_gone_since_the_end_means_reading_the_records(tmp_path):
     again = run_bulkjob(*argv, env=env)
     assert again.returncode == 0 and FINISHED_BEFORE not in again.stderr
     assert summary_of(again)["attempts"] > 0
+
+
+def test_an_input_found_valid_is_trusted_only_byte_for_byte(tmp_path):
+    """A resume counts the unfinished lines of the input its shard found valid instead of
+    parsing them; the same input with one unfinished line made invalid is checked in full and
+    refused, with nothing run."""
+    url = str(tmp_path / "state")
+    env = {"LEDGER_DB": str(tmp_path / "ledger.db")}
+    items = [{"id": i, "payload": {"permanent": i == 5}} for i in range(20)]
+    path = write_items(tmp_path / "items.jsonl", items)
+    argv = ("run", "--handler", "ledger:handle", "--manifest", url, "--run-id", "r1", "--metrics-port", "0",
+            "--items", str(path), "--log-level", "debug")
+    assert run_bulkjob(*argv, env=env).returncode == 1  # item 5 failed for good
+    trusted = run_bulkjob(*argv, "--retry-failed", env=env)
+    assert "its unfinished lines were counted, not parsed" in trusted.stderr, trusted.stderr
+    assert summary_of(trusted)["attempts"] == 1
+    write_items(path, [dict(i, payload=[1]) if i["id"] == 5 else i for i in items])
+    refused = run_bulkjob(*argv, "--retry-failed", env=env)
+    assert refused.returncode == 2 and "not the one an earlier run found valid" in refused.stderr
+    assert '"payload" must be an object' in refused.stderr
+    assert sum(applied(tmp_path / "ledger.db").values()) == 19  # item 5 never applied, nothing again
