@@ -137,6 +137,7 @@ def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals 
     # A resume reads the manifest before the input, so that the scan can skip what is finished
     # without parsing it; a new run checks its input before it touches the shard at all.
     resuming = (cfg.shard_index, cfg.shard_count) in shards
+    digest = _Digest(source)
     lease = loaded = None
     if not resuming:
         scan, invalid = _scan(cfg, source, None)
@@ -152,7 +153,7 @@ def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals 
         # Heartbeat from this moment, the repair and the reading included.
         lease.start()
         if resuming and not cfg.manifest_repair:
-            ended = wait("the manifest store", lambda: _finished_on_this_input(cfg, manifest, source))
+            ended = wait("the manifest store", lambda: _finished_on_this_input(cfg, manifest, source, digest))
             if ended is not None:
                 return Shard(manifest, handler, source, items_module.Scan(per_shard=[0] * cfg.shard_count), [],
                              Loaded(meta=None), ItemStates({}), lease, finished=ended)
@@ -167,21 +168,37 @@ def open_shard(cfg: RunConfig, stack: contextlib.ExitStack, *, signals: Signals 
                               "--manifest-repair to keep every record that can still be read") from None
     states = loaded.states()
     if resuming:
-        scan, invalid = _scan(cfg, source, states, loaded.meta)
+        scan, invalid = _scan(cfg, source, states, loaded.meta, digest)
     return Shard(manifest, handler, source, scan, invalid, loaded, states, lease)
 
 
-def _valid_input(cfg: RunConfig, source: ItemSource, meta: dict[str, Any] | None) -> str | None:
+class _Digest:
+    """The input's (digest, lines), read for it at most once (job.items.input_digest)."""
+
+    def __init__(self, source: ItemSource) -> None:
+        self.source = source
+        self._value: tuple[str, int] | None = None
+
+    def value(self) -> tuple[str, int]:
+        if self._value is None:
+            with self.source() as lines:
+                self._value = items_module.input_digest(lines)
+        return self._value
+
+
+def _valid_input(cfg: RunConfig, source: ItemSource, meta: dict[str, Any] | None, digest: _Digest) -> str | None:
     """The digest of the input an earlier run of the shard found wholly valid (meta.json's
-    VALID_INPUT, written by job.run when it starts), if the limits it was checked under hold."""
+    VALID_INPUT, written by job.run when it starts), if this is that input, byte for byte, and
+    the limits it was checked under hold."""
     found = (meta or {}).get(VALID_INPUT)
     if not isinstance(source, FileLines) or not isinstance(found, dict) \
-            or found.get("max_item_bytes") != cfg.max_item_bytes or not isinstance(found.get("input"), str):
+            or found.get("max_item_bytes") != cfg.max_item_bytes or digest.value()[0] != found.get("input"):
         return None
-    return found["input"]
+    return digest.value()[0]
 
 
-def _finished_on_this_input(cfg: RunConfig, manifest: ShardManifest, source: ItemSource) -> dict[str, Any] | None:
+def _finished_on_this_input(cfg: RunConfig, manifest: ShardManifest, source: ItemSource,
+                            digest: _Digest) -> dict[str, Any] | None:
     """What meta.json says of an earlier run that finished every item of the shard (FINISHED,
     written by job.run at its end), if it holds for this run: the record objects are those it
     left, byte for byte; the input is the same, byte for byte (read once, without parsing: its digest); the
@@ -199,17 +216,15 @@ def _finished_on_this_input(cfg: RunConfig, manifest: ShardManifest, source: Ite
             or (ended.get("invalid") and not cfg.skip_invalid) or (ended.get("failed") and cfg.retry_failed) \
             or manifest.records_digest() != ended.get("records"):
         return None
-    with source() as lines:
-        digest, count = items_module.input_digest(lines)
-    return ended if (digest, count) == (ended.get("input"), ended.get("lines")) else None
+    return ended if digest.value() == (ended.get("input"), ended.get("lines")) else None
 
 
-def _scan(cfg: RunConfig, source: ItemSource, states: ItemStates | None, meta: dict[str, Any] | None = None
-          ) -> tuple[items_module.Scan, list[items_module.Invalid]]:
+def _scan(cfg: RunConfig, source: ItemSource, states: ItemStates | None, meta: dict[str, Any] | None = None,
+          digest: _Digest | None = None) -> tuple[items_module.Scan, list[items_module.Invalid]]:
     """The first pass over the input (told what is finished, on a resume, and trusting what an
     earlier run of the shard found valid if the input is the same); bad or empty input is
     refused here."""
-    trusted = _valid_input(cfg, source, meta)
+    trusted = None if meta is None or digest is None else _valid_input(cfg, source, meta, digest)
     while True:
         finished = None if states is None else states.finished((DONE,) if cfg.retry_failed else (DONE, FAILED))
         with source() as it:
@@ -217,7 +232,7 @@ def _scan(cfg: RunConfig, source: ItemSource, states: ItemStates | None, meta: d
                                      max_bytes=cfg.max_item_bytes, finished=finished, trusted=trusted)
         if trusted is None or scan.digest == trusted:
             break
-        log.debug("the input is not the one an earlier run found valid: checking every line")
+        log.debug("the input changed while it was read: checking every line")
         trusted = None
     if trusted is not None:
         log.debug("the input is the one an earlier run found valid: its unfinished lines were counted, not parsed")
