@@ -201,10 +201,10 @@ def _finished_on_this_input(cfg: RunConfig, manifest: ShardManifest, source: Ite
                             digest: _Digest) -> dict[str, Any] | None:
     """What meta.json says of an earlier run that finished every item of the shard (FINISHED,
     written by job.run at its end), if it holds for this run: the record objects are those it
-    left, byte for byte; the input is the same, byte for byte (read once, without parsing: its digest); the
-    same --max-item-bytes; --skip-invalid if it skipped invalid lines; nothing failed that
-    --retry-failed would run again. A local file, S3 object or stdin only: a query's rows
-    change as its items finish."""
+    left and the input is the one it read, byte for byte (each read once, parsed not at all:
+    their digests); the same --max-item-bytes; --skip-invalid if it skipped invalid lines;
+    nothing failed that --retry-failed would run again. A local file, S3 object or stdin
+    only: a query's rows change as its items finish."""
     if not isinstance(source, FileLines):
         return None
     try:
