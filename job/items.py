@@ -6,7 +6,7 @@ never held in memory at once. On a resume, the first pass is told which items ar
 a line whose id can be read without parsing it (`"id"` first, as bulkjob's own examples and
 most producers write it) and names a finished item is counted and marked, not parsed (it was
 validated when it first ran), and the second pass skips it without parsing either. A resume
-of a million finished items then costs a scan of their ids.
+of a million finished items then costs a scan of their ids, a block of lines at a time.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ _LEADING_STRING_IDS = re.compile(
 _GET_ID = methodcaller("get", "id")
 _GET_PAYLOAD = methodcaller("get", "payload")
 _PAYLOAD_TYPES = {dict, type(None)}
-#: Lines that the first pass of a resume looks at together (`_finished_block`).
+#: Lines that the first pass looks at together (`_block`).
 SCAN_BLOCK = 4096
 
 
@@ -302,8 +302,9 @@ def scan(lines: Iterable[bytes], *, shard_index: int, shard_count: int,
     lines = iter(lines)
     hasher = _hasher()
     while block := list(islice(lines, SCAN_BLOCK)):
-        hasher.update(b"".join(block))
-        settled = _block(block, number + 1, finished, earlier, first_seen, result, shard_index=shard_index,
+        text = b"".join(block)
+        hasher.update(text)
+        settled = _block(block, text, number + 1, finished, earlier, first_seen, result, shard_index=shard_index,
                          shard_count=shard_count, max_bytes=max_bytes, trusted=trusted is not None)
         if settled is True:
             number += len(block)
@@ -405,18 +406,18 @@ def _repeated(result: Scan, item_id: str, number: int, first: int, shard: int) -
     result.per_shard[shard] -= 1
 
 
-def _block(block: list[bytes], start: int, finished: Finished | None, earlier: _FinishedLines,
+def _block(block: list[bytes], text: bytes, start: int, finished: Finished | None, earlier: _FinishedLines,
            first_seen: dict[str, int], result: Scan, *, shard_index: int, shard_count: int,
            max_bytes: int, trusted: bool = False) -> bool | list[bool] | None:
     """Lines `start`... at once, when each one begins as `leading_id` reads it (a plain string
     id) and says `"id"` once. Those naming a finished item of this shard not met before are
     counted and marked; then the others are parsed together (`_plain`). Returns True if the
     whole block is settled; a list (True: settled; False: to parse, and not finished) if
-    only the finished lines are; None if nothing is (the block goes line by line)."""
+    only the finished lines are; None if nothing is (the block goes line by line). `text` is
+    the block's lines joined."""
     longest = max(map(len, block))
     if longest > max_bytes:
         return None
-    text = b"".join(block)
     matched = _LEADING_STRING_IDS.findall(text)
     # One match a line at most (each starts a line, none crosses one): as many as lines means
     # every line; as many "id" as lines then means one in each.
@@ -457,13 +458,13 @@ def _block(block: list[bytes], start: int, finished: Finished | None, earlier: _
                 return True
     assert flags is not None
     todo = list(map(not_, flags))
+    todo_shards = None if shards is None else list(compress(shards, todo))
     if trusted:
-        _count(len(block) - flags.count(True), None if shards is None else list(compress(shards, todo)), result,
-               shard_index)
+        _count(len(block) - flags.count(True), todo_shards, result, shard_index)
         return True
     numbers = list(compress(range(start, start + len(block)), todo))
-    if _plain(list(compress(block, todo)), list(compress(ids, todo)), numbers, longest,
-              None if shards is None else list(compress(shards, todo)), first_seen, result, shard_index):
+    if _plain(list(compress(block, todo)), list(compress(ids, todo)), numbers, longest, todo_shards, first_seen,
+              result, shard_index):
         return True
     return flags
 

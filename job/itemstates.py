@@ -1,13 +1,15 @@
 """What a resuming run knows of each item, in bounded memory.
 
-The run asks the manifest only through `ItemStates`: `get(id) -> ItemState | None`, `count(state)`,
-`items(state=None)` and `len()`. `ItemStates` itself keeps a dict (fine for tests and small
-manifests); `PackedItemStates`, built by `StatesBuilder` while the manifest is read, keeps about
-20 bytes per item: an item is a 64-bit hash of its id (Python's string hash) in a sorted array,
-with 32 bits of a second hash, its state and its attempts packed beside it, and the position
-of its last record. Items that are partial or running (and failed ones with progress) keep their whole
-state in a dict: there are few. Two different ids share all 96 bits with a probability below
-1e-16 in a run of a million items; the hashes never leave the process.
+The run asks the manifest only through `ItemStates`: `get(id) -> ItemState | None`,
+`count(state)`, `items(state=None)`, `len()`, and `finished(states)` for the first pass over
+the input (`Finished`: which ids need no run, looked up a block at a time). `ItemStates` itself
+keeps a dict (fine for tests and small manifests); `PackedItemStates`, built by `StatesBuilder`
+while the manifest is read, keeps about 20 bytes per item: an item is a 64-bit hash of its id
+(Python's string hash) in a sorted array, with 32 bits of a second hash, its state and its
+attempts packed beside it, and the position of its last record. Items that are partial or
+running (and failed ones with progress) keep their whole state in a dict: there are few. Two
+different ids share all 96 bits with a probability below 1e-16 in a run of a million items;
+the hashes never leave the process.
 """
 
 from __future__ import annotations
